@@ -1,0 +1,3 @@
+from stackwise_cli.app import main
+
+main()

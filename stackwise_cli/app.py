@@ -1,0 +1,76 @@
+"""The typer app: every command registered in one block, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import typer
+
+from stackwise_cli import __version__
+from stackwise_cli.commands import bench, build, cache, eval, fuse, grow, prepare, status, train_stack
+from stackwise_cli.errors import EXIT_INTERRUPTED, StackwiseError
+
+app = typer.Typer(
+    name="stackwise",
+    help="Train transformer language models one stack of blocks at a time, from a project directory on disk.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Measurements: training step of a stack vs end-to-end.", no_args_is_help=True)
+
+
+def handled(fn: Callable) -> Callable:
+    """Turn StackwiseError into one red line (plus hint) and its exit code; tracebacks only with STACKWISE_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from stackwise_cli.console import error_line
+
+        try:
+            return fn(*args, **kwargs)
+        except StackwiseError as e:
+            if os.environ.get("STACKWISE_DEBUG") == "1":
+                raise
+            error_line(e.message, e.hint)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            error_line("interrupted", "rerun the same command: every stage resumes where it stopped")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+# --- every command, in one block -----------------------------------------------------------------------------
+app.command("prepare")(handled(prepare.prepare))
+app.command("grow")(handled(grow.grow))
+app.command("cache")(handled(cache.cache))
+app.command("train-stack")(handled(train_stack.train_stack))
+app.command("fuse")(handled(fuse.fuse))
+app.command("eval")(handled(eval.eval_))
+app.command("status")(handled(status.status))
+app.command("verify")(handled(status.verify))
+app.command("build")(handled(build.build))
+bench_app.command("step")(handled(bench.step))
+app.add_typer(bench_app, name="bench")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"stackwise {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main() -> None:
+    app()

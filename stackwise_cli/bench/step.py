@@ -1,0 +1,120 @@
+"""One training step of a stack against one step of the same model trained end to end.
+
+Each case runs in a fresh subprocess so its peak memory is its own: on CUDA the peak allocated bytes; on the
+CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) above the resident set the process had
+just before the case built its model, so the interpreter and torch's own footprint are not counted.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from stackwise_cli.recipe import Recipe
+
+
+@dataclass
+class StepMeasure:
+    case: str  # "stack" or "end-to-end"
+    blocks: int
+    params_trained: int
+    batch_size: int
+    seq_len: int
+    step_s: float  # median over repeats
+    tokens_per_s: float
+    peak_bytes: int
+    memory_how: str
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def _measure(case: str, recipe_data: dict, device: str, batch_size: int, warmup: int, repeats: int) -> dict:
+    import gc
+
+    import torch
+
+    from stackwise_cli.model.model import Ends, Rack, Stack, causal_lm_loss
+    from stackwise_cli.recipe import recipe_from_data
+    from stackwise_cli.train.loop import make_optimizer
+
+    recipe = recipe_from_data(recipe_data, "recipe")
+    cfg, tr = recipe.model, recipe.train
+    dev = torch.device(device)
+    T = recipe.data.seq_len
+    gen = torch.Generator().manual_seed(0)
+    gc.collect()
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    else:
+        base = _rss_bytes("VmRSS")
+        _reset_peak_rss()
+
+    ends = Ends(cfg).to(dev)
+    if case == "stack":
+        blocks = recipe.rack.blocks_per_stack
+        stack = Stack(cfg, blocks, recipe.attention.backend).to(dev)
+        ends.embed.weight.requires_grad_(False)  # a cached stack never touches the embedding
+        params = {f"stack.{n}": p for n, p in stack.named_parameters()}
+        params.update({f"ends.{n}": p for n, p in ends.named_parameters() if not n.startswith("embed")})
+
+        def loss_fn(tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            return causal_lm_loss(ends.logits(stack(hidden)), tokens)
+    else:
+        blocks = recipe.rack.stacks * recipe.rack.blocks_per_stack
+        rack = Rack(cfg, ends, [Stack(cfg, recipe.rack.blocks_per_stack, recipe.attention.backend)
+                                for _ in range(recipe.rack.stacks)], list(range(recipe.rack.stacks))).to(dev)
+        params = dict(rack.named_parameters())
+
+        def loss_fn(tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            return causal_lm_loss(rack(tokens), tokens)
+
+    opt = make_optimizer(params, tr)
+    tokens = torch.randint(0, cfg.vocab_size, (batch_size, T), generator=gen).to(dev)
+    hidden = torch.randn(batch_size, T, cfg.d_model, generator=gen).to(dev) if case == "stack" else None
+    times = []
+    for i in range(warmup + repeats):
+        if cuda:
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        loss = loss_fn(tokens, hidden)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if cuda:
+        peak, how = torch.cuda.max_memory_allocated(dev) - base, "CUDA peak allocated above the start of the case"
+    else:
+        peak, how = _rss_bytes("VmHWM") - base, "peak RSS (VmHWM) above the RSS before the case was built"
+    step_s = statistics.median(times)
+    return asdict(StepMeasure(case, blocks, sum(p.numel() for p in params.values()), batch_size, T, step_s,
+                              batch_size * T / step_s, peak, how))
+
+
+def bench_step(recipe: Recipe, device: str = "cpu", batch_size: int | None = None, warmup: int = 2, repeats: int = 5) -> list[StepMeasure]:
+    """Measure the stack case and the end-to-end case, each in its own fresh process."""
+    batch_size = batch_size or recipe.train.batch_size
+    ctx = mp.get_context("spawn")
+    out = []
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        for case in ("stack", "end-to-end"):
+            data = pool.apply(_measure, (case, recipe.to_data(), device, batch_size, warmup, repeats))
+            out.append(StepMeasure(**data))
+    return out

@@ -1,0 +1,1 @@
+"""One thin module per command: parse, load, call the core, render."""

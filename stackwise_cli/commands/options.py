@@ -1,0 +1,20 @@
+"""Option aliases shared by every command, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ProjectOpt = Annotated[Path, typer.Option("-p", "--project", help="The project directory.", show_default=True)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU if present), cpu, cuda or cuda:N.")]
+RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML, e.g. recipes/llama/tiny.yaml.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe key: --set train.steps=200 (repeatable).")
+]
+InputOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--input", help="Text file, folder, JSONL, Parquet or Arrow (repeatable). Default: built-in corpus."),
+]

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stackwise_cli.commands.options import InputOpt, JsonOpt, ProjectOpt, SetOpt
+from stackwise_cli.console import CliReporter, out, print_json
+
+
+def prepare(
+    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe YAML, e.g. recipes/llama/tiny.yaml.")],
+    set_: SetOpt = None,
+    input_: InputOpt = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Use this tokenizer.json instead of training one.")] = None,
+    project: ProjectOpt = Path("."),
+    json_: JsonOpt = False,
+) -> None:
+    """Create a project: tokenizer, packed train/val token shards, and the manifest."""
+    from stackwise_cli.data.prepare import prepare as run
+    from stackwise_cli.recipe import load_recipe
+    from stackwise_cli.store.project import Project
+
+    m = run(Project(project), load_recipe(recipe, set_), input_, tokenizer, CliReporter(quiet=json_))
+    result = {
+        "project": str(project), "recipe": m.recipe.name, "vocab_size": m.tokenizer.vocab_size, "seq_len": m.data.seq_len,
+        "splits": {k: {"sequences": v.sequences, "tokens": v.tokens, "shards": len(v.shards)} for k, v in m.data.splits.items()},
+    }
+    if json_:
+        print_json(result)
+        return
+    for k, v in result["splits"].items():
+        out.print(f"{k}: {v['sequences']:,} sequences, {v['tokens']:,} tokens in {v['shards']} shard(s)")
+    out.print(f"prepared {project} (recipe {m.recipe.name}); next: stackwise grow -p {project} --side right")

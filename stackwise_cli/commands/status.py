@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stackwise_cli.commands.options import JsonOpt, ProjectOpt
+from stackwise_cli.console import out, print_json, print_table
+
+
+def _render(report, verb: str) -> None:
+    rows = [[r["position"], r["id"], r["blocks"], r["state"], r["steps"], r["tokens"], r["last_loss"], r["precision"]]
+            for r in report.rack]
+    print_table("rack (left = input side)", ["pos", "id", "blocks", "state", "steps", "tokens", "last loss", "precision"], rows)
+    if report.caches:
+        rows = [[c["stack"], c["split"], c["dtype"], c["shards"], "yes" if c["complete"] else "no",
+                 "; ".join(c["stale"]) or "fresh"] for c in report.caches]
+        print_table("caches", ["stack", "split", "dtype", "shards", "complete", "state"], rows)
+    if report.fused:
+        out.print(f"fused: {report.fused['dir']} ({'stale' if report.fused['stale'] else 'up to date'})")
+    for p in report.problems:
+        out.print(f"[yellow]{p.what}[/]: {p.file}: {p.detail} -> {p.fix}")
+    if not report.problems:
+        out.print(f"{verb}: {report.files_checked} files, no problems")
+
+
+def status(project: ProjectOpt = Path("."), json_: JsonOpt = False) -> None:
+    """The rack in order with each stack's state, and what is stale or missing."""
+    from stackwise_cli.store.project import Project
+    from stackwise_cli.store.status import status as run
+
+    report = run(Project(project))
+    print_json(report.to_data()) if json_ else _render(report, "status")
+
+
+def verify(project: ProjectOpt = Path("."), json_: JsonOpt = False) -> None:
+    """Re-hash every file against the manifest; exit 1 if anything is missing, corrupt or stale."""
+    from stackwise_cli.store.project import Project
+    from stackwise_cli.store.status import status as run
+
+    report = run(Project(project), rehash=True)
+    print_json(report.to_data()) if json_ else _render(report, "verify")
+    if report.problems:
+        raise typer.Exit(1)

@@ -1,0 +1,98 @@
+"""The one console: rich progress bars and tables for people, plain lines when not on a terminal, JSON for scripts.
+
+Results go to stdout (a table, or one JSON document with --json); progress and messages go to stderr, so
+``stackwise eval --json | jq .loss`` works with progress still visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from stackwise_cli.progress import Advance, Reporter
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fmt(fields: dict[str, Any]) -> str:
+    parts = []
+    for k, v in fields.items():
+        if isinstance(v, float):
+            v = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}"
+        parts.append(f"{k} {v}")
+    return "  ".join(parts)
+
+
+class CliReporter(Reporter):
+    """Progress on stderr: a rich bar on a terminal, otherwise a plain line every few seconds (Slurm logs)."""
+
+    def __init__(self, quiet: bool = False, plain_every_s: float = 10.0):
+        self.quiet = quiet
+        self.plain_every_s = plain_every_s
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            err.print(message, markup=False)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Advance]:
+        if self.quiet:
+            yield lambda n=1, **fields: None
+            return
+        if err.is_terminal:
+            columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn(), TextColumn("{task.fields[extra]}")]
+            with Progress(*columns, console=err, transient=False) as progress:
+                task = progress.add_task(description, total=total, extra="")
+
+                def advance(n: int = 1, **fields: Any) -> None:
+                    progress.update(task, advance=n, **({"extra": _fmt(fields)} if fields else {}))
+
+                yield advance
+            return
+        state = {"done": 0, "last": 0.0, "fields": {}}
+        start = time.monotonic()
+
+        def advance(n: int = 1, **fields: Any) -> None:
+            state["done"] += n
+            state["fields"] = fields or state["fields"]
+            now = time.monotonic()
+            if now - state["last"] >= self.plain_every_s:
+                state["last"] = now
+                of = f"/{total}" if total else ""
+                err.print(f"{description}: {state['done']}{of}  {_fmt(state['fields'])}", markup=False)
+
+        yield advance
+        of = f"/{total}" if total else ""
+        err.print(f"{description}: done {state['done']}{of} in {time.monotonic() - start:.1f}s  {_fmt(state['fields'])}",
+                  markup=False)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c, justify="right" if c not in ("state", "file", "what", "stage") else "left")
+    for r in rows:
+        table.add_row(*["-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in r])
+    out.print(table)
+
+
+def error_line(message: str, hint: str | None) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    if hint:
+        err.print(f"[dim]hint:[/] {escape(hint)}")

@@ -1,0 +1,72 @@
+"""The tokenizer: byte-level BPE trained on the project's own text, or a tokenizers-library JSON file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from stackwise_cli.errors import DataError
+
+EOS = "<|endoftext|>"
+# 256 byte tokens + EOS: the smallest vocabulary a byte-level BPE can have, with no merges at all.
+MIN_VOCAB_SIZE = 257
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 style) with ``EOS`` as its only special token.
+
+    The full byte alphabet is seeded, so any input, in any script, encodes without an unknown token. Training is
+    deterministic: the same texts give the same tokenizer file.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(
+            f"model.vocab_size={vocab_size} is too small for a byte-level tokenizer (needs >= {MIN_VOCAB_SIZE})",
+            hint=f"--set model.vocab_size={MIN_VOCAB_SIZE} or more",
+        )
+    tok = Tokenizer(models.BPE())
+    # No prefix space: documents are concatenated as they are, and " x" vs "x" must stay distinct tokens.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
+    """Load a tokenizers-library JSON file and check that it fits a model with ``vocab_size`` embeddings."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"tokenizer file {path} does not exist")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for any parse problem
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path} is not a tokenizers JSON file ({first})") from e
+    if tok.token_to_id(EOS) is None:
+        raise DataError(
+            f"{path} has no {EOS} token; stackwise separates documents with it", hint=f"add {EOS} as a special token"
+        )
+    # Ids, not the count, are what index the embedding, and a hand-edited vocabulary can have gaps.
+    needed = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+    if needed > vocab_size:
+        raise DataError(
+            f"{path} has {needed} tokens but model.vocab_size is {vocab_size}",
+            hint=f"--set model.vocab_size={needed}",
+        )
+    return tok
+
+
+def eos_id(tok: Tokenizer) -> int:
+    """The id of the end-of-text token that separates documents."""
+    i = tok.token_to_id(EOS)
+    if i is None:
+        raise DataError(f"the tokenizer has no {EOS} token")
+    return i

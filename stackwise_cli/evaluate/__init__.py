@@ -1,0 +1,1 @@
+"""Validation loss, perplexity and the per-stack readout."""

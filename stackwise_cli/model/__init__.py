@@ -1,0 +1,1 @@
+"""The model: config (torch-free), the modules, and the Hugging Face name mapping."""

@@ -1,0 +1,202 @@
+"""Recipes: the schema, loading from YAML, ``--set key=value`` overrides, and validation.
+
+Precedence: schema defaults < recipe file < ``--set`` < explicit command flags. The resolved recipe is
+written into the manifest, so a run can be reproduced from the manifest alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from stackwise_cli.errors import RecipeError
+from stackwise_cli.model.config import Backend, ModelConfig
+from stackwise_cli.schema import SchemaError, check, from_data, to_data
+
+Objective = Literal["clm"]
+Curriculum = Literal["left-to-right"]
+Init = Literal["random", "copy", "identity"]
+CacheDtype = Literal["bf16", "fp32"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionRecipe:
+    backend: Backend = "auto"  # auto = sdpa; "reference" is the explicit-softmax ground truth
+
+
+@dataclass(frozen=True, kw_only=True)
+class RackRecipe:
+    """The planned rack that ``stackwise build`` grows towards."""
+
+    stacks: int = 4
+    blocks_per_stack: int = 1
+    init: Init = "random"
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.stacks < 1:
+            out.append(("stacks", f"must be >= 1, got {self.stacks}"))
+        if self.blocks_per_stack < 1:
+            out.append(("blocks_per_stack", f"must be >= 1, got {self.blocks_per_stack}"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataRecipe:
+    seq_len: int = 128  # tokens per packed sequence
+    val_fraction: float = 0.02  # share of documents held out, chosen by a hash of their text
+    max_bytes: int | None = 8_000_000  # cap on the input text read (None = all of it)
+    sequences_per_shard: int = 2048
+    min_frequency: int = 2  # tokenizer training: merges need this many occurrences
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.seq_len < 2:
+            out.append(("seq_len", f"must be >= 2, got {self.seq_len}"))
+        if not 0 < self.val_fraction < 1:
+            out.append(("val_fraction", f"must be between 0 and 1 (exclusive), got {self.val_fraction}"))
+        if self.max_bytes is not None and self.max_bytes < 1:
+            out.append(("max_bytes", f"must be >= 1 or null, got {self.max_bytes}"))
+        if self.sequences_per_shard < 1:
+            out.append(("sequences_per_shard", f"must be >= 1, got {self.sequences_per_shard}"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainRecipe:
+    steps: int = 300  # optimizer steps per stack
+    batch_size: int = 16  # sequences per step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    head: Literal["train", "frozen"] = "train"  # final norm + LM head trained with each stack, or frozen
+    checkpoint_every: int = 100  # steps between checkpoints; 0 = only on signals
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                out.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        if self.lr <= 0:
+            out.append(("lr", f"must be > 0, got {self.lr}"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            out.append(("min_lr_ratio", f"must be between 0 and 1, got {self.min_lr_ratio}"))
+        if self.warmup_steps < 0 or self.warmup_steps >= max(self.steps, 1):
+            out.append(("warmup_steps", f"must be >= 0 and < train.steps ({self.steps}), got {self.warmup_steps}"))
+        if not all(0 <= b < 1 for b in self.betas):
+            out.append(("betas", f"must both be in [0, 1), got {list(self.betas)}"))
+        if self.grad_clip < 0:
+            out.append(("grad_clip", f"must be >= 0, got {self.grad_clip}"))
+        if self.checkpoint_every < 0:
+            out.append(("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"))
+        if self.keep_checkpoints < 2:
+            out.append(("keep_checkpoints", f"must be >= 2 (a crash mid-write must leave one), got {self.keep_checkpoints}"))
+        if self.log_every < 1:
+            out.append(("log_every", f"must be >= 1, got {self.log_every}"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheRecipe:
+    dtype: CacheDtype = "bf16"
+    batch_size: int = 32  # sequences per forward pass while computing a cache
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalRecipe:
+    max_sequences: int | None = 256  # validation sequences scored (None = the whole split)
+    batch_size: int = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    name: str
+    objective: Objective = "clm"
+    curriculum: Curriculum = "left-to-right"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionRecipe = field(default_factory=AttentionRecipe)
+    rack: RackRecipe = field(default_factory=RackRecipe)
+    data: DataRecipe = field(default_factory=DataRecipe)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    cache: CacheRecipe = field(default_factory=CacheRecipe)
+    eval: EvalRecipe = field(default_factory=EvalRecipe)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.data.seq_len > self.model.max_seq_len:
+            out.append(("data.seq_len", f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}"))
+        return out
+
+    def to_data(self) -> dict[str, Any]:
+        return to_data(self)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {text!r}: expected key=value, e.g. --set train.steps=200")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to plain recipe data (before validation, so typos are caught by the schema)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {text}: {k} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def recipe_from_data(data: Any, source: str) -> Recipe:
+    """Validate plain recipe data; every problem is reported at once, prefixed by ``source``."""
+    try:
+        return from_data(Recipe, data)
+    except SchemaError as e:
+        lines = [f"{source}: {p}: {m}" if p else f"{source}: {m}" for p, m in e.problems]
+        raise RecipeError("\n".join(lines)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror}", hint="see recipes/ for the shipped ones") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: must be a mapping of sections (model:, train:, ...)")
+    data.setdefault("name", path.stem)
+    return recipe_from_data(apply_overrides(data, overrides or []), str(path))

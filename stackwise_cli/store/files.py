@@ -1,0 +1,136 @@
+"""Files that are never half-written, checksums, and the exclusive project lock."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from stackwise_cli.errors import StackwiseError
+
+TMP_MARK = ".tmp-"
+
+
+def tmp_name(path: Path) -> Path:
+    """A unique temporary name in the same folder (so the final rename is atomic on one filesystem)."""
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_error(path: Path, e: OSError) -> StackwiseError:
+    if e.errno == errno.ENOSPC:
+        return StackwiseError(f"disk full while writing {path}; the previous version is untouched", hint="free space and rerun")
+    return StackwiseError(f"cannot write {path}: {e.strerror}")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(fileobj)`` to a temporary name, flush, fsync, then rename over ``path``.
+
+    A reader sees the old complete file or the new complete file, never a mix; a crash leaves at most a
+    stray temporary file, which ``sweep_tmp`` removes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(path, e) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_with(path: str | Path, write_to: Callable[[Path], None]) -> None:
+    """Like ``atomic_write`` for libraries that insist on writing a path themselves (safetensors' save_file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        write_to(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(path, e) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_replace_dir(tmp_dir: Path, final: Path) -> None:
+    """Move a fully written folder into place: the old one (if any) is removed only after the new one is complete."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp_dir, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sweep_tmp(folder: Path) -> int:
+    """Remove temporary files/folders left by a killed writer. Returns how many were removed."""
+    n = 0
+    if not folder.exists():
+        return 0
+    for p in folder.rglob(f"*{TMP_MARK}*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) held for the block. The kernel releases it if the process dies,
+    so a killed Slurm job can never leave the project locked."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

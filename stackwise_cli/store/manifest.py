@@ -1,0 +1,175 @@
+"""The manifest schema: everything needed to inspect a run by hand, in one YAML file (``stackwise.yaml``).
+
+Strict: unknown keys are rejected and every problem is reported with its key path, so a hand edit that
+breaks the file is caught before anything acts on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from stackwise_cli.recipe import Recipe
+
+FORMAT_VERSION = 1
+HISTORY_LIMIT = 200
+
+StackState = Literal["new", "training", "trained", "frozen"]
+
+
+@dataclass(kw_only=True)
+class ShardEntry:
+    file: str  # relative to the project root
+    sequences: int
+    tokens: int
+    sha256: str
+
+
+@dataclass(kw_only=True)
+class SplitEntry:
+    sequences: int
+    tokens: int
+    shards: list[ShardEntry]
+
+
+@dataclass(kw_only=True)
+class TokenizerEntry:
+    file: str
+    sha256: str
+    vocab_size: int  # tokens the tokenizer defines (<= model.vocab_size)
+    eos_id: int
+    trained: bool  # trained by prepare, or loaded from --tokenizer
+
+
+@dataclass(kw_only=True)
+class DataEntry:
+    source: list[str]
+    seq_len: int
+    documents: dict[str, int]
+    splits: dict[str, SplitEntry]
+
+
+@dataclass(kw_only=True)
+class EndsEntry:
+    file: str
+    sha256: str
+    input_sha256: str  # digest of the embedding alone: caches depend on it, not on the head
+
+
+@dataclass(kw_only=True)
+class StackEntry:
+    id: int
+    blocks: int
+    file: str
+    sha256: str
+    state: StackState = "new"
+    init: str = "random"
+    steps: int = 0
+    tokens: int = 0
+    last_loss: float | None = None
+    precision: str | None = None
+
+
+@dataclass(kw_only=True)
+class StackRef:
+    id: int
+    sha256: str
+
+
+@dataclass(kw_only=True)
+class Upstream:
+    """Checksums of everything that produced an artifact; a mismatch with the current files means stale."""
+
+    data: str  # digest of the split's token shards
+    ends_input: str
+    stacks: list[StackRef]
+
+
+@dataclass(kw_only=True)
+class CacheShard:
+    file: str
+    sequences: int
+    sha256: str
+
+
+@dataclass(kw_only=True)
+class CacheEntry:
+    stack: int
+    split: str
+    dtype: str
+    seq_len: int
+    d_model: int
+    complete: bool
+    upstream: Upstream
+    shards: list[CacheShard] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class FusedEntry:
+    dir: str
+    sha256: str  # of model.safetensors
+    ends: str  # sha256 of the ends file it was built from
+    stacks: list[StackRef]
+
+
+@dataclass(kw_only=True)
+class HistoryEntry:
+    time: str
+    command: str
+    host: str
+    pid: int
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    format: int = FORMAT_VERSION
+    created: str
+    recipe: Recipe
+    tokenizer: TokenizerEntry
+    data: DataEntry
+    ends: EndsEntry | None = None
+    next_id: int = 0
+    rack: list[StackEntry] = field(default_factory=list)
+    caches: list[CacheEntry] = field(default_factory=list)
+    fused: FusedEntry | None = None
+    history: list[HistoryEntry] = field(default_factory=list)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.format != FORMAT_VERSION:
+            out.append(("format", f"this stackwise reads format {FORMAT_VERSION}, the file says {self.format}"))
+        ids = [s.id for s in self.rack]
+        if len(set(ids)) != len(ids):
+            out.append(("rack", f"stack ids must be unique, got {ids}"))
+        if ids and self.next_id <= max(ids):
+            out.append(("next_id", f"must be greater than every stack id ({max(ids)}), got {self.next_id}"))
+        return out
+
+    def __post_init__(self) -> None:
+        from stackwise_cli.schema import check
+
+        check(self)
+
+    # --- lookups -------------------------------------------------------------------------------------------
+
+    def ids(self) -> list[int]:
+        return [s.id for s in self.rack]
+
+    def position(self, stack_id: int) -> int:
+        """Index of the stack in rack order; ProjectError naming the ids there are."""
+        from stackwise_cli.errors import ProjectError
+
+        for i, s in enumerate(self.rack):
+            if s.id == stack_id:
+                return i
+        have = ", ".join(str(i) for i in self.ids()) or "none yet"
+        raise ProjectError(f"no stack with id {stack_id} in the rack (ids in rack order: {have})", hint="see `stackwise status`")
+
+    def stack(self, stack_id: int) -> StackEntry:
+        return self.rack[self.position(stack_id)]
+
+    def cache(self, stack_id: int, split: str) -> CacheEntry | None:
+        for c in self.caches:
+            if c.stack == stack_id and c.split == split:
+                return c
+        return None

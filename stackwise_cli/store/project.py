@@ -1,0 +1,182 @@
+"""A project directory: its paths, the locked read-modify-write of the manifest, and staleness checks."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from stackwise_cli.errors import ManifestError, ProjectError, StaleError
+from stackwise_cli.schema import SchemaError, from_data, to_data
+from stackwise_cli.store.files import atomic_write_text, exclusive_lock, sweep_tmp
+from stackwise_cli.store.manifest import (
+    HISTORY_LIMIT,
+    CacheEntry,
+    HistoryEntry,
+    Manifest,
+    StackRef,
+    Upstream,
+)
+
+MANIFEST = "stackwise.yaml"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def digest(parts: list[str]) -> str:
+    """One checksum standing for an ordered list of checksums."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+class Project:
+    """Paths inside the project directory, and the manifest's load / locked update."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest_path = self.root / MANIFEST
+        self.lock_path = self.root / f".{MANIFEST}.lock"
+
+    # --- paths ---------------------------------------------------------------------------------------------
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def stack_file(self, stack_id: int) -> str:
+        return f"stacks/{stack_id}.safetensors"
+
+    def ckpt_dir(self, stack_id: int | str) -> Path:
+        return self.root / "ckpt" / str(stack_id)
+
+    def cache_dir(self, stack_id: int, split: str) -> Path:
+        return self.root / "cache" / str(stack_id) / split
+
+    def log_path(self, command: str) -> Path:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        return self.root / "logs" / f"{command}-{stamp}-{os.getpid()}.jsonl"
+
+    # --- manifest ------------------------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def load(self) -> Manifest:
+        """Read and validate the manifest. Safe without the lock: the file is only ever replaced by rename."""
+        if not self.manifest_path.exists():
+            raise ProjectError(
+                f"no project at {self.root} ({MANIFEST} not found)",
+                hint=f"create one with `stackwise prepare -p {self.root} --recipe recipes/llama/tiny.yaml`",
+            )
+        try:
+            data = yaml.safe_load(self.manifest_path.read_text())
+        except yaml.YAMLError as e:
+            raise ManifestError(f"{self.manifest_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except OSError as e:
+            raise ManifestError(f"cannot read {self.manifest_path}: {e.strerror}") from None
+        try:
+            return from_data(Manifest, data)
+        except SchemaError as e:
+            lines = [f"{self.manifest_path}: {p}: {m}" if p else f"{self.manifest_path}: {m}" for p, m in e.problems]
+            raise ManifestError("\n".join(lines)) from None
+
+    def save(self, manifest: Manifest) -> None:
+        """Write the manifest atomically. Call under the lock (``update``) unless the project is new."""
+        text = yaml.safe_dump(to_data(manifest), sort_keys=False, width=120, allow_unicode=True)
+        atomic_write_text(self.manifest_path, f"# stackwise project manifest: edit with care, `stackwise verify` checks it\n{text}")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        with exclusive_lock(self.lock_path):
+            yield
+
+    @contextlib.contextmanager
+    def update(self, command: str | None = None) -> Iterator[Manifest]:
+        """Read-modify-write of the manifest under the exclusive lock; saved only if the block succeeds."""
+        with self.lock():
+            manifest = self.load()
+            yield manifest
+            if command:
+                record(manifest, command)
+            self.save(manifest)
+
+    def sweep(self) -> int:
+        """Remove temporary files left by killed writers (safe: they are never the only copy of anything)."""
+        return sum(sweep_tmp(self.root / sub) for sub in ("stacks", "cache", "ckpt", "fused", "data")) + sweep_tmp_top(self.root)
+
+    # --- upstream checksums and staleness ------------------------------------------------------------------
+
+    def split_digest(self, manifest: Manifest, split: str) -> str:
+        return digest([s.sha256 for s in manifest.data.splits[split].shards])
+
+    def upstream_for(self, manifest: Manifest, stack_id: int, split: str) -> Upstream:
+        """What the cache entering ``stack_id`` depends on: the split's tokens, the embedding, the stacks to its left."""
+        if manifest.ends is None:
+            raise ProjectError("the ends (embedding, norm, head) do not exist yet", hint="run `stackwise grow`")
+        pos = manifest.position(stack_id)
+        return Upstream(
+            data=self.split_digest(manifest, split),
+            ends_input=manifest.ends.input_sha256,
+            stacks=[StackRef(id=s.id, sha256=s.sha256) for s in manifest.rack[:pos]],
+        )
+
+    def stale_reasons(self, manifest: Manifest, cache: CacheEntry) -> list[str]:
+        """Why a cache no longer matches its producers (empty = fresh)."""
+        want = self.upstream_for(manifest, cache.stack, cache.split)
+        have = cache.upstream
+        reasons = []
+        if have.data != want.data:
+            reasons.append(f"the {cache.split} token shards changed")
+        if have.ends_input != want.ends_input:
+            reasons.append("the embedding changed")
+        have_stacks = {s.id: s.sha256 for s in have.stacks}
+        want_stacks = {s.id: s.sha256 for s in want.stacks}
+        if [s.id for s in have.stacks] != [s.id for s in want.stacks]:
+            reasons.append(
+                f"the stacks to its left are now {[s.id for s in want.stacks]}, not {[s.id for s in have.stacks]}"
+            )
+        else:
+            changed = [i for i in want_stacks if have_stacks[i] != want_stacks[i]]
+            if changed:
+                reasons.append(f"stack(s) {', '.join(map(str, changed))} changed since the cache was written")
+        if cache.seq_len != manifest.data.seq_len or cache.d_model != manifest.recipe.model.d_model:
+            reasons.append(
+                f"it holds sequences of {cache.seq_len} x {cache.d_model}, the project needs "
+                f"{manifest.data.seq_len} x {manifest.recipe.model.d_model}"
+            )
+        return reasons
+
+    def fresh_cache(self, manifest: Manifest, stack_id: int, split: str) -> CacheEntry:
+        """The complete, fresh cache entering ``stack_id``, or a StaleError/ProjectError naming the fix."""
+        fix = f"`stackwise cache {stack_id} --split {split} -p {self.root}`"
+        cache = manifest.cache(stack_id, split)
+        if cache is None:
+            raise ProjectError(f"stack {stack_id} has no {split} cache (the hidden states entering it)", hint=f"run {fix}")
+        if not cache.complete:
+            raise ProjectError(f"the {split} cache of stack {stack_id} is incomplete", hint=f"run {fix} to finish it")
+        reasons = self.stale_reasons(manifest, cache)
+        if reasons:
+            raise StaleError(f"the {split} cache of stack {stack_id} is stale: {'; '.join(reasons)}", hint=f"run {fix}")
+        return cache
+
+
+def sweep_tmp_top(root: Path) -> int:
+    n = 0
+    if root.exists():
+        for p in root.glob("*.tmp-*"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def record(manifest: Manifest, command: str) -> None:
+    """Append to the manifest's short command history."""
+    manifest.history.append(HistoryEntry(time=now(), command=command, host=socket.gethostname(), pid=os.getpid()))
+    del manifest.history[:-HISTORY_LIMIT]

@@ -1,0 +1,76 @@
+"""What a project holds, and what is stale, missing or corrupt (``status`` checks cheaply, ``verify`` re-hashes)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from stackwise_cli.store.files import sha256_file
+from stackwise_cli.store.project import Project
+
+
+@dataclass
+class Problem:
+    what: str  # missing | corrupt | stale | incomplete
+    file: str
+    detail: str
+    fix: str
+
+
+@dataclass
+class Report:
+    rack: list[dict] = field(default_factory=list)
+    caches: list[dict] = field(default_factory=list)
+    fused: dict | None = None
+    problems: list[Problem] = field(default_factory=list)
+    files_checked: int = 0
+
+    def to_data(self) -> dict:
+        return asdict(self)
+
+
+def _tracked_files(project: Project) -> list[tuple[str, str, str]]:
+    """(file, expected sha256, command that recreates it) for every file the manifest vouches for."""
+    m = project.load()
+    files = [(m.tokenizer.file, m.tokenizer.sha256, "restore it; it cannot be regenerated without changing the data")]
+    for split in m.data.splits.values():
+        files += [(s.file, s.sha256, "`stackwise prepare` into a new project") for s in split.shards]
+    if m.ends is not None:
+        files.append((m.ends.file, m.ends.sha256, "restore it from a backup"))
+    files += [(s.file, s.sha256, f"restore it, or retrain: `stackwise train-stack {s.id} --resume never`") for s in m.rack]
+    for c in m.caches:
+        files += [(s.file, s.sha256, f"`stackwise cache {c.stack} --split {c.split}`") for s in c.shards]
+    if m.fused is not None:
+        files.append((f"{m.fused.dir}/model.safetensors", m.fused.sha256, "`stackwise fuse`"))
+    return files
+
+
+def status(project: Project, rehash: bool = False) -> Report:
+    """The rack in order, the caches, the fused model, and every problem found. ``rehash`` = verify."""
+    m = project.load()
+    report = Report()
+    for pos, s in enumerate(m.rack):
+        report.rack.append({"position": pos, **asdict(s)})
+    for c in m.caches:
+        reasons = project.stale_reasons(m, c) if c.stack in m.ids() else ["its stack is no longer in the rack"]
+        report.caches.append({"stack": c.stack, "split": c.split, "dtype": c.dtype, "shards": len(c.shards),
+                              "complete": c.complete, "stale": reasons})
+        fix = f"`stackwise cache {c.stack} --split {c.split}`"
+        if reasons:
+            report.problems.append(Problem("stale", f"cache/{c.stack}/{c.split}", "; ".join(reasons), fix))
+        elif not c.complete:
+            report.problems.append(Problem("incomplete", f"cache/{c.stack}/{c.split}", "interrupted while writing", fix))
+    if m.fused is not None:
+        fused_stale = m.ends is None or m.fused.ends != m.ends.sha256 or [(r.id, r.sha256) for r in m.fused.stacks] != [
+            (s.id, s.sha256) for s in m.rack
+        ]
+        report.fused = {"dir": m.fused.dir, "stale": fused_stale}
+        if fused_stale:
+            report.problems.append(Problem("stale", m.fused.dir, "the rack changed since it was fused", "`stackwise fuse`"))
+    for file, sha, fix in _tracked_files(project):
+        path = project.path(file)
+        report.files_checked += 1
+        if not path.exists():
+            report.problems.append(Problem("missing", file, "listed in the manifest but not on disk", fix))
+        elif rehash and sha256_file(path) != sha:
+            report.problems.append(Problem("corrupt", file, "its sha256 differs from the manifest", fix))
+    return report

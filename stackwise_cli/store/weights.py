@@ -1,0 +1,104 @@
+"""Stacks and ends as safetensors files: written atomically, checked against the manifest when read."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from stackwise_cli.errors import CorruptFileError
+from stackwise_cli.model.config import ModelConfig
+from stackwise_cli.model.model import Ends, Rack, Stack
+from stackwise_cli.store.files import atomic_write_with, sha256_file
+from stackwise_cli.store.manifest import Manifest
+from stackwise_cli.store.project import Project
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Save atomically; returns the file's sha256."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return sha256_file(path)
+
+
+def load_tensors(path: Path, expect_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or modified file is a CorruptFileError naming it."""
+    if not path.exists():
+        raise CorruptFileError(f"{path} is missing", hint="run `stackwise verify` to see what else is")
+    if expect_sha256 is not None and sha256_file(path) != expect_sha256:
+        raise CorruptFileError(
+            f"{path} does not match the checksum in the manifest (corrupt, truncated or replaced)",
+            hint="restore it from a backup, or regrow the stack; `stackwise verify` lists every such file",
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptFileError(f"{path} is not a readable safetensors file ({e})", hint="run `stackwise verify`") from None
+
+
+def tensor_digest(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def embedding_digest(ends: Ends) -> str:
+    """Checksum of the embedding alone: the caches depend on it, but not on the head trained later."""
+    return tensor_digest(ends.input_parameters())
+
+
+def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    want = module.state_dict()
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
+    if missing or extra:
+        raise CorruptFileError(
+            f"{path} does not hold the tensors this model expects (missing: {missing[:3]}, unexpected: {extra[:3]})"
+        )
+    for k, v in want.items():
+        if tensors[k].shape != v.shape:
+            raise CorruptFileError(f"{path}: tensor {k} has shape {list(tensors[k].shape)}, the recipe needs {list(v.shape)}")
+    module.load_state_dict(tensors)
+
+
+def load_stack(project: Project, manifest: Manifest, stack_id: int, backend: str = "auto", verify: bool = True) -> Stack:
+    entry = manifest.stack(stack_id)
+    path = project.path(entry.file)
+    stack = Stack(manifest.recipe.model, entry.blocks, backend)
+    _fill(stack, load_tensors(path, entry.sha256 if verify else None), path)
+    return stack
+
+
+def load_ends(project: Project, manifest: Manifest, verify: bool = True) -> Ends:
+    from stackwise_cli.errors import ProjectError
+
+    if manifest.ends is None:
+        raise ProjectError("the ends (embedding, norm, head) do not exist yet", hint="run `stackwise grow --side right`")
+    path = project.path(manifest.ends.file)
+    ends = Ends(manifest.recipe.model)
+    _fill(ends, load_tensors(path, manifest.ends.sha256 if verify else None), path)
+    return ends
+
+
+def save_stack(project: Project, stack: Stack, stack_id: int) -> str:
+    rel = project.stack_file(stack_id)
+    meta = {"format": "stackwise-stack", "id": str(stack_id), "blocks": str(len(stack.blocks))}
+    return save_tensors(project.path(rel), stack.state_dict(), meta)
+
+
+def save_ends(project: Project, ends: Ends) -> tuple[str, str]:
+    """Returns (file sha256, embedding digest)."""
+    sha = save_tensors(project.path("ends.safetensors"), ends.state_dict(), {"format": "stackwise-ends"})
+    return sha, embedding_digest(ends)
+
+
+def load_rack(project: Project, manifest: Manifest, backend: str = "auto", upto: int | None = None) -> Rack:
+    """The ends and the first ``upto`` stacks (all by default), checked against the manifest."""
+    cfg: ModelConfig = manifest.recipe.model
+    entries = manifest.rack[:upto]
+    stacks = [load_stack(project, manifest, s.id, backend) for s in entries]
+    return Rack(cfg, load_ends(project, manifest), stacks, [s.id for s in entries])

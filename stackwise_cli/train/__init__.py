@@ -1,0 +1,1 @@
+"""Growing the rack, caching activations, and training: one stack, or the whole model end to end."""

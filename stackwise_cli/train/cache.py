@@ -1,0 +1,128 @@
+"""Activation caches: the hidden states entering a stack, computed shard by shard and restartable.
+
+A cache shard i holds, row for row, the hidden states of token shard i of the same split. The manifest
+records each finished shard as soon as it is written, together with the checksums of everything upstream
+(the split's tokens, the embedding, the stacks to the left), so a killed run resumes where it stopped and a
+cache whose producers changed is recognised as stale.
+"""
+
+from __future__ import annotations
+
+import shutil
+import numpy as np
+import torch
+
+from stackwise_cli.errors import ProjectError, StaleError
+from stackwise_cli.progress import QUIET, Reporter
+from stackwise_cli.store.manifest import CacheEntry, CacheShard, Manifest
+from stackwise_cli.store.project import Project, record
+from stackwise_cli.store.shards import read_hidden_shard, read_token_shard, write_hidden_shard
+from stackwise_cli.store.weights import load_ends, load_stack
+from stackwise_cli.train.precision import pick_device
+
+SPLITS = ("train", "val")
+
+
+def _start_entry(project: Project, stack_id: int, split: str) -> tuple[CacheEntry, bool]:
+    """Find or (re)create the manifest entry for this cache. Returns (entry, already complete)."""
+    with project.update() as m:
+        m.position(stack_id)  # a clear error for an unknown id
+        want = project.upstream_for(m, stack_id, split)
+        dtype = m.recipe.cache.dtype
+        old = m.cache(stack_id, split)
+        if old is not None and old.upstream == want and old.dtype == dtype and not project.stale_reasons(m, old):
+            # Same producers: keep the shards already written (their files are checked before reuse).
+            return old, old.complete
+        if old is not None:
+            m.caches.remove(old)
+        shutil.rmtree(project.cache_dir(stack_id, split), ignore_errors=True)
+        entry = CacheEntry(
+            stack=stack_id, split=split, dtype=dtype, seq_len=m.data.seq_len, d_model=m.recipe.model.d_model,
+            complete=False, upstream=want,
+        )
+        m.caches.append(entry)
+        return entry, False
+
+
+def _commit_shard(project: Project, entry: CacheEntry, shard: CacheShard | None) -> None:
+    """Record one finished shard (or, with ``shard=None``, that the cache is complete) under the lock."""
+    with project.update() as m:
+        current = m.cache(entry.stack, entry.split)
+        if current is None or current.upstream != entry.upstream:
+            raise StaleError(
+                f"the {entry.split} cache of stack {entry.stack} was replaced by another process while this one wrote it",
+                hint=f"rerun `stackwise cache {entry.stack} --split {entry.split}`",
+            )
+        if shard is None:
+            current.complete = True
+            record(m, f"cache {entry.stack} --split {entry.split}")
+        else:
+            current.shards = sorted([s for s in current.shards if s.file != shard.file] + [shard], key=lambda s: s.file)
+
+
+def _fresh_left_cache(project: Project, m: Manifest, stack_id: int, split: str) -> CacheEntry | None:
+    """The left neighbour's complete, fresh cache of this split, if there is one (for the incremental path)."""
+    pos = m.position(stack_id)
+    if pos == 0:
+        return None
+    prev = m.cache(m.rack[pos - 1].id, split)
+    if prev is None or not prev.complete or project.stale_reasons(m, prev):
+        return None
+    return prev
+
+
+@torch.inference_mode()
+def build_cache(
+    project: Project, stack_id: int, split: str = "train", device: str = "auto", reporter: Reporter = QUIET
+) -> CacheEntry:
+    """Compute (or finish) the cache of the hidden states entering ``stack_id`` for one split."""
+    if split not in SPLITS:
+        raise ProjectError(f"--split must be one of {', '.join(SPLITS)} or all, got {split!r}")
+    dev = pick_device(device)
+    entry, complete = _start_entry(project, stack_id, split)
+    if complete:
+        reporter.info(f"cache {stack_id}/{split} is complete and fresh: nothing to do")
+        return entry
+    m = project.load()
+    token_shards = m.data.splits[split].shards
+    done = {s.file for s in entry.shards if project.path(s.file).exists()}
+    prev = _fresh_left_cache(project, m, stack_id, split)
+    if prev is not None:
+        # Incremental: the cache entering k+1 is the cache entering k passed through stack k.
+        left = load_stack(project, m, prev.stack).to(dev).eval()
+        reporter.info(f"cache {stack_id}/{split}: from the cache of stack {prev.stack}, through stack {prev.stack}")
+
+        def run(rows: slice, tokens, src) -> torch.Tensor:
+            return left(src.hidden[rows].to(dev, torch.float32))
+    else:
+        ends = load_ends(project, m).to(dev).eval()
+        stacks = [load_stack(project, m, s.id).to(dev).eval() for s in m.rack[: m.position(stack_id)]]
+        reporter.info(f"cache {stack_id}/{split}: from the tokens, through the embedding and {len(stacks)} stack(s)")
+
+        def run(rows: slice, tokens, src) -> torch.Tensor:
+            h = ends.embed_tokens(torch.from_numpy(np.asarray(tokens.tokens[rows], dtype=np.int64)).to(dev))
+            for s in stacks:
+                h = s(h)
+            return h
+
+    batch = m.recipe.cache.batch_size
+    total = sum(s.sequences for s in token_shards)
+    with reporter.task(f"cache {stack_id} {split}", total=total) as advance:
+        for i, tok_entry in enumerate(token_shards):
+            out_rel = f"cache/{stack_id}/{split}/{i:05d}.arrow"
+            if out_rel in done:
+                advance(tok_entry.sequences)
+                continue
+            tokens = read_token_shard(project.path(tok_entry.file), expect_seq_len=m.data.seq_len)
+            src = None
+            if prev is not None:
+                src = read_hidden_shard(project.path(prev.shards[i].file), expect_shape=(m.data.seq_len, prev.d_model))
+            parts = []
+            for lo in range(0, len(tokens.seq_ids), batch):
+                parts.append(run(slice(lo, lo + batch), tokens, src).float().cpu())
+                advance(len(parts[-1]))
+            hidden = torch.cat(parts)  # (N, T, d_model)
+            sha = write_hidden_shard(project.path(out_rel), hidden, np.asarray(tokens.seq_ids), entry.dtype)
+            _commit_shard(project, entry, CacheShard(file=out_rel, sequences=len(hidden), sha256=sha))
+    _commit_shard(project, entry, None)
+    return project.load().cache(stack_id, split)

@@ -1,0 +1,92 @@
+"""Resumable training state: weights, optimizer moments, step, data position and RNG, in safetensors + JSON.
+
+A checkpoint is a folder ``ckpt/<id>/step-00000100`` written under a temporary name and renamed into place
+once every file in it is complete, so a folder with the final name always holds a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stackwise_cli.errors import CorruptFileError
+from stackwise_cli.store.files import TMP_MARK, atomic_replace_dir, tmp_name
+
+PREFIX = "step-"
+
+
+def _dir_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not folder.exists():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and TMP_MARK not in p.name]
+    return sorted(found, key=lambda p: p.name)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state keyed by parameter name (no pickles: plain tensors)."""
+    out = {}
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            out[f"{names[p]}::{key}"] = t.detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    for key, value in tensors.items():
+        name, _, field = key.partition("::")
+        p = params[name]
+        opt.state[p][field] = value.to(p.device) if field != "step" else value.clone()
+
+
+def save_checkpoint(
+    folder: Path, step: int, weights: dict[str, torch.Tensor], optim: dict[str, torch.Tensor], state: dict[str, Any], keep: int
+) -> Path:
+    """Write a complete checkpoint, then prune older ones keeping the newest ``keep``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / _dir_name(step)
+    tmp = tmp_name(final)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state()
+    save_file({**optim, **{f"rng::{k}": v for k, v in rng.items()}}, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    atomic_replace_dir(tmp, final)
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """Returns (weights, optimizer tensors, rng tensors, state)."""
+    try:
+        weights = load_file(str(path / "weights.safetensors"))
+        both = load_file(str(path / "optimizer.safetensors"))
+        state = json.loads((path / "state.json").read_text())
+    except Exception as e:  # any unreadable part makes the checkpoint unusable; say which
+        raise CorruptFileError(f"checkpoint {path} is unreadable ({e})", hint="delete it to resume from the one before, or use --resume never") from None
+    rng = {k.removeprefix("rng::"): v for k, v in both.items() if k.startswith("rng::")}
+    optim = {k: v for k, v in both.items() if not k.startswith("rng::")}
+    return weights, optim, rng, state
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])

@@ -1,0 +1,69 @@
+"""Adding a stack to the rack with a new stable id."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from stackwise_cli.errors import ProjectError
+from stackwise_cli.model.model import Ends, Stack
+from stackwise_cli.store.manifest import EndsEntry, StackEntry
+from stackwise_cli.store.project import Project, record
+from stackwise_cli.store.weights import load_stack, save_ends, save_stack
+
+Side = Literal["right", "left"]
+
+
+def _generator(seed: int, salt: int) -> torch.Generator:
+    # Each stack's random init depends only on (train.seed, its id): regrowing gives the same weights.
+    return torch.Generator().manual_seed(seed * 1_000_003 + salt)
+
+
+def grow(project: Project, side: Side = "right", blocks: int | None = None, init: str | None = None) -> StackEntry:
+    """Append (right) or prepend (left) a stack. Creates the ends first if the rack is empty.
+
+    ``init``: random; copy (duplicate the neighbouring stack on that side); identity (random, then output
+    projections zeroed, so the rack computes the same function as before).
+    """
+    if side not in ("right", "left"):
+        raise ProjectError(f"--side must be right or left, got {side!r}")
+    with project.update() as m:
+        recipe = m.recipe
+        init = init or recipe.rack.init
+        if init not in ("random", "copy", "identity"):
+            raise ProjectError(f"--init must be random, copy or identity, got {init!r}")
+        stack_id = m.next_id
+        cfg = recipe.model
+        if m.ends is None:
+            ends = Ends(cfg)
+            ends.init_weights(_generator(recipe.train.seed, -1))
+            sha, input_sha = save_ends(project, ends)
+            m.ends = EndsEntry(file="ends.safetensors", sha256=sha, input_sha256=input_sha)
+
+        if init == "copy":
+            if not m.rack:
+                raise ProjectError("--init copy needs a neighbouring stack to copy, and the rack is empty", hint="use --init random")
+            neighbour = m.rack[-1] if side == "right" else m.rack[0]
+            if blocks is not None and blocks != neighbour.blocks:
+                raise ProjectError(f"--init copy duplicates stack {neighbour.id}, which has {neighbour.blocks} blocks, not {blocks}")
+            stack = load_stack(project, m, neighbour.id)
+            blocks = neighbour.blocks
+        else:
+            blocks = blocks if blocks is not None else recipe.rack.blocks_per_stack
+            if blocks < 1:
+                raise ProjectError(f"--blocks must be >= 1, got {blocks}")
+            stack = Stack(cfg, blocks)
+            planned = max(recipe.rack.stacks * recipe.rack.blocks_per_stack, sum(s.blocks for s in m.rack) + blocks)
+            stack.init_weights(init, total_blocks=planned, generator=_generator(recipe.train.seed, stack_id))
+
+        entry = StackEntry(
+            id=stack_id, blocks=blocks, file=project.stack_file(stack_id), sha256=save_stack(project, stack, stack_id), init=init
+        )
+        if side == "right":
+            m.rack.append(entry)
+        else:
+            m.rack.insert(0, entry)
+        m.next_id = stack_id + 1
+        record(m, f"grow --side {side} --blocks {blocks} --init {init} -> id {stack_id}")
+    return entry

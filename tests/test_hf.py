@@ -1,0 +1,213 @@
+"""Exported model = Hugging Face model: the fused folder loads in transformers with the rack's logits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from stackwise_cli.errors import DataError
+from stackwise_cli.model.config import ModelConfig
+from stackwise_cli.model.hf import BLOCK_TO_HF, hf_config, hf_state_dict, write_fused
+from stackwise_cli.model.model import Ends, Rack, Stack
+from stackwise_cli.store.files import TMP_MARK, sha256_file
+
+# No network: everything is loaded from the folder the test writes. Set before transformers is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+transformers = pytest.importorskip("transformers")
+
+EOS = "<|endoftext|>"
+TOL = 1e-4
+DETECT = 0.1  # a mapping mistake must move some logit by at least this much (1000x TOL)
+SENTENCE = "The quick brown fox jumps over the lazy dog, twice!"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer with < 300 tokens, trained in a few milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=290, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    text = ["the quick brown fox jumps over the lazy dog", "a stack of blocks, trained one at a time"] * 20
+    tok.train_from_iterator(text, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    assert tok.token_to_id(EOS) == 0 and tok.get_vocab_size() <= 300
+    return path
+
+
+def make_rack(tie: bool, n_kv_heads: int, seed: int = 0) -> Rack:
+    """Two stacks (1 and 2 blocks) so that global layer numbering crosses a stack boundary.
+
+    init_std is 5x the usual 0.02: with tiny weights q.k is near zero, attention is near uniform, and a wrong
+    rotary layout or a swapped q would barely move the logits; larger weights make every tensor matter.
+    """
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        vocab_size=300,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        d_ff=160,
+        max_seq_len=64,
+        tie_embeddings=tie,
+        init_std=0.1,
+    )
+    ends = Ends(cfg)
+    ends.init_weights()
+    stacks = [Stack(cfg, n) for n in (1, 2)]
+    for s in stacks:
+        s.init_weights("random", total_blocks=3)
+    rack = Rack(cfg, ends, stacks, [5, 9]).eval()
+    # Norms away from 1 and distinct per norm, so swapping the two norms of a layer (or the final norm) shows.
+    with torch.no_grad():
+        for name, p in rack.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return rack
+
+
+def interleave_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's output rows from (first half, second half) to interleaved pairs, as HF's
+    convert_llama_weights_to_hf.permute does the other way round."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def max_diff(hf_model: torch.nn.Module, rack: Rack, tokens: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (hf_model(tokens).logits - rack(tokens)).abs().max().item()
+
+
+CASES = [
+    pytest.param((False, 2), id="untied-gqa"),
+    pytest.param((True, 2), id="tied-gqa"),
+    pytest.param((False, 4), id="untied-mha"),
+    pytest.param((True, 4), id="tied-mha"),
+]
+
+
+@pytest.fixture(scope="module", params=CASES)
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tokenizer_file: Path):
+    """(rack, fused folder, returned sha256, loaded HF model, loading info), once per case."""
+    tie, n_kv = request.param
+    rack = make_rack(tie, n_kv)
+    out = tmp_path_factory.mktemp("proj") / "fused"
+    sha = write_fused(out, rack, tokenizer_file, EOS, 0)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    return rack, out, sha, model.eval(), info
+
+
+def test_loads_as_llama_with_the_same_logits(exported) -> None:
+    rack, _, _, model, _ = exported
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_key_value_heads == rack.cfg.kv_heads
+    assert model.config.num_hidden_layers == 3
+    assert model.config.tie_word_embeddings == rack.cfg.tie_embeddings
+    assert model.config.rope_parameters["rope_theta"] == rack.cfg.rope_theta
+    assert next(model.parameters()).dtype == torch.float32
+    tokens = torch.randint(0, rack.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    assert max_diff(model, rack, tokens) < TOL
+
+
+def test_mapping_covers_every_tensor(exported) -> None:
+    rack, _, _, model, info = exported
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ours = hf_state_dict(rack)
+    theirs = model.state_dict()
+    # Every rack parameter is exported exactly once...
+    assert sum(t.numel() for t in ours.values()) == sum(p.numel() for p in rack.parameters())
+    # ...and every HF tensor was loaded from it (none left at random init); tied HF models list lm_head.weight too.
+    expected = set(ours) | ({"lm_head.weight"} if rack.cfg.tie_embeddings else set())
+    assert set(theirs) == expected
+    for k, v in ours.items():
+        assert torch.equal(theirs[k], v), k
+    if rack.cfg.tie_embeddings:
+        assert torch.equal(theirs["lm_head.weight"], ours["model.embed_tokens.weight"])
+
+
+def test_swapped_mapping_is_detected(exported) -> None:
+    """The parity check is not vacuous: each plausible mapping mistake moves the logits well past the tolerance."""
+    rack, _, _, model, _ = exported
+    tokens = torch.randint(0, rack.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    good = hf_state_dict(rack)
+
+    def swapped(a: str, b: str) -> dict[str, torch.Tensor]:
+        sd = dict(good)
+        sd[a], sd[b] = good[b], good[a]
+        return sd
+
+    mistakes = {
+        # layers 0 and 1 come from different stacks: a wrong global layer order, tensor by tensor
+        **{f"layer order: {s}": swapped(f"model.layers.0.{s}", f"model.layers.1.{s}") for s in BLOCK_TO_HF.values()},
+        "norms": swapped("model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"),
+        "gate/up": swapped("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+    }
+    if rack.cfg.kv_heads == rack.cfg.n_heads:  # q and k have the same shape only without GQA
+        mistakes["q/k"] = swapped("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight")
+    # The permutation Meta-checkpoint converters apply to q and k (interleaved pairs -> rotate-half). Our rotary
+    # layout already is rotate-half, so applying it must break parity; this is what shows none is needed.
+    for g in range(3):
+        sd = dict(good)
+        for proj, heads in (("q", rack.cfg.n_heads), ("k", rack.cfg.kv_heads)):
+            key = f"model.layers.{g}.self_attn.{proj}_proj.weight"
+            sd[key] = interleave_rows(good[key], heads)
+        mistakes[f"interleaved rope, layer {g}"] = sd
+    try:
+        for what, sd in mistakes.items():
+            model.load_state_dict(sd, strict=False)
+            assert max_diff(model, rack, tokens) > DETECT, what
+    finally:
+        model.load_state_dict(good, strict=False)
+    assert max_diff(model, rack, tokens) < TOL
+
+
+def test_tokenizer_matches_the_tokenizers_file(exported, tokenizer_file: Path) -> None:
+    from tokenizers import Tokenizer
+
+    _, out, _, _, _ = exported
+    want = Tokenizer.from_file(str(tokenizer_file)).encode(SENTENCE).ids
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok(SENTENCE)["input_ids"] == want
+    assert hf_tok.eos_token == EOS and hf_tok.eos_token_id == 0
+    assert hf_tok.decode(want) == SENTENCE
+
+
+def test_fused_folder_contents(exported) -> None:
+    rack, out, sha, _, _ = exported
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+    assert sha == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert not [p for p in out.parent.iterdir() if TMP_MARK in p.name]
+    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(hf_config(rack.cfg, 3, 0)))
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == 0
+
+
+def test_rewrite_replaces_and_failed_write_leaves_old_folder(tmp_path: Path, tokenizer_file: Path) -> None:
+    out = tmp_path / "fused"
+    first = write_fused(out, make_rack(False, 2, seed=0), tokenizer_file, EOS, 0)
+    second = write_fused(out, make_rack(False, 2, seed=1), tokenizer_file, EOS, 0)
+    assert first != second
+    with pytest.raises(DataError, match="has id"):
+        write_fused(out, make_rack(False, 2, seed=2), tokenizer_file, EOS, 7)
+    with pytest.raises(DataError, match="missing"):
+        write_fused(out, make_rack(False, 2, seed=2), tmp_path / "nope.json", EOS, 0)
+    # The failed writes touched nothing: the second export is still there, complete, and no temporary is left.
+    assert sha256_file(out / "model.safetensors") == second
+    assert [p.name for p in tmp_path.iterdir()] == ["fused"]
