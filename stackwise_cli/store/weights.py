@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -18,8 +19,15 @@ from stackwise_cli.store.project import Project
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Save atomically; returns the file's sha256."""
+    """Save atomically; returns the file's sha256.
+
+    safetensors keeps header metadata in a hash map whose order changes from process to process, so several
+    metadata keys would give the same weights different bytes (and checksums). More than one key is therefore
+    folded into a single ``stackwise`` key holding sorted JSON: equal weights, equal files.
+    """
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if metadata and len(metadata) > 1:
+        metadata = {"stackwise": json.dumps(metadata, sort_keys=True)}
     atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return sha256_file(path)
 

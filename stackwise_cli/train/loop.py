@@ -317,12 +317,15 @@ def train_stack(
     steps = steps if steps is not None else tr.steps
     if steps < 1:
         raise StackwiseError(f"--steps must be >= 1, got {steps}")
+    if resume not in RESUME:
+        raise StackwiseError(f"--resume must be one of {', '.join(RESUME)}, got {resume!r}")
+    dev = pick_device(device)
+    autocast(precision, dev)  # an impossible precision fails here, before the manifest is touched
     pos = _check_trainable(m, stack_id)
     entry = m.stack(stack_id)
     if entry.state == "trained" and entry.steps >= steps and resume == "auto":
         reporter.info(f"stack {stack_id} is already trained ({entry.steps} steps): nothing to do")
         return None
-    dev = pick_device(device)
     ckpt_dir = project.ckpt_dir(stack_id)
     have_ckpt = resume == "auto" and bool(ckpt.list_checkpoints(ckpt_dir))
 

@@ -1,0 +1,189 @@
+"""Training one stack: what trains, the schedule, checkpoints, and exact resume after a stop or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from stackwise_cli.errors import ProjectError, StackwiseError, Stopped
+from stackwise_cli.recipe import TrainRecipe
+from stackwise_cli.store.project import Project
+from stackwise_cli.store.weights import load_ends, load_stack
+from stackwise_cli.train import checkpoint as ckpt
+from stackwise_cli.train.grow import grow
+from stackwise_cli.train.loop import Sampler, lr_at, train_stack
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    tr = TrainRecipe(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, tr, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone decay after warmup
+    assert lr_at(100, tr, 100) == pytest.approx(0.1)
+
+
+def test_sampler_covers_every_row_once_per_epoch_and_resumes_exactly():
+    s = Sampler(10, 3, seed=0)
+    seen = [s.next() for _ in range(10)]  # 30 rows = 3 epochs
+    flat = [int(i) for b in seen for i in b]
+    for e in range(3):
+        assert sorted(flat[e * 10 : (e + 1) * 10]) == list(range(10))
+    s2 = Sampler(10, 3, seed=0)
+    for _ in range(4):
+        s2.next()
+    s3 = Sampler(10, 3, seed=0)
+    s3.load_state(s2.state())
+    assert all((s3.next() == b).all() for b in seen[4:])
+
+
+def test_leftmost_stack_trains_embedding_and_head_later_stacks_leave_the_embedding(project):
+    grow(project)
+    grow(project)
+    m0 = project.load()
+    train_stack(project, 0, steps=5)
+    m1 = project.load()
+    assert m1.stack(0).state == "trained" and m1.stack(0).steps == 5 and m1.stack(0).last_loss is not None
+    assert m1.ends.input_sha256 != m0.ends.input_sha256  # the embedding trained with the leftmost stack
+    assert m1.stack(1).sha256 == m0.stack(1).sha256
+    from stackwise_cli.train.cache import build_cache
+
+    build_cache(project, 1, "train")
+    train_stack(project, 1, steps=5)
+    m2 = project.load()
+    assert m2.ends.input_sha256 == m1.ends.input_sha256  # embedding untouched by stack 1
+    assert m2.ends.sha256 != m1.ends.sha256  # but the head trained (train.head: train)
+    assert m2.stack(0).sha256 == m1.stack(0).sha256  # the prefix is frozen
+    assert project.fresh_cache(m2, 1, "train")  # so the cache stays fresh
+    assert not project.ckpt_dir(1).exists()  # checkpoints cleared once the result is in the manifest
+
+
+def test_training_lowers_the_loss(project):
+    grow(project)
+    r = train_stack(project, 0, steps=30)
+    import json
+
+    log = sorted(project.root.glob("logs/train-stack-0-*.jsonl"))[-1]
+    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    assert len(losses) == 30 // 5 and losses[-1] < losses[0] - 0.5
+    assert r.last_loss == losses[-1]
+
+
+def test_retraining_a_stack_with_trained_stacks_to_its_right_is_refused(project):
+    grow(project)
+    grow(project)
+    train_stack(project, 0, steps=2)
+    from stackwise_cli.train.cache import build_cache
+
+    build_cache(project, 1, "train")
+    train_stack(project, 1, steps=2)
+    with pytest.raises(ProjectError, match="trained stacks to its right"):
+        train_stack(project, 0, steps=4, resume="never")
+
+
+def test_already_trained_is_a_no_op(project):
+    grow(project)
+    train_stack(project, 0, steps=3)
+    sha = project.load().stack(0).sha256
+    assert train_stack(project, 0, steps=3) is None
+    assert project.load().stack(0).sha256 == sha
+
+
+def _train_copy(project: Project, tmp_path, name: str, **kw):
+    root = tmp_path / name
+    shutil.copytree(project.root, root)
+    p = Project(root)
+    train_stack(p, 0, **kw)
+    return p
+
+
+def test_stop_and_resume_gives_bit_identical_weights(project, tmp_path):
+    grow(project)
+    straight = _train_copy(project, tmp_path, "straight", steps=24)
+    p = Project(tmp_path / "stopped")
+    shutil.copytree(project.root, p.root)
+    with pytest.raises(Stopped):
+        train_stack(p, 0, steps=24, stop_at=13)  # between checkpoints (every 10)
+    m = p.load()
+    assert m.stack(0).state == "training" and m.stack(0).steps == 13
+    assert [c.name for c in ckpt.list_checkpoints(p.ckpt_dir(0))] == ["step-00000010", "step-00000013"]
+    r = train_stack(p, 0, steps=24)
+    assert r.resumed_from == 13
+    a, b = straight.load(), p.load()
+    assert a.stack(0).sha256 == b.stack(0).sha256 and a.ends.sha256 == b.ends.sha256
+    assert a.stack(0).last_loss == b.stack(0).last_loss and a.stack(0).tokens == b.stack(0).tokens
+
+
+def test_resume_refuses_a_checkpoint_from_another_run_length(project):
+    grow(project)
+    with pytest.raises(Stopped):
+        train_stack(project, 0, steps=20, stop_at=5)
+    with pytest.raises(StackwiseError, match="20-step run"):
+        train_stack(project, 0, steps=30)
+
+
+def test_checkpoints_are_pruned_but_at_least_two_kept(project):
+    grow(project)
+    with pytest.raises(Stopped):
+        train_stack(project, 0, steps=30, stop_at=25)
+    names = [c.name for c in ckpt.list_checkpoints(project.ckpt_dir(0))]
+    assert names == ["step-00000020", "step-00000025"]
+
+
+def test_checkpoint_restores_optimizer_moments(project):
+    grow(project)
+    with pytest.raises(Stopped):
+        train_stack(project, 0, steps=20, stop_at=10)
+    weights, optim, rng, state = ckpt.load_checkpoint(ckpt.list_checkpoints(project.ckpt_dir(0))[-1])
+    assert state["step"] == 10 and state["sampler"] == {"epoch": 0, "offset": 80}
+    assert any(k.endswith("::exp_avg_sq") and v.abs().sum() > 0 for k, v in optim.items())
+    assert optim["stack.blocks.0.attn.q.weight::step"].item() == 10
+    assert "torch_cpu" in rng
+
+
+def _wait_for(path_glob, root, timeout=60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        logs = list(root.glob(path_glob))
+        if logs and logs[0].stat().st_size > 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path_glob} never appeared")
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_75_and_resume_matches_uninterrupted(project, tmp_path):
+    grow(project)
+    steps = 300
+    straight = _train_copy(project, tmp_path, "straight", steps=steps)
+    p = Project(tmp_path / "killed")
+    shutil.copytree(project.root, p.root)
+    cmd = [sys.executable, "-m", "stackwise_cli", "train-stack", "0", "-p", str(p.root), "--steps", str(steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _wait_for("logs/train-stack-0-*.jsonl", p.root)  # the loop is running (first log line written)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err.decode()
+    assert b"SIGTERM" in err and b"Traceback" not in err
+    m = p.load()
+    assert m.stack(0).state == "training" and 0 < m.stack(0).steps < steps
+    done = subprocess.run(cmd, capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    assert p.load().stack(0).sha256 == straight.load().stack(0).sha256
+    assert p.load().ends.sha256 == straight.load().ends.sha256
+
+
+def test_loaded_weights_match_what_training_wrote(project):
+    grow(project)
+    train_stack(project, 0, steps=3)
+    m = project.load()
+    stack, ends = load_stack(project, m, 0), load_ends(project, m)
+    assert not torch.allclose(stack.blocks[0].attn.o.weight, torch.zeros(1))
+    assert ends.embed.weight.shape == (512, 32)
