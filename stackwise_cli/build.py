@@ -15,7 +15,7 @@ from stackwise_cli.evaluate.eval import EvalResult, evaluate
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import load_recipe
 from stackwise_cli.store.project import Project
-from stackwise_cli.train.cache import build_cache
+from stackwise_cli.train.cache import build_cache, is_fresh
 from stackwise_cli.train.fuse import fuse, is_fused
 from stackwise_cli.train.grow import grow
 from stackwise_cli.train.loop import train_stack
@@ -59,7 +59,7 @@ def build(
         entry = m.rack[i]
         if entry.state == "trained" and entry.steps >= m.recipe.train.steps:
             continue
-        if i > 0:
+        if i > 0 and not is_fresh(project, m, entry.id, "train"):
             build_cache(project, entry.id, "train", device=device, reporter=reporter)
             result.ran.append(f"cache {entry.id}")
         train_stack(project, entry.id, device=device, reporter=reporter)

@@ -60,15 +60,19 @@ def _commit_shard(project: Project, entry: CacheEntry, shard: CacheShard | None)
             current.shards = sorted([s for s in current.shards if s.file != shard.file] + [shard], key=lambda s: s.file)
 
 
+def is_fresh(project: Project, m: Manifest, stack_id: int, split: str) -> bool:
+    """Is the cache entering ``stack_id`` complete and made by the current producers?"""
+    c = m.cache(stack_id, split)
+    return c is not None and c.complete and not project.stale_reasons(m, c)
+
+
 def _fresh_left_cache(project: Project, m: Manifest, stack_id: int, split: str) -> CacheEntry | None:
     """The left neighbour's complete, fresh cache of this split, if there is one (for the incremental path)."""
     pos = m.position(stack_id)
     if pos == 0:
         return None
-    prev = m.cache(m.rack[pos - 1].id, split)
-    if prev is None or not prev.complete or project.stale_reasons(m, prev):
-        return None
-    return prev
+    left = m.rack[pos - 1].id
+    return m.cache(left, split) if is_fresh(project, m, left, split) else None
 
 
 @torch.inference_mode()
