@@ -38,7 +38,10 @@ def build(
     result = BuildResult()
     if not project.exists():
         if recipe is None:
-            raise ProjectError(f"no project at {project.root} and no recipe to create one", hint="pass --recipe recipes/llama/tiny.yaml")
+            raise ProjectError(
+                f"no project at {project.root} and no recipe to create one",
+                hint="pass --recipe recipes/llama/tiny.yaml",
+            )
         prepare(project, load_recipe(recipe, overrides), inputs, reporter=reporter)
         result.ran.append("prepare")
     elif recipe is not None:

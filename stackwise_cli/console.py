@@ -50,8 +50,14 @@ class CliReporter(Reporter):
             yield lambda n=1, **fields: None
             return
         if err.is_terminal:
-            columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TimeRemainingColumn(), TextColumn("{task.fields[extra]}")]
+            columns = [
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[extra]}"),
+            ]
             with Progress(*columns, console=err, transient=False) as progress:
                 task = progress.add_task(description, total=total, extra="")
 
@@ -74,8 +80,10 @@ class CliReporter(Reporter):
 
         yield advance
         of = f"/{total}" if total else ""
-        err.print(f"{description}: done {state['done']}{of} in {time.monotonic() - start:.1f}s  {_fmt(state['fields'])}",
-                  markup=False)
+        err.print(
+            f"{description}: done {state['done']}{of} in {time.monotonic() - start:.1f}s  {_fmt(state['fields'])}",
+            markup=False,
+        )
 
 
 def print_json(data: Any) -> None:

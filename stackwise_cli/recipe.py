@@ -108,7 +108,9 @@ class TrainRecipe:
         if self.checkpoint_every < 0:
             out.append(("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"))
         if self.keep_checkpoints < 2:
-            out.append(("keep_checkpoints", f"must be >= 2 (a crash mid-write must leave one), got {self.keep_checkpoints}"))
+            out.append(
+                ("keep_checkpoints", f"must be >= 2 (a crash mid-write must leave one), got {self.keep_checkpoints}")
+            )
         if self.log_every < 1:
             out.append(("log_every", f"must be >= 1, got {self.log_every}"))
         return out
@@ -145,7 +147,9 @@ class Recipe:
     def problems(self) -> list[tuple[str, str]]:
         out = []
         if self.data.seq_len > self.model.max_seq_len:
-            out.append(("data.seq_len", f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}"))
+            out.append(
+                ("data.seq_len", f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}")
+            )
         return out
 
     def to_data(self) -> dict[str, Any]:
@@ -189,7 +193,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         text = path.read_text()
     except OSError as e:
-        raise RecipeError(f"cannot read recipe {path}: {e.strerror}", hint="see recipes/ for the shipped ones") from None
+        raise RecipeError(
+            f"cannot read recipe {path}: {e.strerror}", hint="see recipes/ for the shipped ones"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -150,8 +150,9 @@ def test_cache_json(pipeline):
     root, runs = pipeline
     data = _ok(runs["cache1"])
     train = Project(root).load().data.splits["train"]
-    assert data == [{"stack": 1, "split": "train", "dtype": "fp32", "shards": len(train.shards),
-                     "sequences": train.sequences}]
+    assert data == [
+        {"stack": 1, "split": "train", "dtype": "fp32", "shards": len(train.shards), "sequences": train.sequences}
+    ]
     assert len(list((root / "cache" / "1" / "train").glob("*.arrow"))) == len(train.shards)
 
 
@@ -181,7 +182,9 @@ def test_status_json_lists_rack_in_order_with_states(pipeline):
     _, runs = pipeline
     data = _ok(runs["status"])
     assert [(r["position"], r["id"], r["state"], r["steps"]) for r in data["rack"]] == [
-        (0, 0, "trained", 5), (1, 1, "trained", 5)]
+        (0, 0, "trained", 5),
+        (1, 1, "trained", 5),
+    ]
     assert [(c["stack"], c["split"], c["complete"], c["stale"]) for c in data["caches"]] == [(1, "train", True, [])]
     assert data["fused"] == {"dir": "fused", "stale": False}
     assert data["problems"] == []
@@ -233,8 +236,19 @@ def test_prepare_creates_a_project(tiny_recipe_path: Path, tmp_path: Path):
     assert all((root / s.file).exists() for split in m.data.splits.values() for s in split.shards)
 
 
-COMMANDS = ["prepare", "grow", "cache", "train-stack", "fuse", "eval", "status", "verify", "build", "bench",
-            "bench step"]
+COMMANDS = [
+    "prepare",
+    "grow",
+    "cache",
+    "train-stack",
+    "fuse",
+    "eval",
+    "status",
+    "verify",
+    "build",
+    "bench",
+    "bench step",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -262,8 +276,9 @@ def test_prepare_unknown_recipe_key_names_key_and_file(tiny_recipe_path: Path, t
 
 def test_prepare_reports_every_bad_key_at_once(tiny_recipe_path: Path, tmp_path: Path):
     root = tmp_path / "new"
-    result = cli("prepare", "--recipe", tiny_recipe_path, "-p", root,
-                 "--set", "model.n_heads=5", "--set", "train.nope=1")
+    result = cli(
+        "prepare", "--recipe", tiny_recipe_path, "-p", root, "--set", "model.n_heads=5", "--set", "train.nope=1"
+    )
     user_error(result, "model.n_heads", "train.nope", one_line=False)
     assert not root.exists()
 
@@ -371,7 +386,11 @@ def test_debug_env_lets_the_error_propagate(tmp_path: Path):
     assert result.exit_code == 1
     assert "error:" not in result.stderr
     # And a real process prints the traceback.
-    proc = subprocess.run([sys.executable, "-m", "stackwise_cli", "status", "-p", str(tmp_path)],
-                          capture_output=True, text=True, env={**os.environ, "STACKWISE_DEBUG": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "stackwise_cli", "status", "-p", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STACKWISE_DEBUG": "1"},
+    )
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "ProjectError" in proc.stderr

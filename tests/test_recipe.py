@@ -55,8 +55,12 @@ def test_every_problem_is_reported_at_once_with_file_and_key_path(tmp_path):
     lines = str(e.value.message).splitlines()
     assert all(line.startswith(f"{bad}: ") for line in lines)
     text = str(e.value)
-    for expected in ("model.d_modle: unknown key", "model.n_heads: must be an integer", "train.lr: must be > 0",
-                     "objective: must be one of 'clm'"):
+    for expected in (
+        "model.d_modle: unknown key",
+        "model.n_heads: must be an integer",
+        "train.lr: must be > 0",
+        "objective: must be one of 'clm'",
+    ):
         assert expected in text
 
 

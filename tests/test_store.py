@@ -26,11 +26,38 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temporary left behind
 
 
-def test_sweep_removes_stray_temporaries(tmp_path):
-    (tmp_path / "a.safetensors.tmp-123-abcd").write_bytes(b"x")
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sweep_removes_temporaries_of_dead_writers_only(tmp_path):
+    import os
+
+    dead = _dead_pid()
+    (tmp_path / f"a.safetensors.tmp-{dead}-abcd").write_bytes(b"x")
+    (tmp_path / f"b.safetensors.tmp-{os.getpid()}-abcd").write_bytes(b"in progress")  # a live writer
     (tmp_path / "keep.safetensors").write_bytes(b"y")
-    assert sweep_tmp(tmp_path) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+    assert sweep_tmp(tmp_path, min_age_s=0) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"b.safetensors.tmp-{os.getpid()}-abcd", "keep.safetensors"]
+    (tmp_path / f"c.tmp-{dead}-abcd").write_bytes(b"recent")
+    assert sweep_tmp(tmp_path) == 0  # too recent: maybe a writer on another node
+
+
+def test_sweep_restores_a_folder_whose_replacement_never_arrived(tmp_path):
+    """atomic_replace_dir moves the old folder aside first; if killed there, the old folder comes back."""
+    dead = _dead_pid()
+    old = tmp_path / f"fused.tmp-old-{dead}-abcd"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"old model")
+    (tmp_path / f"fused.tmp-{dead}-ef01").mkdir()  # the half-written new one
+    sweep_tmp(tmp_path, min_age_s=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]
+    assert (tmp_path / "fused" / "model.safetensors").read_bytes() == b"old model"
 
 
 def _bump(root: str, n: int) -> None:
@@ -57,7 +84,9 @@ def test_manifest_roundtrips_and_is_human_readable(project):
     text = project.manifest_path.read_text()
     data = yaml.safe_load(text)
     assert data["format"] == 1 and data["recipe"]["model"]["d_model"] == 32
-    assert data["data"]["splits"]["train"]["shards"][0]["sha256"] == sha256_file(project.root / "data/train/00000.arrow")
+    assert data["data"]["splits"]["train"]["shards"][0]["sha256"] == sha256_file(
+        project.root / "data/train/00000.arrow"
+    )
     project.save(m)
     assert project.load() == m
 

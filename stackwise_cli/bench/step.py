@@ -76,8 +76,12 @@ def _measure(case: str, recipe_data: dict, device: str, batch_size: int, warmup:
             return causal_lm_loss(ends.logits(stack(hidden)), tokens)
     else:
         blocks = recipe.rack.stacks * recipe.rack.blocks_per_stack
-        rack = Rack(cfg, ends, [Stack(cfg, recipe.rack.blocks_per_stack, recipe.attention.backend)
-                                for _ in range(recipe.rack.stacks)], list(range(recipe.rack.stacks))).to(dev)
+        rack = Rack(
+            cfg,
+            ends,
+            [Stack(cfg, recipe.rack.blocks_per_stack, recipe.attention.backend) for _ in range(recipe.rack.stacks)],
+            list(range(recipe.rack.stacks)),
+        ).to(dev)
         params = dict(rack.named_parameters())
 
         def loss_fn(tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -104,11 +108,24 @@ def _measure(case: str, recipe_data: dict, device: str, batch_size: int, warmup:
     else:
         peak, how = _rss_bytes("VmHWM") - base, "peak RSS (VmHWM) above the RSS before the case was built"
     step_s = statistics.median(times)
-    return asdict(StepMeasure(case, blocks, sum(p.numel() for p in params.values()), batch_size, T, step_s,
-                              batch_size * T / step_s, peak, how))
+    return asdict(
+        StepMeasure(
+            case,
+            blocks,
+            sum(p.numel() for p in params.values()),
+            batch_size,
+            T,
+            step_s,
+            batch_size * T / step_s,
+            peak,
+            how,
+        )
+    )
 
 
-def bench_step(recipe: Recipe, device: str = "cpu", batch_size: int | None = None, warmup: int = 2, repeats: int = 5) -> list[StepMeasure]:
+def bench_step(
+    recipe: Recipe, device: str = "cpu", batch_size: int | None = None, warmup: int = 2, repeats: int = 5
+) -> list[StepMeasure]:
     """Measure the stack case and the end-to-end case, each in its own fresh process."""
     batch_size = batch_size or recipe.train.batch_size
     ctx = mp.get_context("spawn")

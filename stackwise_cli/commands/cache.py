@@ -22,10 +22,20 @@ def cache(
 
     splits = list(SPLITS) if split == "all" else [split]
     entries = [build_cache(Project(project), stack_id, s, device, CliReporter(quiet=json_)) for s in splits]
-    result = [{"stack": e.stack, "split": e.split, "dtype": e.dtype, "shards": len(e.shards),
-               "sequences": sum(s.sequences for s in e.shards)} for e in entries]
+    result = [
+        {
+            "stack": e.stack,
+            "split": e.split,
+            "dtype": e.dtype,
+            "shards": len(e.shards),
+            "sequences": sum(s.sequences for s in e.shards),
+        }
+        for e in entries
+    ]
     if json_:
         print_json(result)
         return
     for r in result:
-        out.print(f"cache {r['stack']}/{r['split']}: {r['sequences']:,} sequences in {r['shards']} shard(s), {r['dtype']}")
+        out.print(
+            f"cache {r['stack']}/{r['split']}: {r['sequences']:,} sequences in {r['shards']} shard(s), {r['dtype']}"
+        )

@@ -11,12 +11,18 @@ from stackwise_cli.console import CliReporter, print_json, print_table
 
 def render_eval(result) -> None:
     rows = [[r.id, r.blocks, r.loss, r.perplexity] for r in result.per_stack]
-    print_table(f"{result.split}: loss after each stack ({result.tokens:,} tokens)", ["stack id", "blocks", "loss", "perplexity"], rows)
+    print_table(
+        f"{result.split}: loss after each stack ({result.tokens:,} tokens)",
+        ["stack id", "blocks", "loss", "perplexity"],
+        rows,
+    )
 
 
 def eval_(
     split: Annotated[str, typer.Option("--split", help="Split to score.")] = "val",
-    max_sequences: Annotated[int | None, typer.Option("--max-sequences", help="Score at most this many sequences.")] = None,
+    max_sequences: Annotated[
+        int | None, typer.Option("--max-sequences", help="Score at most this many sequences.")
+    ] = None,
     device: DeviceOpt = "auto",
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,

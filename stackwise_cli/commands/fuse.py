@@ -13,6 +13,8 @@ def fuse(project: ProjectOpt = Path("."), json_: JsonOpt = False) -> None:
 
     entry = run(Project(project))
     if json_:
-        print_json({"dir": str(Path(project) / entry.dir), "sha256": entry.sha256, "stacks": [s.id for s in entry.stacks]})
+        print_json(
+            {"dir": str(Path(project) / entry.dir), "sha256": entry.sha256, "stacks": [s.id for s in entry.stacks]}
+        )
     else:
         out.print(f"fused {len(entry.stacks)} stack(s) into {Path(project) / entry.dir} (loads with transformers)")

@@ -13,7 +13,9 @@ def prepare(
     recipe: Annotated[Path, typer.Option("--recipe", help="Recipe YAML, e.g. recipes/llama/tiny.yaml.")],
     set_: SetOpt = None,
     input_: InputOpt = None,
-    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Use this tokenizer.json instead of training one.")] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option("--tokenizer", help="Use this tokenizer.json instead of training one.")
+    ] = None,
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
 ) -> None:
@@ -24,8 +26,13 @@ def prepare(
 
     m = run(Project(project), load_recipe(recipe, set_), input_, tokenizer, CliReporter(quiet=json_))
     result = {
-        "project": str(project), "recipe": m.recipe.name, "vocab_size": m.tokenizer.vocab_size, "seq_len": m.data.seq_len,
-        "splits": {k: {"sequences": v.sequences, "tokens": v.tokens, "shards": len(v.shards)} for k, v in m.data.splits.items()},
+        "project": str(project),
+        "recipe": m.recipe.name,
+        "vocab_size": m.tokenizer.vocab_size,
+        "seq_len": m.data.seq_len,
+        "splits": {
+            k: {"sequences": v.sequences, "tokens": v.tokens, "shards": len(v.shards)} for k, v in m.data.splits.items()
+        },
     }
     if json_:
         print_json(result)

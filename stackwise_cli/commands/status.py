@@ -9,12 +9,25 @@ from stackwise_cli.console import out, print_json, print_table
 
 
 def _render(report, verb: str) -> None:
-    rows = [[r["position"], r["id"], r["blocks"], r["state"], r["steps"], r["tokens"], r["last_loss"], r["precision"]]
-            for r in report.rack]
-    print_table("rack (left = input side)", ["pos", "id", "blocks", "state", "steps", "tokens", "last loss", "precision"], rows)
+    rows = [
+        [r["position"], r["id"], r["blocks"], r["state"], r["steps"], r["tokens"], r["last_loss"], r["precision"]]
+        for r in report.rack
+    ]
+    print_table(
+        "rack (left = input side)", ["pos", "id", "blocks", "state", "steps", "tokens", "last loss", "precision"], rows
+    )
     if report.caches:
-        rows = [[c["stack"], c["split"], c["dtype"], c["shards"], "yes" if c["complete"] else "no",
-                 "; ".join(c["stale"]) or "fresh"] for c in report.caches]
+        rows = [
+            [
+                c["stack"],
+                c["split"],
+                c["dtype"],
+                c["shards"],
+                "yes" if c["complete"] else "no",
+                "; ".join(c["stale"]) or "fresh",
+            ]
+            for c in report.caches
+        ]
         print_table("caches", ["stack", "split", "dtype", "shards", "complete", "state"], rows)
     if report.fused:
         out.print(f"fused: {report.fused['dir']} ({'stale' if report.fused['stale'] else 'up to date'})")

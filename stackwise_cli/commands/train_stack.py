@@ -11,9 +11,13 @@ from stackwise_cli.console import CliReporter, out, print_json
 
 def train_stack(
     stack_id: Annotated[int, typer.Argument(metavar="ID", help="Stack id to train.")],
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: the recipe's train.steps).")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Optimizer steps (default: the recipe's train.steps).")
+    ] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (mixed, fp32 master weights).")] = "fp32",
-    resume: Annotated[str, typer.Option("--resume", help="auto: continue from the newest checkpoint; never: start over.")] = "auto",
+    resume: Annotated[
+        str, typer.Option("--resume", help="auto: continue from the newest checkpoint; never: start over.")
+    ] = "auto",
     device: DeviceOpt = "auto",
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
@@ -25,11 +29,19 @@ def train_stack(
     result = run(Project(project), stack_id, steps, precision, resume, device, CliReporter(quiet=json_))
     data = {"id": stack_id, "trained": result is not None}
     if result is not None:
-        data.update(steps=result.steps, tokens=result.tokens, loss=result.last_loss, time_s=result.time_s,
-                    tokens_per_s=result.tokens_per_s, resumed_from=result.resumed_from)
+        data.update(
+            steps=result.steps,
+            tokens=result.tokens,
+            loss=result.last_loss,
+            time_s=result.time_s,
+            tokens_per_s=result.tokens_per_s,
+            resumed_from=result.resumed_from,
+        )
     if json_:
         print_json(data)
     elif result is None:
         out.print(f"stack {stack_id} is already trained; nothing to do")
     else:
-        out.print(f"stack {stack_id}: {result.steps} steps, loss {result.last_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s")
+        out.print(
+            f"stack {stack_id}: {result.steps} steps, loss {result.last_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s"
+        )

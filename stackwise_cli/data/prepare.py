@@ -21,7 +21,11 @@ from stackwise_cli.store.project import Project, now, record
 
 
 def prepare(
-    project: Project, recipe: Recipe, inputs: list[Path] | None = None, tokenizer: Path | None = None, reporter: Reporter = QUIET
+    project: Project,
+    recipe: Recipe,
+    inputs: list[Path] | None = None,
+    tokenizer: Path | None = None,
+    reporter: Reporter = QUIET,
 ) -> Manifest:
     if project.exists():
         raise ProjectError(
@@ -49,8 +53,13 @@ def prepare(
 
     with reporter.task("tokenize and pack", total=n_bytes) as advance:
         splits = pack_corpus(
-            docs, tok, seq_len=data.seq_len, val_fraction=data.val_fraction, sequences_per_shard=data.sequences_per_shard,
-            project_root=project.root, on_document=advance,
+            docs,
+            tok,
+            seq_len=data.seq_len,
+            val_fraction=data.val_fraction,
+            sequences_per_shard=data.sequences_per_shard,
+            project_root=project.root,
+            on_document=advance,
         )
     entries = {
         name: SplitEntry(
@@ -67,8 +76,11 @@ def prepare(
         created=now(),
         recipe=recipe,
         tokenizer=TokenizerEntry(
-            file="tokenizer.json", sha256=sha256_file(project.root / "tokenizer.json"), vocab_size=tok.get_vocab_size(),
-            eos_id=eos_id(tok), trained=tokenizer is None,
+            file="tokenizer.json",
+            sha256=sha256_file(project.root / "tokenizer.json"),
+            vocab_size=tok.get_vocab_size(),
+            eos_id=eos_id(tok),
+            trained=tokenizer is None,
         ),
         data=DataEntry(source=describe_inputs(inputs), seq_len=data.seq_len, documents=documents, splits=entries),
     )

@@ -11,6 +11,7 @@ import torch
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.model.model import causal_lm_loss
 from stackwise_cli.progress import QUIET, Reporter
+from stackwise_cli.store.manifest import Manifest
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_token_shard
 from stackwise_cli.store.weights import load_rack
@@ -38,9 +39,8 @@ class EvalResult:
         return asdict(self)
 
 
-def val_tokens(project: Project, split: str, max_sequences: int | None) -> np.ndarray:
+def val_tokens(project: Project, m: Manifest, split: str, max_sequences: int | None) -> np.ndarray:
     """The first ``max_sequences`` sequences of a split (deterministic), as one (N, T) array."""
-    m = project.load()
     parts, n = [], 0
     for s in m.data.splits[split].shards:
         shard = read_token_shard(project.path(s.file), expect_seq_len=m.data.seq_len)
@@ -54,7 +54,11 @@ def val_tokens(project: Project, split: str, max_sequences: int | None) -> np.nd
 
 @torch.inference_mode()
 def evaluate(
-    project: Project, split: str = "val", max_sequences: int | None = None, device: str = "auto", reporter: Reporter = QUIET
+    project: Project,
+    split: str = "val",
+    max_sequences: int | None = None,
+    device: str = "auto",
+    reporter: Reporter = QUIET,
 ) -> EvalResult:
     """Causal LM loss of the rack on a split, with the readout after each stack."""
     m = project.load()
@@ -65,7 +69,7 @@ def evaluate(
     dev = pick_device(device)
     rack = load_rack(project, m).to(dev).eval()
     max_sequences = max_sequences if max_sequences is not None else m.recipe.eval.max_sequences
-    tokens = val_tokens(project, split, max_sequences)
+    tokens = val_tokens(project, m, split, max_sequences)
     batch = m.recipe.eval.batch_size
     sums = torch.zeros(len(rack.stacks), dtype=torch.float64)
     count = 0
@@ -91,5 +95,5 @@ def unigram_entropy(project: Project, split: str = "val") -> float:
         shard = read_token_shard(project.path(s.file))
         counts += np.bincount(np.asarray(shard.tokens).ravel(), minlength=len(counts))
     probs = (counts + 1) / (counts.sum() + len(counts))  # add-one so unseen val tokens have finite loss
-    val = val_tokens(project, split, None)[:, 1:].ravel()
+    val = val_tokens(project, m, split, None)[:, 1:].ravel()
     return float(-np.log(probs[val]).mean())

@@ -49,7 +49,9 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             out.append(("n_heads", f"must divide d_model ({self.d_model}), got {self.n_heads}"))
         elif (self.d_model // self.n_heads) % 2:
-            out.append(("n_heads", f"d_model / n_heads must be even for rotary embeddings, got {self.d_model // self.n_heads}"))
+            out.append(
+                ("n_heads", f"d_model / n_heads must be even for rotary embeddings, got {self.d_model // self.n_heads}")
+            )
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             out.append(("n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}"))
         if self.d_ff is not None and self.d_ff < 1:

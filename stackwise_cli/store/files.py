@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +34,9 @@ def _fsync_dir(folder: Path) -> None:
 
 def _disk_error(path: Path, e: OSError) -> StackwiseError:
     if e.errno == errno.ENOSPC:
-        return StackwiseError(f"disk full while writing {path}; the previous version is untouched", hint="free space and rerun")
+        return StackwiseError(
+            f"disk full while writing {path}; the previous version is untouched", hint="free space and rerun"
+        )
     return StackwiseError(f"cannot write {path}: {e.strerror}")
 
 
@@ -92,7 +95,7 @@ def atomic_replace_dir(tmp_dir: Path, final: Path) -> None:
     """Move a fully written folder into place: the old one (if any) is removed only after the new one is complete."""
     old = None
     if final.exists():
-        old = final.with_name(f"{final.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}")
+        old = final.with_name(f"{final.name}{TMP_MARK}old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
     os.replace(tmp_dir, final)
     _fsync_dir(final.parent)
@@ -100,13 +103,38 @@ def atomic_replace_dir(tmp_dir: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def sweep_tmp(folder: Path) -> int:
-    """Remove temporary files/folders left by a killed writer. Returns how many were removed."""
+def _writer_alive(name: str) -> bool:
+    """Is the process that owns this temporary (``<name>.tmp-<pid>-<hex>``) still running on this host?"""
+    pid = name.rpartition(TMP_MARK)[2].removeprefix("old-").split("-")[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_tmp(folder: Path, min_age_s: float = 3600.0) -> int:
+    """Remove temporaries left by killed writers; returns how many were handled.
+
+    A temporary is left alone while its writer may still be at work: its pid is alive on this host, or it was
+    touched within ``min_age_s`` (a writer on another node of a shared filesystem). A folder moved aside by
+    ``atomic_replace_dir`` whose replacement never arrived is moved back instead of deleted.
+    """
     n = 0
     if not folder.exists():
         return 0
-    for p in folder.rglob(f"*{TMP_MARK}*"):
-        if p.is_dir():
+    now = time.time()
+    for p in sorted(folder.rglob(f"*{TMP_MARK}*"), key=lambda p: len(p.parts)):
+        if not p.exists() or _writer_alive(p.name) or now - p.lstat().st_mtime < min_age_s:
+            continue
+        final = p.with_name(p.name.partition(TMP_MARK)[0])
+        if p.name.partition(TMP_MARK)[2].startswith("old-") and not final.exists():
+            os.replace(p, final)
+        elif p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)

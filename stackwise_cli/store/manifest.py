@@ -163,7 +163,9 @@ class Manifest:
             if s.id == stack_id:
                 return i
         have = ", ".join(str(i) for i in self.ids()) or "none yet"
-        raise ProjectError(f"no stack with id {stack_id} in the rack (ids in rack order: {have})", hint="see `stackwise status`")
+        raise ProjectError(
+            f"no stack with id {stack_id} in the rack (ids in rack order: {have})", hint="see `stackwise status`"
+        )
 
     def stack(self, stack_id: int) -> StackEntry:
         return self.rack[self.position(stack_id)]

@@ -89,7 +89,9 @@ class Project:
     def save(self, manifest: Manifest) -> None:
         """Write the manifest atomically. Call under the lock (``update``) unless the project is new."""
         text = yaml.safe_dump(to_data(manifest), sort_keys=False, width=120, allow_unicode=True)
-        atomic_write_text(self.manifest_path, f"# stackwise project manifest: edit with care, `stackwise verify` checks it\n{text}")
+        atomic_write_text(
+            self.manifest_path, f"# stackwise project manifest: edit with care, `stackwise verify` checks it\n{text}"
+        )
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -106,9 +108,9 @@ class Project:
                 record(manifest, command)
             self.save(manifest)
 
-    def sweep(self) -> int:
-        """Remove temporary files left by killed writers (safe: they are never the only copy of anything)."""
-        return sum(sweep_tmp(self.root / sub) for sub in ("stacks", "cache", "ckpt", "fused", "data")) + sweep_tmp_top(self.root)
+    def sweep(self, min_age_s: float = 3600.0) -> int:
+        """Remove temporaries left by killed writers (never the only copy of anything; see ``sweep_tmp``)."""
+        return sweep_tmp(self.root, min_age_s)
 
     # --- upstream checksums and staleness ------------------------------------------------------------------
 
@@ -116,7 +118,7 @@ class Project:
         return digest([s.sha256 for s in manifest.data.splits[split].shards])
 
     def upstream_for(self, manifest: Manifest, stack_id: int, split: str) -> Upstream:
-        """What the cache entering ``stack_id`` depends on: the split's tokens, the embedding, the stacks to its left."""
+        """What the cache entering ``stack_id`` depends on: the split's tokens, the embedding, the stacks left of it."""
         if manifest.ends is None:
             raise ProjectError("the ends (embedding, norm, head) do not exist yet", hint="run `stackwise grow`")
         pos = manifest.position(stack_id)
@@ -157,23 +159,15 @@ class Project:
         fix = f"`stackwise cache {stack_id} --split {split} -p {self.root}`"
         cache = manifest.cache(stack_id, split)
         if cache is None:
-            raise ProjectError(f"stack {stack_id} has no {split} cache (the hidden states entering it)", hint=f"run {fix}")
+            raise ProjectError(
+                f"stack {stack_id} has no {split} cache (the hidden states entering it)", hint=f"run {fix}"
+            )
         if not cache.complete:
             raise ProjectError(f"the {split} cache of stack {stack_id} is incomplete", hint=f"run {fix} to finish it")
         reasons = self.stale_reasons(manifest, cache)
         if reasons:
             raise StaleError(f"the {split} cache of stack {stack_id} is stale: {'; '.join(reasons)}", hint=f"run {fix}")
         return cache
-
-
-def sweep_tmp_top(root: Path) -> int:
-    n = 0
-    if root.exists():
-        for p in root.glob("*.tmp-*"):
-            if p.is_file():
-                p.unlink(missing_ok=True)
-                n += 1
-    return n
 
 
 def record(manifest: Manifest, command: str) -> None:

@@ -36,7 +36,9 @@ def _tracked_files(project: Project) -> list[tuple[str, str, str]]:
         files += [(s.file, s.sha256, "`stackwise prepare` into a new project") for s in split.shards]
     if m.ends is not None:
         files.append((m.ends.file, m.ends.sha256, "restore it from a backup"))
-    files += [(s.file, s.sha256, f"restore it, or retrain: `stackwise train-stack {s.id} --resume never`") for s in m.rack]
+    files += [
+        (s.file, s.sha256, f"restore it, or retrain: `stackwise train-stack {s.id} --resume never`") for s in m.rack
+    ]
     for c in m.caches:
         files += [(s.file, s.sha256, f"`stackwise cache {c.stack} --split {c.split}`") for s in c.shards]
     if m.fused is not None:
@@ -52,20 +54,34 @@ def status(project: Project, rehash: bool = False) -> Report:
         report.rack.append({"position": pos, **asdict(s)})
     for c in m.caches:
         reasons = project.stale_reasons(m, c) if c.stack in m.ids() else ["its stack is no longer in the rack"]
-        report.caches.append({"stack": c.stack, "split": c.split, "dtype": c.dtype, "shards": len(c.shards),
-                              "complete": c.complete, "stale": reasons})
+        report.caches.append(
+            {
+                "stack": c.stack,
+                "split": c.split,
+                "dtype": c.dtype,
+                "shards": len(c.shards),
+                "complete": c.complete,
+                "stale": reasons,
+            }
+        )
         fix = f"`stackwise cache {c.stack} --split {c.split}`"
         if reasons:
             report.problems.append(Problem("stale", f"cache/{c.stack}/{c.split}", "; ".join(reasons), fix))
         elif not c.complete:
-            report.problems.append(Problem("incomplete", f"cache/{c.stack}/{c.split}", "interrupted while writing", fix))
+            report.problems.append(
+                Problem("incomplete", f"cache/{c.stack}/{c.split}", "interrupted while writing", fix)
+            )
     if m.fused is not None:
-        fused_stale = m.ends is None or m.fused.ends != m.ends.sha256 or [(r.id, r.sha256) for r in m.fused.stacks] != [
-            (s.id, s.sha256) for s in m.rack
-        ]
+        fused_stale = (
+            m.ends is None
+            or m.fused.ends != m.ends.sha256
+            or [(r.id, r.sha256) for r in m.fused.stacks] != [(s.id, s.sha256) for s in m.rack]
+        )
         report.fused = {"dir": m.fused.dir, "stale": fused_stale}
         if fused_stale:
-            report.problems.append(Problem("stale", m.fused.dir, "the rack changed since it was fused", "`stackwise fuse`"))
+            report.problems.append(
+                Problem("stale", m.fused.dir, "the rack changed since it was fused", "`stackwise fuse`")
+            )
     for file, sha, fix in _tracked_files(project):
         path = project.path(file)
         report.files_checked += 1

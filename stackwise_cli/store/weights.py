@@ -44,7 +44,9 @@ def load_tensors(path: Path, expect_sha256: str | None = None) -> dict[str, torc
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptFileError(f"{path} is not a readable safetensors file ({e})", hint="run `stackwise verify`") from None
+        raise CorruptFileError(
+            f"{path} is not a readable safetensors file ({e})", hint="run `stackwise verify`"
+        ) from None
 
 
 def tensor_digest(tensors: list[torch.Tensor]) -> str:
@@ -69,11 +71,15 @@ def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path)
         )
     for k, v in want.items():
         if tensors[k].shape != v.shape:
-            raise CorruptFileError(f"{path}: tensor {k} has shape {list(tensors[k].shape)}, the recipe needs {list(v.shape)}")
+            raise CorruptFileError(
+                f"{path}: tensor {k} has shape {list(tensors[k].shape)}, the recipe needs {list(v.shape)}"
+            )
     module.load_state_dict(tensors)
 
 
-def load_stack(project: Project, manifest: Manifest, stack_id: int, backend: str = "auto", verify: bool = True) -> Stack:
+def load_stack(
+    project: Project, manifest: Manifest, stack_id: int, backend: str = "auto", verify: bool = True
+) -> Stack:
     entry = manifest.stack(stack_id)
     path = project.path(entry.file)
     stack = Stack(manifest.recipe.model, entry.blocks, backend)
@@ -85,7 +91,9 @@ def load_ends(project: Project, manifest: Manifest, verify: bool = True) -> Ends
     from stackwise_cli.errors import ProjectError
 
     if manifest.ends is None:
-        raise ProjectError("the ends (embedding, norm, head) do not exist yet", hint="run `stackwise grow --side right`")
+        raise ProjectError(
+            "the ends (embedding, norm, head) do not exist yet", hint="run `stackwise grow --side right`"
+        )
     path = project.path(manifest.ends.file)
     ends = Ends(manifest.recipe.model)
     _fill(ends, load_tensors(path, manifest.ends.sha256 if verify else None), path)

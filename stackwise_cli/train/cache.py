@@ -9,6 +9,7 @@ cache whose producers changed is recognised as stale.
 from __future__ import annotations
 
 import shutil
+
 import numpy as np
 import torch
 
@@ -37,8 +38,13 @@ def _start_entry(project: Project, stack_id: int, split: str) -> tuple[CacheEntr
             m.caches.remove(old)
         shutil.rmtree(project.cache_dir(stack_id, split), ignore_errors=True)
         entry = CacheEntry(
-            stack=stack_id, split=split, dtype=dtype, seq_len=m.data.seq_len, d_model=m.recipe.model.d_model,
-            complete=False, upstream=want,
+            stack=stack_id,
+            split=split,
+            dtype=dtype,
+            seq_len=m.data.seq_len,
+            d_model=m.recipe.model.d_model,
+            complete=False,
+            upstream=want,
         )
         m.caches.append(entry)
         return entry, False
@@ -50,7 +56,7 @@ def _commit_shard(project: Project, entry: CacheEntry, shard: CacheShard | None)
         current = m.cache(entry.stack, entry.split)
         if current is None or current.upstream != entry.upstream:
             raise StaleError(
-                f"the {entry.split} cache of stack {entry.stack} was replaced by another process while this one wrote it",
+                f"the {entry.split} cache of stack {entry.stack} was replaced by another process while this one wrote",
                 hint=f"rerun `stackwise cache {entry.stack} --split {entry.split}`",
             )
         if shard is None:

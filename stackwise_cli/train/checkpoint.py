@@ -43,7 +43,9 @@ def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[torch.nn.Parameter
     return out
 
 
-def load_optimizer_tensors(opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+def load_optimizer_tensors(
+    opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]
+) -> None:
     for key, value in tensors.items():
         name, _, field = key.partition("::")
         p = params[name]
@@ -51,7 +53,12 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, params: dict[str, torch.n
 
 
 def save_checkpoint(
-    folder: Path, step: int, weights: dict[str, torch.Tensor], optim: dict[str, torch.Tensor], state: dict[str, Any], keep: int
+    folder: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optim: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int,
 ) -> Path:
     """Write a complete checkpoint, then prune older ones keeping the newest ``keep``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,14 +80,19 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(
+    path: Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """Returns (weights, optimizer tensors, rng tensors, state)."""
     try:
         weights = load_file(str(path / "weights.safetensors"))
         both = load_file(str(path / "optimizer.safetensors"))
         state = json.loads((path / "state.json").read_text())
     except Exception as e:  # any unreadable part makes the checkpoint unusable; say which
-        raise CorruptFileError(f"checkpoint {path} is unreadable ({e})", hint="delete it to resume from the one before, or use --resume never") from None
+        raise CorruptFileError(
+            f"checkpoint {path} is unreadable ({e})",
+            hint="delete it to resume from the one before, or use --resume never",
+        ) from None
     rng = {k.removeprefix("rng::"): v for k, v in both.items() if k.startswith("rng::")}
     optim = {k: v for k, v in both.items() if not k.startswith("rng::")}
     return weights, optim, rng, state

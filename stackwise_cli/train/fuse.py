@@ -15,7 +15,9 @@ def is_fused(project: Project) -> bool:
     m = project.load()
     f = m.fused
     return (
-        f is not None and m.ends is not None and f.ends == m.ends.sha256
+        f is not None
+        and m.ends is not None
+        and f.ends == m.ends.sha256
         and [(r.id, r.sha256) for r in f.stacks] == [(s.id, s.sha256) for s in m.rack]
         and project.path(f"{f.dir}/model.safetensors").exists()
     )
@@ -27,7 +29,9 @@ def fuse(project: Project) -> FusedEntry:
         raise ProjectError("the rack is empty: nothing to fuse", hint="run `stackwise build`")
     rack = load_rack(project, m)
     sha = write_fused(project.path("fused"), rack, project.path(m.tokenizer.file), EOS, m.tokenizer.eos_id)
-    entry = FusedEntry(dir="fused", sha256=sha, ends=m.ends.sha256, stacks=[StackRef(id=s.id, sha256=s.sha256) for s in m.rack])
+    entry = FusedEntry(
+        dir="fused", sha256=sha, ends=m.ends.sha256, stacks=[StackRef(id=s.id, sha256=s.sha256) for s in m.rack]
+    )
     with project.update(f"fuse -> fused/ ({sum(s.blocks for s in m.rack)} blocks)") as mm:
         mm.fused = entry
     return entry

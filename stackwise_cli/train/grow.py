@@ -43,10 +43,14 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
 
         if init == "copy":
             if not m.rack:
-                raise ProjectError("--init copy needs a neighbouring stack to copy, and the rack is empty", hint="use --init random")
+                raise ProjectError(
+                    "--init copy needs a neighbouring stack to copy, and the rack is empty", hint="use --init random"
+                )
             neighbour = m.rack[-1] if side == "right" else m.rack[0]
             if blocks is not None and blocks != neighbour.blocks:
-                raise ProjectError(f"--init copy duplicates stack {neighbour.id}, which has {neighbour.blocks} blocks, not {blocks}")
+                raise ProjectError(
+                    f"--init copy duplicates stack {neighbour.id}, which has {neighbour.blocks} blocks, not {blocks}"
+                )
             stack = load_stack(project, m, neighbour.id)
             blocks = neighbour.blocks
         else:
@@ -58,7 +62,11 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
             stack.init_weights(init, total_blocks=planned, generator=_generator(recipe.train.seed, stack_id))
 
         entry = StackEntry(
-            id=stack_id, blocks=blocks, file=project.stack_file(stack_id), sha256=save_stack(project, stack, stack_id), init=init
+            id=stack_id,
+            blocks=blocks,
+            file=project.stack_file(stack_id),
+            sha256=save_stack(project, stack, stack_id),
+            init=init,
         )
         if side == "right":
             m.rack.append(entry)

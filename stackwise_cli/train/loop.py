@@ -31,7 +31,7 @@ from stackwise_cli.model.model import Ends, Stack, causal_lm_loss
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import TrainRecipe
 from stackwise_cli.store.manifest import Manifest
-from stackwise_cli.store.project import Project, digest, record
+from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.shards import HiddenShard, TokenShard, read_hidden_shard, read_token_shard
 from stackwise_cli.store.weights import load_ends, load_stack, save_ends, save_stack
 from stackwise_cli.train import checkpoint as ckpt
@@ -82,8 +82,10 @@ class Sampler:
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if n < batch_size:
-            raise ProjectError(f"the split holds {n} sequences, fewer than train.batch_size ({batch_size})",
-                               hint="lower train.batch_size or prepare more text")
+            raise ProjectError(
+                f"the split holds {n} sequences, fewer than train.batch_size ({batch_size})",
+                hint="lower train.batch_size or prepare more text",
+            )
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.epoch, self.offset = 0, 0
 
@@ -215,7 +217,8 @@ def run(
         if state["fingerprint"] != job.fingerprint:
             raise StackwiseError(
                 f"the checkpoint {existing[-1]} was made on other inputs than {job.name} has now "
-                "(its cache or data changed)", hint="use --resume never to start again"
+                "(its cache or data changed)",
+                hint="use --resume never to start again",
             )
         if state["steps_total"] != steps:
             raise StackwiseError(
@@ -233,10 +236,18 @@ def run(
 
     def save(at: int) -> None:
         state = {
-            "step": at, "steps_total": steps, "tokens": tokens, "last_loss": last_loss, "sampler": sampler.state(),
-            "fingerprint": job.fingerprint, "precision": precision, "time": time.time(),
+            "step": at,
+            "steps_total": steps,
+            "tokens": tokens,
+            "last_loss": last_loss,
+            "sampler": sampler.state(),
+            "fingerprint": job.fingerprint,
+            "precision": precision,
+            "time": time.time(),
         }
-        ckpt.save_checkpoint(ckpt_dir, at, _weights(job), ckpt.optimizer_tensors(opt, names), state, tr.keep_checkpoints)
+        ckpt.save_checkpoint(
+            ckpt_dir, at, _weights(job), ckpt.optimizer_tensors(opt, names), state, tr.keep_checkpoints
+        )
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     flag = SignalFlag()
@@ -251,7 +262,10 @@ def run(
             if flag.received is not None or (stop_at is not None and step >= stop_at):
                 save(step)
                 why = signal.Signals(flag.received).name if flag.received else "stop requested"
-                raise Stopped(f"{job.name}: {why}; checkpoint saved at step {step}/{steps}", hint="rerun the same command to resume")
+                raise Stopped(
+                    f"{job.name}: {why}; checkpoint saved at step {step}/{steps}",
+                    hint="rerun the same command to resume",
+                )
             lr = lr_at(step, tr, steps)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -273,9 +287,22 @@ def run(
                 tok_s = (tokens - tokens0) / max(elapsed, 1e-9)
                 if not math.isfinite(last_loss):
                     save(step)
-                    raise StackwiseError(f"{job.name}: the loss became {last_loss} at step {step}", hint="lower train.lr")
-                log.write(json.dumps({"step": step, "loss": last_loss, "lr": lr, "tokens": tokens,
-                                      "tokens_per_s": tok_s, "elapsed_s": elapsed}) + "\n")
+                    raise StackwiseError(
+                        f"{job.name}: the loss became {last_loss} at step {step}", hint="lower train.lr"
+                    )
+                log.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": last_loss,
+                            "lr": lr,
+                            "tokens": tokens,
+                            "tokens_per_s": tok_s,
+                            "elapsed_s": elapsed,
+                        }
+                    )
+                    + "\n"
+                )
                 log.flush()
                 advance(step - shown, loss=last_loss, tok_s=tok_s)
                 shown = step
@@ -343,7 +370,9 @@ def train_stack(
     for p in trainable.values():
         p.requires_grad_(True)
 
-    token_shards = [read_token_shard(project.path(s.file), expect_seq_len=m.data.seq_len) for s in m.data.splits["train"].shards]
+    token_shards = [
+        read_token_shard(project.path(s.file), expect_seq_len=m.data.seq_len) for s in m.data.splits["train"].shards
+    ]
     if pos == 0:
         data = Sequences(token_shards)
         fingerprint = digest(["tokens", project.split_digest(m, "train")])
@@ -352,8 +381,10 @@ def train_stack(
             return causal_lm_loss(ends.logits(stack(ends.embed_tokens(b.tokens))), b.tokens)
     else:
         cache = project.fresh_cache(m, stack_id, "train")
-        hidden = [read_hidden_shard(project.path(s.file), expect_shape=(m.data.seq_len, recipe.model.d_model))
-                  for s in cache.shards]
+        hidden = [
+            read_hidden_shard(project.path(s.file), expect_shape=(m.data.seq_len, recipe.model.d_model))
+            for s in cache.shards
+        ]
         data = Sequences(token_shards, hidden)
         fingerprint = digest(["cache", *[s.sha256 for s in cache.shards]])
 
@@ -365,8 +396,18 @@ def train_stack(
 
     job = Job(f"train-stack {stack_id}", {"stack": stack, "ends": ends}, trainable, loss_fn, data, fingerprint)
     try:
-        result = run(job, tr, steps, dev, precision, ckpt_dir, resume, project.log_path(f"train-stack-{stack_id}"),
-                     reporter, stop_at)
+        result = run(
+            job,
+            tr,
+            steps,
+            dev,
+            precision,
+            ckpt_dir,
+            resume,
+            project.log_path(f"train-stack-{stack_id}"),
+            reporter,
+            stop_at,
+        )
     except Stopped:
         state = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())
         with project.update() as mm:
@@ -374,7 +415,9 @@ def train_stack(
             e.steps, e.tokens, e.last_loss, e.precision = state["step"], state["tokens"], state["last_loss"], precision
         raise
 
-    _finish(project, stack_id, stack, ends if any(n.startswith("ends.") for n in trainable) else None, result, precision)
+    _finish(
+        project, stack_id, stack, ends if any(n.startswith("ends.") for n in trainable) else None, result, precision
+    )
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the stack file and the manifest now hold the result
     return result
 
@@ -385,6 +428,12 @@ def _finish(project: Project, stack_id: int, stack: Stack, ends: Ends | None, re
     with project.update(f"train-stack {stack_id}: trained to step {result.steps}, loss {result.last_loss}") as m:
         e = m.stack(stack_id)
         e.sha256, e.state, e.steps, e.tokens, e.last_loss, e.precision = (
-            sha, "trained", result.steps, result.tokens, result.last_loss, precision)
+            sha,
+            "trained",
+            result.steps,
+            result.tokens,
+            result.last_loss,
+            precision,
+        )
         if ends_sha is not None:
             m.ends.sha256, m.ends.input_sha256 = ends_sha

@@ -30,5 +30,7 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise StackwiseError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support", hint="use fp32")
+        raise StackwiseError(
+            f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support", hint="use fp32"
+        )
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
