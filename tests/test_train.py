@@ -118,6 +118,14 @@ def test_stop_and_resume_gives_bit_identical_weights(project, tmp_path):
     a, b = straight.load(), p.load()
     assert a.stack(0).sha256 == b.stack(0).sha256 and a.ends.sha256 == b.ends.sha256
     assert a.stack(0).last_loss == b.stack(0).last_loss and a.stack(0).tokens == b.stack(0).tokens
+    assert _logged(straight) == _logged(p)  # the same log lines, the one cut at step 13 included
+
+
+def _logged(p: Project) -> list[tuple]:
+    import json
+
+    lines = [json.loads(x) for f in sorted(p.root.glob("logs/*.jsonl")) for x in f.read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"], r["tokens"]) for r in lines]
 
 
 def test_resume_refuses_a_checkpoint_from_another_run_length(project):

@@ -208,6 +208,7 @@ def run(
     names = {p: n for n, p in job.trainable.items()}
     sampler = Sampler(len(job.data), tr.batch_size, tr.seed)
     step, tokens, last_loss, resumed_from = 0, 0, None, None
+    window: list[torch.Tensor] = []  # losses since the last log line (saved, so a resumed log is identical)
 
     existing = ckpt.list_checkpoints(ckpt_dir)
     if resume == "never" and existing:
@@ -231,6 +232,7 @@ def run(
         ckpt.restore_rng(rng)
         sampler.load_state(state["sampler"])
         step, tokens, last_loss = state["step"], state["tokens"], state["last_loss"]
+        window = [torch.tensor(x) for x in state["window"]]
         resumed_from = step
         reporter.info(f"{job.name}: resuming from step {step} ({existing[-1].name})")
 
@@ -241,6 +243,7 @@ def run(
             "tokens": tokens,
             "last_loss": last_loss,
             "sampler": sampler.state(),
+            "window": [w.item() for w in window],
             "fingerprint": job.fingerprint,
             "precision": precision,
             "time": time.time(),
@@ -252,7 +255,6 @@ def run(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     flag = SignalFlag()
     t0, tokens0 = time.perf_counter(), tokens
-    window: list[torch.Tensor] = []
     with flag.installed(), open(log_path, "a") as log, reporter.task(job.name, total=steps) as advance:
         advance(step)
         shown = step
@@ -285,10 +287,10 @@ def run(
                 window.clear()
                 elapsed = time.perf_counter() - t0
                 tok_s = (tokens - tokens0) / max(elapsed, 1e-9)
-                if not math.isfinite(last_loss):
-                    save(step)
+                if not math.isfinite(last_loss):  # no checkpoint: the weights are already ruined
                     raise StackwiseError(
-                        f"{job.name}: the loss became {last_loss} at step {step}", hint="lower train.lr"
+                        f"{job.name}: the loss became {last_loss} at step {step}",
+                        hint="lower train.lr in stackwise.yaml, then rerun: it resumes from the last checkpoint",
                     )
                 log.write(
                     json.dumps(
