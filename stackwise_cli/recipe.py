@@ -82,7 +82,8 @@ class TrainRecipe:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     head: Literal["train", "frozen"] = "train"  # final norm + LM head trained with each stack, or frozen
-    checkpoint_every: int = 100  # steps between checkpoints; 0 = only on signals
+    checkpoint_every: int = 100  # steps between checkpoints; 0 = off
+    checkpoint_every_min: float = 0.0  # minutes of wall time between checkpoints; 0 = off
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
@@ -107,6 +108,8 @@ class TrainRecipe:
             out.append(("grad_clip", f"must be >= 0, got {self.grad_clip}"))
         if self.checkpoint_every < 0:
             out.append(("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"))
+        if self.checkpoint_every_min < 0:
+            out.append(("checkpoint_every_min", f"must be >= 0, got {self.checkpoint_every_min}"))
         if self.keep_checkpoints < 2:
             out.append(
                 ("keep_checkpoints", f"must be >= 2 (a crash mid-write must leave one), got {self.keep_checkpoints}")

@@ -68,11 +68,11 @@ def user_error(result: Result, *needles: str, one_line: bool = True) -> str:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file in the project except the lock file and the logs."""
+    """sha256 of every file in the project except lock files (they hold no data) and the logs."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != ".stackwise.yaml.lock" and p.relative_to(root).parts[0] != "logs"
+        if p.is_file() and p.name != ".stackwise.yaml.lock" and p.relative_to(root).parts[0] not in ("logs", "locks")
     }
 
 

@@ -18,6 +18,10 @@ def train_stack(
     resume: Annotated[
         str, typer.Option("--resume", help="auto: continue from the newest checkpoint; never: start over.")
     ] = "auto",
+    checkpoint_every_min: Annotated[
+        float | None,
+        typer.Option("--checkpoint-every-min", help="Also checkpoint every N minutes of wall time (recipe default)."),
+    ] = None,
     device: DeviceOpt = "auto",
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
@@ -26,7 +30,8 @@ def train_stack(
     from stackwise_cli.store.project import Project
     from stackwise_cli.train.loop import train_stack as run
 
-    result = run(Project(project), stack_id, steps, precision, resume, device, CliReporter(quiet=json_))
+    reporter = CliReporter(quiet=json_)
+    result = run(Project(project), stack_id, steps, precision, resume, device, reporter, None, checkpoint_every_min)
     data = {"id": stack_id, "trained": result is not None}
     if result is not None:
         data.update(

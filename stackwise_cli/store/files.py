@@ -6,15 +6,18 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from stackwise_cli.errors import StackwiseError
+from stackwise_cli.errors import ProjectError, StackwiseError
+from stackwise_cli.store import faults
 
 TMP_MARK = ".tmp-"
 
@@ -53,6 +56,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
+            faults.point()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -79,6 +83,7 @@ def atomic_write_with(path: str | Path, write_to: Callable[[Path], None]) -> Non
     tmp = tmp_name(path)
     try:
         write_to(tmp)
+        faults.point()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -97,6 +102,7 @@ def atomic_replace_dir(tmp_dir: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(f"{final.name}{TMP_MARK}old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
+        faults.point()  # the most dangerous instant: no folder under the final name (sweep_tmp moves it back)
     os.replace(tmp_dir, final)
     _fsync_dir(final.parent)
     if old is not None:
@@ -161,4 +167,34 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def holder_lock(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock for the whole of a long job, or fail at once naming the process that holds it.
+
+    ``flock`` is released by the kernel when its process dies, however it dies, so a lock left by a killed job
+    is free for the next one to take over; the host, pid and start time written into the file are only there
+    to say who holds a live lock.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                h = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                holder = f"host {h['host']} pid {h['pid']} since {h['since']}"
+            except (ValueError, KeyError):
+                holder = "another process"
+            raise ProjectError(
+                f"{what} is already running ({holder})", hint="wait for it, or stop that process"
+            ) from None
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": stamp}).encode(), 0)
+        yield
+    finally:
         os.close(fd)

@@ -14,7 +14,7 @@ import yaml
 
 from stackwise_cli.errors import ManifestError, ProjectError, StaleError
 from stackwise_cli.schema import SchemaError, from_data, to_data
-from stackwise_cli.store.files import atomic_write_text, exclusive_lock, sweep_tmp
+from stackwise_cli.store.files import atomic_write_text, exclusive_lock, holder_lock, sweep_tmp
 from stackwise_cli.store.manifest import (
     HISTORY_LIMIT,
     CacheEntry,
@@ -57,6 +57,11 @@ class Project:
 
     def cache_dir(self, stack_id: int, split: str) -> Path:
         return self.root / "cache" / str(stack_id) / split
+
+    def job_lock(self, job: str, what: str):
+        """Held for the whole of a long job (training a stack, writing a cache) so two processes never do the
+        same one at once; see ``holder_lock``."""
+        return holder_lock(self.root / "locks" / f"{job}.lock", what)
 
     def log_path(self, command: str) -> Path:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")

@@ -89,6 +89,12 @@ def build_cache(
     if split not in SPLITS:
         raise ProjectError(f"--split must be one of {', '.join(SPLITS)} or all, got {split!r}")
     dev = pick_device(device)
+    project.load().position(stack_id)  # an unknown id is a clear error before any lock file is made
+    with project.job_lock(f"cache-{stack_id}-{split}", f"the {split} cache of stack {stack_id}"):
+        return _build_cache(project, stack_id, split, dev, reporter)
+
+
+def _build_cache(project: Project, stack_id: int, split: str, dev: torch.device, reporter: Reporter) -> CacheEntry:
     entry, complete = _start_entry(project, stack_id, split)
     if complete:
         reporter.info(f"cache {stack_id}/{split} is complete and fresh: nothing to do")

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stackwise_cli.errors import CorruptFileError
+from stackwise_cli.store import faults
 from stackwise_cli.store.files import TMP_MARK, atomic_replace_dir, tmp_name
 
 PREFIX = "step-"
@@ -66,6 +67,7 @@ def save_checkpoint(
     tmp = tmp_name(final)
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    faults.point()  # a half-written checkpoint folder: only its temporary name exists
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["torch_cuda"] = torch.cuda.get_rng_state()

@@ -199,8 +199,10 @@ def run(
     log_path: Path,
     reporter: Reporter = QUIET,
     stop_at: int | None = None,
+    checkpoint_every_min: float = 0.0,
 ) -> Result:
-    """Train ``job`` to ``steps`` optimizer steps. ``stop_at`` (tests) stops as a signal would, after that step."""
+    """Train ``job`` to ``steps`` optimizer steps, checkpointing every ``train.checkpoint_every`` steps and every
+    ``checkpoint_every_min`` minutes of wall time (0 = off). ``stop_at`` (tests) stops as a signal would."""
     if resume not in RESUME:
         raise StackwiseError(f"--resume must be one of {', '.join(RESUME)}, got {resume!r}")
     autocast(precision, device)  # validates before any work
@@ -255,6 +257,7 @@ def run(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     flag = SignalFlag()
     t0, tokens0 = time.perf_counter(), tokens
+    last_save = time.monotonic()
     with flag.installed(), open(log_path, "a") as log, reporter.task(job.name, total=steps) as advance:
         advance(step)
         shown = step
@@ -308,8 +311,10 @@ def run(
                 log.flush()
                 advance(step - shown, loss=last_loss, tok_s=tok_s)
                 shown = step
-            if tr.checkpoint_every and step % tr.checkpoint_every == 0 and step < steps:
+            due_by_time = checkpoint_every_min > 0 and time.monotonic() - last_save >= 60 * checkpoint_every_min
+            if step < steps and ((tr.checkpoint_every and step % tr.checkpoint_every == 0) or due_by_time):
                 save(step)
+                last_save = time.monotonic()
         save(step)  # the final state: if we die before the stack file and manifest are written, a rerun finishes it
     elapsed = time.perf_counter() - t0
     return Result(step, tokens, last_loss, elapsed, (tokens - tokens0) / max(elapsed, 1e-9), resumed_from)
@@ -339,8 +344,31 @@ def train_stack(
     device: str = "auto",
     reporter: Reporter = QUIET,
     stop_at: int | None = None,
+    checkpoint_every_min: float | None = None,
 ) -> Result | None:
-    """Train one stack left-to-right. Returns None when it is already trained to ``steps``."""
+    """Train one stack left-to-right. Returns None when it is already trained to ``steps``.
+
+    Holds the stack's training lock throughout: a second process asked to train the same stack fails at once,
+    naming the holder; a killed holder's lock is free again.
+    """
+    project.load().position(stack_id)  # an unknown id is a clear error before any lock file is made
+    with project.job_lock(f"train-stack-{stack_id}", f"training of stack {stack_id}"):
+        return _train_stack(
+            project, stack_id, steps, precision, resume, device, reporter, stop_at, checkpoint_every_min
+        )
+
+
+def _train_stack(
+    project: Project,
+    stack_id: int,
+    steps: int | None,
+    precision: str,
+    resume: str,
+    device: str,
+    reporter: Reporter,
+    stop_at: int | None,
+    checkpoint_every_min: float | None,
+) -> Result | None:
     m = project.load()
     recipe, tr = m.recipe, m.recipe.train
     steps = steps if steps is not None else tr.steps
@@ -409,6 +437,7 @@ def train_stack(
             project.log_path(f"train-stack-{stack_id}"),
             reporter,
             stop_at,
+            tr.checkpoint_every_min if checkpoint_every_min is None else checkpoint_every_min,
         )
     except Stopped:
         state = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())
