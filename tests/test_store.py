@@ -197,3 +197,19 @@ def test_incremental_cache_equals_full_recomputation(project):
     full = build_cache(project, 2, "val")  # now from the tokens
     full_h = read_hidden_shard(project.path(full.shards[0].file)).hidden
     assert np.allclose(inc_h.numpy(), full_h.numpy(), atol=1e-5)  # fp32 cache: equal up to float reassociation
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_atomic_replace_dir_swaps_in_the_new_folder(tmp_path, monkeypatch, exchange):
+    import stackwise_cli.store.files as files
+
+    if not exchange:
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    final, new = tmp_path / "fused", tmp_path / "fused.tmp-1-new"
+    final.mkdir()
+    (final / "model").write_text("old")
+    new.mkdir()
+    (new / "model").write_text("new")
+    files.atomic_replace_dir(new, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]
+    assert (final / "model").read_text() == "new"

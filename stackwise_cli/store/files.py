@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -96,13 +97,42 @@ def atomic_write_with(path: str | Path, write_to: Callable[[Path], None]) -> Non
         raise
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # filesystem or kernel without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def atomic_replace_dir(tmp_dir: Path, final: Path) -> None:
-    """Move a fully written folder into place: the old one (if any) is removed only after the new one is complete."""
+    """Move a fully written folder into place; the old one (if any) is removed only after the new one is in.
+
+    Where the kernel and filesystem can swap two paths atomically, the final name always holds either the
+    whole old folder or the whole new one. Elsewhere the old folder is first moved aside; a kill in that
+    instant leaves it under a temporary name, and ``sweep_tmp`` moves it back.
+    """
+    if final.exists() and _exchange(tmp_dir, final):
+        _fsync_dir(final.parent)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # now holds the old folder
+        return
     old = None
     if final.exists():
         old = final.with_name(f"{final.name}{TMP_MARK}old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
-        faults.point()  # the most dangerous instant: no folder under the final name (sweep_tmp moves it back)
+        faults.point()  # no folder under the final name until the next rename
     os.replace(tmp_dir, final)
     _fsync_dir(final.parent)
     if old is not None:
