@@ -394,3 +394,70 @@ def test_debug_env_lets_the_error_propagate(tmp_path: Path):
     )
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "ProjectError" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ bad input: disks, data, devices
+
+
+def test_disk_full_during_a_write_keeps_the_previous_files(two_stacks, monkeypatch):
+    import errno
+
+    root = two_stacks.root
+    before = snapshot(root)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    user_error(cli("grow", "-p", root), "disk full", "previous version is untouched")
+    monkeypatch.undo()
+    assert_unchanged(before, root)
+    assert not [p for p in root.rglob("*.tmp-*")]  # no temporary left behind either
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, tiny_recipe_path):
+    from stackwise_cli.data.tokenizer import train_tokenizer
+
+    big = tmp_path / "big.json"
+    words = " ".join(f"w{i}x{i * 7}" for i in range(4000))
+    big.write_text(train_tokenizer([words] * 3, 2000).to_str())
+    dest = tmp_path / "proj"
+    text = user_error(cli("prepare", "--recipe", tiny_recipe_path, "--tokenizer", big, "-p", dest), "512")
+    assert "--set model.vocab_size=" in text
+    assert not (dest / "stackwise.yaml").exists()
+
+
+def test_empty_input_corpus(tmp_path, tiny_recipe_path):
+    empty = tmp_path / "texts"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("   \n")
+    user_error(cli("prepare", "--recipe", tiny_recipe_path, "--input", empty, "-p", tmp_path / "proj"), "no text found")
+    user_error(cli("prepare", "--recipe", tiny_recipe_path, "--input", tmp_path / "nope", "-p", tmp_path / "p2"), "nope")
+
+
+def test_a_cache_for_another_sequence_length_is_refused(two_stacks):
+    import numpy as np
+    import torch
+
+    from stackwise_cli.store.files import sha256_file
+    from stackwise_cli.store.shards import write_hidden_shard
+
+    root = two_stacks.root
+    train_stack(two_stacks, 0, steps=2)
+    build_cache(two_stacks, 1, "train")
+    shard = two_stacks.load().cache(1, "train").shards[0]
+    # a shard of 16-token sequences in place of 32-token ones, with its checksum made to look right
+    write_hidden_shard(root / shard.file, torch.zeros(shard.sequences, 16, 32), np.arange(shard.sequences), "fp32")
+    with two_stacks.update() as m:
+        m.cache(1, "train").shards[0].sha256 = sha256_file(root / shard.file)
+    before = snapshot(root)
+    user_error(cli("train-stack", "1", "-p", root), shard.file, "32")
+    assert_unchanged(before, root)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a CUDA machine --device cuda is valid")
+def test_a_device_this_machine_does_not_have(two_stacks):
+    before = snapshot(two_stacks.root)
+    user_error(cli("train-stack", "0", "--device", "cuda", "--precision", "bf16", "-p", two_stacks.root), "no CUDA")
+    user_error(cli("cache", "1", "--device", "tpu", "-p", two_stacks.root), "--device must be")
+    assert_unchanged(before, two_stacks.root)

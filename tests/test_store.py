@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-
 import pytest
 import yaml
 
 from stackwise_cli.errors import CorruptFileError, ManifestError, StaleError
 from stackwise_cli.store.files import atomic_write, atomic_write_bytes, sha256_file, sweep_tmp
-from stackwise_cli.store.project import Project
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
@@ -58,25 +55,6 @@ def test_sweep_restores_a_folder_whose_replacement_never_arrived(tmp_path):
     sweep_tmp(tmp_path, min_age_s=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]
     assert (tmp_path / "fused" / "model.safetensors").read_bytes() == b"old model"
-
-
-def _bump(root: str, n: int) -> None:
-    project = Project(root)
-    for _ in range(n):
-        with project.update() as m:
-            m.next_id += 1
-
-
-def test_concurrent_manifest_updates_lose_nothing(project):
-    start = project.load().next_id
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_bump, args=(str(project.root), 15)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    assert project.load().next_id == start + 60
 
 
 def test_manifest_roundtrips_and_is_human_readable(project):
