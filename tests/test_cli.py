@@ -432,7 +432,8 @@ def test_empty_input_corpus(tmp_path, tiny_recipe_path):
     empty.mkdir()
     (empty / "blank.txt").write_text("   \n")
     user_error(cli("prepare", "--recipe", tiny_recipe_path, "--input", empty, "-p", tmp_path / "proj"), "no text found")
-    user_error(cli("prepare", "--recipe", tiny_recipe_path, "--input", tmp_path / "nope", "-p", tmp_path / "p2"), "nope")
+    missing = cli("prepare", "--recipe", tiny_recipe_path, "--input", tmp_path / "nope", "-p", tmp_path / "p2")
+    user_error(missing, "nope")
 
 
 def test_a_cache_for_another_sequence_length_is_refused(two_stacks):

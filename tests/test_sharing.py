@@ -20,6 +20,15 @@ from stackwise_cli.train.grow import grow
 FORK = mp.get_context("fork")
 
 
+def run_all(procs: list) -> None:
+    """Start every process, then wait for all; each must exit cleanly."""
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+
+
 def _bump(root: str, n: int, tag: int) -> None:
     project = Project(root)
     for i in range(n):
@@ -30,12 +39,7 @@ def _bump(root: str, n: int, tag: int) -> None:
 def test_many_concurrent_manifest_updates_lose_none(project):
     writers, each = 4, 50
     start = project.load()
-    procs = [FORK.Process(target=_bump, args=(str(project.root), each, t)) for t in range(writers)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    run_all([FORK.Process(target=_bump, args=(str(project.root), each, t)) for t in range(writers)])
     m = project.load()
     assert m.next_id == start.next_id + writers * each
     # every update's history line is there (the history keeps the last 200: exactly these)
@@ -48,12 +52,7 @@ def _grow(root: str) -> None:
 
 
 def test_concurrent_grows_get_distinct_ids(project):
-    procs = [FORK.Process(target=_grow, args=(str(project.root),)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    run_all([FORK.Process(target=_grow, args=(str(project.root),)) for _ in range(4)])
     m = project.load()
     assert sorted(m.ids()) == [0, 1, 2, 3] and m.next_id == 4
     for s in m.rack:
