@@ -60,7 +60,7 @@ def build(
             result.ran.append(f"grow -> {entry.id}")
             m = project.load()
         entry = m.rack[i]
-        if entry.state == "trained" and entry.steps >= m.recipe.train.steps:
+        if entry.state == "trained":  # however many steps: a stack trained by hand is the user's choice
             continue
         if i > 0 and not is_fresh(project, m, entry.id, "train"):
             build_cache(project, entry.id, "train", device=device, reporter=reporter)

@@ -41,6 +41,10 @@ class CorruptFileError(StackwiseError):
     """A file that is truncated, unreadable, or whose checksum disagrees with the manifest."""
 
 
+class ChecksumMismatch(CorruptFileError):
+    """A file whose bytes are not the ones the manifest records (corrupt, or rewritten since it was read)."""
+
+
 class StaleError(StackwiseError):
     """An artifact whose producers have changed since it was written."""
 

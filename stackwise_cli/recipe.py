@@ -124,11 +124,28 @@ class CacheRecipe:
     dtype: CacheDtype = "bf16"
     batch_size: int = 32  # sequences per forward pass while computing a cache
 
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [("batch_size", f"must be >= 1, got {self.batch_size}")] if self.batch_size < 1 else []
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvalRecipe:
     max_sequences: int | None = 256  # validation sequences scored (None = the whole split)
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.max_sequences is not None and self.max_sequences < 1:
+            out.append(("max_sequences", f"must be >= 1 or null, got {self.max_sequences}"))
+        if self.batch_size < 1:
+            out.append(("batch_size", f"must be >= 1, got {self.batch_size}"))
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)

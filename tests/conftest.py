@@ -20,7 +20,7 @@ TINY = {
     "model": {"vocab_size": 512, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "max_seq_len": 32},
     "rack": {"stacks": 2, "blocks_per_stack": 1},
     "data": {"seq_len": 32, "val_fraction": 0.1, "max_bytes": 300_000, "sequences_per_shard": 512},
-    "train": {"steps": 30, "batch_size": 8, "lr": 0.01, "warmup_steps": 3, "checkpoint_every": 10, "log_every": 5},
+    "train": {"steps": 30, "batch_size": 8, "lr": 0.01, "warmup_steps": 1, "checkpoint_every": 10, "log_every": 5},
     "cache": {"dtype": "fp32", "batch_size": 64},
     "eval": {"max_sequences": 64, "batch_size": 32},
 }

@@ -333,8 +333,16 @@ def test_stale_cache_names_the_cache_command(two_stacks: Project):
 
 
 def test_missing_cache_names_the_cache_command(two_stacks: Project):
+    train_stack(two_stacks, 0, steps=2)
     before = snapshot(two_stacks.root)
     user_error(cli("train-stack", "1", "--steps", "2", "-p", two_stacks.root), "cache", "stackwise cache 1")
+    assert_unchanged(before, two_stacks.root)
+
+
+@pytest.mark.parametrize("command", [["train-stack", "1", "--steps", "2"], ["cache", "1"]])
+def test_nothing_learns_from_an_untrained_stack(two_stacks: Project, command):
+    before = snapshot(two_stacks.root)
+    user_error(cli(*command, "-p", two_stacks.root), "not trained yet", "stackwise train-stack 0")
     assert_unchanged(before, two_stacks.root)
 
 

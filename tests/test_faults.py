@@ -127,7 +127,10 @@ def run_scenario(
         if killed:
             COUNTS["trials_killed"] += 1
             check_after_kill(root, before, after, exact=every_write)
-            cli(root, args)  # rerun: finishes the job
+            # Rerun to finish the job, unless the kill came after the command's last write (then it is done:
+            # rerunning a non-idempotent command like grow would do it twice).
+            if not (root / "stackwise.yaml").exists() or manifest_facts(root) != manifest_facts(ref):
+                cli(root, args)
         else:
             COUNTS["trials_completed_before_kill"] += 1
         final = shas(root)

@@ -43,8 +43,8 @@ def test_70b_recipe_has_the_published_shape():
 def test_overrides_take_precedence_and_are_validated(tiny_recipe_path):
     r = load_recipe(tiny_recipe_path, ["train.steps=7", "model.d_model=64", "train.betas=[0.8, 0.9]"])
     assert r.train.steps == 7 and r.model.d_model == 64 and r.train.betas == (0.8, 0.9)
-    with pytest.raises(RecipeError, match=r"train\.warmup_steps: must be >= 0 and < train\.steps \(2\)"):
-        load_recipe(tiny_recipe_path, ["train.steps=2"])
+    with pytest.raises(RecipeError, match=r"train\.warmup_steps: must be >= 0 and < train\.steps \(1\)"):
+        load_recipe(tiny_recipe_path, ["train.steps=1"])
 
 
 def test_every_problem_is_reported_at_once_with_file_and_key_path(tmp_path):

@@ -121,6 +121,13 @@ def test_cache_goes_stale_when_a_producer_changes(project):
         project.fresh_cache(m, 1, "train")
 
 
+def _pretend_trained(project, *ids):
+    """Mark stacks trained without training them: these tests are about the cache's bookkeeping and arithmetic."""
+    with project.update() as m:
+        for i in ids:
+            m.stack(i).state = "trained"
+
+
 def test_cache_is_restartable_and_keeps_finished_shards(project, monkeypatch):
     """A cache killed after its first shard resumes with that shard kept and gives the same result."""
     import stackwise_cli.train.cache as cache_mod
@@ -128,6 +135,7 @@ def test_cache_is_restartable_and_keeps_finished_shards(project, monkeypatch):
 
     grow(project)
     grow(project)
+    _pretend_trained(project, 0)
     shards = project.load().data.splits["train"].shards
     assert len(shards) >= 2, "the fixture must have several train shards for this test"
     real = cache_mod.write_hidden_shard
@@ -163,6 +171,7 @@ def test_incremental_cache_equals_full_recomputation(project):
 
     for _ in range(3):
         grow(project)
+    _pretend_trained(project, 0, 1)
     build_cache(project, 1, "val")
     inc = build_cache(project, 2, "val")  # incremental: cache 1 exists and is fresh
     inc_h = read_hidden_shard(project.path(inc.shards[0].file)).hidden.clone()
@@ -191,3 +200,23 @@ def test_atomic_replace_dir_swaps_in_the_new_folder(tmp_path, monkeypatch, excha
     files.atomic_replace_dir(new, final)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]
     assert (final / "model").read_text() == "new"
+
+
+def test_a_damaged_cache_shard_is_computed_again(project):
+    """verify sends the user to `stackwise cache` for a damaged shard: that command must actually repair it."""
+    from stackwise_cli.train.cache import build_cache
+    from stackwise_cli.train.grow import grow
+
+    grow(project)
+    grow(project)
+    _pretend_trained(project, 0)
+    entry = build_cache(project, 1, "train")
+    victim = project.path(entry.shards[1].file)
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 2])
+    other = project.path(entry.shards[0].file).stat().st_mtime_ns
+    repaired = build_cache(project, 1, "train")
+    assert repaired.complete and victim.read_bytes() == good
+    assert project.path(entry.shards[0].file).stat().st_mtime_ns == other  # intact shards are kept
+    victim.unlink()
+    assert build_cache(project, 1, "train").complete and victim.read_bytes() == good

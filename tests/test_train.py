@@ -195,3 +195,77 @@ def test_loaded_weights_match_what_training_wrote(project):
     stack, ends = load_stack(project, m, 0), load_ends(project, m)
     assert not torch.allclose(stack.blocks[0].attn.o.weight, torch.zeros(1))
     assert ends.embed.weight.shape == (512, 32)
+
+
+def _set_recipe(project: Project, **train) -> None:
+    import dataclasses
+
+    with project.update() as m:
+        m.recipe = dataclasses.replace(m.recipe, train=dataclasses.replace(m.recipe.train, **train))
+
+
+def test_frozen_head_still_trains_with_the_leftmost_stack_and_then_stays(project):
+    from stackwise_cli.train.cache import build_cache
+
+    _set_recipe(project, head="frozen")
+    grow(project)
+    grow(project)
+    initial = load_ends(project, project.load()).head.weight.clone()
+    train_stack(project, 0, steps=4)
+    after0 = load_ends(project, project.load()).head.weight.clone()
+    assert not torch.equal(initial, after0)  # a random head would make every readout meaningless
+    build_cache(project, 1, "train")
+    train_stack(project, 1, steps=4)
+    assert torch.equal(load_ends(project, project.load()).head.weight, after0)
+
+
+def test_more_steps_on_a_trained_stack_is_explicit_and_counted(project):
+    grow(project)
+    train_stack(project, 0, steps=4)
+    with pytest.raises(StackwiseError, match="already trained"):
+        train_stack(project, 0, steps=6)
+    r = train_stack(project, 0, steps=6, resume="never")
+    e = project.load().stack(0)
+    assert r.steps == 6 and e.steps == 10 and e.tokens == 10 * 8 * 32
+
+
+def test_steps_must_leave_room_after_warmup(project):
+    grow(project)
+    _set_recipe(project, warmup_steps=5)
+    with pytest.raises(StackwiseError, match="warmup_steps is 5"):
+        train_stack(project, 0, steps=5)
+
+
+def test_divergence_stops_training_before_any_checkpoint_holds_it(project, monkeypatch):
+    """A loss that turns NaN stops the run at once; the newest checkpoint predates it and is finite."""
+    import stackwise_cli.train.loop as loop
+
+    grow(project)
+    real = loop.causal_lm_loss
+    calls = {"n": 0}
+
+    def diverging(logits, tokens, reduction="mean"):
+        calls["n"] += 1
+        loss = real(logits, tokens, reduction)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(loop, "causal_lm_loss", diverging)
+    _set_recipe(project, checkpoint_every=5)
+    with pytest.raises(StackwiseError, match="non-finite at step 7"):
+        train_stack(project, 0, steps=20)
+    newest = ckpt.list_checkpoints(project.ckpt_dir(0))[-1]
+    weights, _, _, state = ckpt.load_checkpoint(newest)
+    assert state["step"] == 5 and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_readers_reload_the_manifest_when_a_training_run_finishes_under_them(project, monkeypatch):
+    from stackwise_cli.store.weights import load_current_rack
+
+    grow(project)
+    stale = project.load()
+    train_stack(project, 0, steps=3)  # rewrites the stack, the ends and then the manifest
+    fresh = project.load()
+    loads = iter([stale, fresh, fresh])
+    monkeypatch.setattr(project, "load", lambda: next(loads))  # the reader read the manifest just before
+    m, rack = load_current_rack(project)
+    assert m == fresh and len(rack.stacks) == 1

@@ -14,10 +14,10 @@ def step(
     set_: SetOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Sequences per step (default: the recipe's).")
+        int | None, typer.Option("--batch-size", min=1, help="Sequences per step (default: the recipe's).")
     ] = None,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first.")] = 2,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed steps; the median is reported.")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 2,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed steps; the median is reported.")] = 5,
     json_: JsonOpt = False,
 ) -> None:
     """One training step of a stack (from its cache) against one step of the whole model trained end to end."""

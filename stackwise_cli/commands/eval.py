@@ -21,7 +21,7 @@ def render_eval(result) -> None:
 def eval_(
     split: Annotated[str, typer.Option("--split", help="Split to score.")] = "val",
     max_sequences: Annotated[
-        int | None, typer.Option("--max-sequences", help="Score at most this many sequences.")
+        int | None, typer.Option("--max-sequences", min=1, help="Score at most this many sequences.")
     ] = None,
     device: DeviceOpt = "auto",
     project: ProjectOpt = Path("."),

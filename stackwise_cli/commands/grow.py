@@ -12,7 +12,7 @@ from stackwise_cli.console import out, print_json
 def grow(
     side: Annotated[str, typer.Option("--side", help="right (append) or left (prepend).")] = "right",
     blocks: Annotated[
-        int | None, typer.Option("--blocks", help="Blocks in the new stack (default: the recipe's).")
+        int | None, typer.Option("--blocks", min=1, help="Blocks in the new stack (default: the recipe's).")
     ] = None,
     init: Annotated[
         str | None, typer.Option("--init", help="random, copy or identity (default: the recipe's).")

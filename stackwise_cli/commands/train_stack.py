@@ -12,7 +12,7 @@ from stackwise_cli.console import CliReporter, out, print_json
 def train_stack(
     stack_id: Annotated[int, typer.Argument(metavar="ID", help="Stack id to train.")],
     steps: Annotated[
-        int | None, typer.Option("--steps", help="Optimizer steps (default: the recipe's train.steps).")
+        int | None, typer.Option("--steps", min=1, help="Optimizer steps (default: the recipe's train.steps).")
     ] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (mixed, fp32 master weights).")] = "fp32",
     resume: Annotated[
@@ -20,7 +20,9 @@ def train_stack(
     ] = "auto",
     checkpoint_every_min: Annotated[
         float | None,
-        typer.Option("--checkpoint-every-min", help="Also checkpoint every N minutes of wall time (recipe default)."),
+        typer.Option(
+            "--checkpoint-every-min", min=0, help="Also checkpoint every N minutes of wall time (recipe default)."
+        ),
     ] = None,
     device: DeviceOpt = "auto",
     project: ProjectOpt = Path("."),

@@ -45,7 +45,9 @@ def prepare(
 
     if tokenizer is None:
         with reporter.task(f"train tokenizer ({recipe.model.vocab_size} tokens)"):
-            tok = train_tokenizer((d.text for d in docs), recipe.model.vocab_size, data.min_frequency)
+            # Trained on the training documents only: nothing of the validation text leaks into the model.
+            train_docs = (d.text for d in docs if split_of(d.text, data.val_fraction) == "train")
+            tok = train_tokenizer(train_docs, recipe.model.vocab_size, data.min_frequency)
     else:
         tok = load_tokenizer(tokenizer, recipe.model.vocab_size)
     project.root.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.manifest import Manifest
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_token_shard
-from stackwise_cli.store.weights import load_rack
+from stackwise_cli.store.weights import load_current_rack
 from stackwise_cli.train.precision import pick_device
 
 
@@ -66,8 +66,11 @@ def evaluate(
         raise ProjectError("the rack is empty: nothing to evaluate", hint="run `stackwise grow --side right`")
     if split not in m.data.splits:
         raise ProjectError(f"no split {split!r} (have: {', '.join(m.data.splits)})")
+    if max_sequences is not None and max_sequences < 1:
+        raise ProjectError(f"--max-sequences must be >= 1, got {max_sequences}")
     dev = pick_device(device)
-    rack = load_rack(project, m).to(dev).eval()
+    m, rack = load_current_rack(project)
+    rack = rack.to(dev).eval()
     max_sequences = max_sequences if max_sequences is not None else m.recipe.eval.max_sequences
     tokens = val_tokens(project, m, split, max_sequences)
     batch = m.recipe.eval.batch_size

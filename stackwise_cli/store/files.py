@@ -164,6 +164,11 @@ def sweep_tmp(folder: Path, min_age_s: float = 3600.0) -> int:
     if not folder.exists():
         return 0
     now = time.time()
+    for p in sorted(folder.rglob(".tmp??????"), key=lambda p: len(p.parts)):
+        # safetensors' own save_file stages its output as ".tmpXXXXXX" beside the target; no pid to check
+        if p.is_file() and now - p.lstat().st_mtime >= min_age_s:
+            p.unlink(missing_ok=True)
+            n += 1
     for p in sorted(folder.rglob(f"*{TMP_MARK}*"), key=lambda p: len(p.parts)):
         if not p.exists() or _writer_alive(p.name) or now - p.lstat().st_mtime < min_age_s:
             continue

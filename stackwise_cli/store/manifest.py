@@ -170,6 +170,23 @@ class Manifest:
     def stack(self, stack_id: int) -> StackEntry:
         return self.rack[self.position(stack_id)]
 
+    def require_ends(self) -> EndsEntry:
+        from stackwise_cli.errors import ProjectError
+
+        if self.ends is None:
+            raise ProjectError("the ends (embedding, norm, head) do not exist yet", hint="run `stackwise grow`")
+        return self.ends
+
+    def fused_is_current(self) -> bool:
+        """Was ``fused/`` built from exactly the current ends and rack (per the manifest)?"""
+        f = self.fused
+        return (
+            f is not None
+            and self.ends is not None
+            and f.ends == self.ends.sha256
+            and [(r.id, r.sha256) for r in f.stacks] == [(s.id, s.sha256) for s in self.rack]
+        )
+
     def cache(self, stack_id: int, split: str) -> CacheEntry | None:
         for c in self.caches:
             if c.stack == stack_id and c.split == split:

@@ -124,12 +124,10 @@ class Project:
 
     def upstream_for(self, manifest: Manifest, stack_id: int, split: str) -> Upstream:
         """What the cache entering ``stack_id`` depends on: the split's tokens, the embedding, the stacks left of it."""
-        if manifest.ends is None:
-            raise ProjectError("the ends (embedding, norm, head) do not exist yet", hint="run `stackwise grow`")
         pos = manifest.position(stack_id)
         return Upstream(
             data=self.split_digest(manifest, split),
-            ends_input=manifest.ends.input_sha256,
+            ends_input=manifest.require_ends().input_sha256,
             stacks=[StackRef(id=s.id, sha256=s.sha256) for s in manifest.rack[:pos]],
         )
 

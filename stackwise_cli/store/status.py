@@ -72,11 +72,7 @@ def status(project: Project, rehash: bool = False) -> Report:
                 Problem("incomplete", f"cache/{c.stack}/{c.split}", "interrupted while writing", fix)
             )
     if m.fused is not None:
-        fused_stale = (
-            m.ends is None
-            or m.fused.ends != m.ends.sha256
-            or [(r.id, r.sha256) for r in m.fused.stacks] != [(s.id, s.sha256) for s in m.rack]
-        )
+        fused_stale = not m.fused_is_current()
         report.fused = {"dir": m.fused.dir, "stale": fused_stale}
         if fused_stale:
             report.problems.append(

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stackwise_cli.errors import CorruptFileError
+from stackwise_cli.errors import ChecksumMismatch, CorruptFileError
 from stackwise_cli.model.config import ModelConfig
 from stackwise_cli.model.model import Ends, Rack, Stack
 from stackwise_cli.store.files import atomic_write_with, sha256_file
@@ -37,9 +37,9 @@ def load_tensors(path: Path, expect_sha256: str | None = None) -> dict[str, torc
     if not path.exists():
         raise CorruptFileError(f"{path} is missing", hint="run `stackwise verify` to see what else is")
     if expect_sha256 is not None and sha256_file(path) != expect_sha256:
-        raise CorruptFileError(
+        raise ChecksumMismatch(
             f"{path} does not match the checksum in the manifest (corrupt, truncated or replaced)",
-            hint="restore it from a backup, or regrow the stack; `stackwise verify` lists every such file",
+            hint="restore it from a backup; `stackwise verify` lists every such file",
         )
     try:
         return load_file(str(path))
@@ -88,13 +88,7 @@ def load_stack(
 
 
 def load_ends(project: Project, manifest: Manifest, verify: bool = True) -> Ends:
-    from stackwise_cli.errors import ProjectError
-
-    if manifest.ends is None:
-        raise ProjectError(
-            "the ends (embedding, norm, head) do not exist yet", hint="run `stackwise grow --side right`"
-        )
-    path = project.path(manifest.ends.file)
+    path = project.path(manifest.require_ends().file)
     ends = Ends(manifest.recipe.model)
     _fill(ends, load_tensors(path, manifest.ends.sha256 if verify else None), path)
     return ends
@@ -118,3 +112,20 @@ def load_rack(project: Project, manifest: Manifest, backend: str = "auto", upto:
     entries = manifest.rack[:upto]
     stacks = [load_stack(project, manifest, s.id, backend) for s in entries]
     return Rack(cfg, load_ends(project, manifest), stacks, [s.id for s in entries])
+
+
+def load_current_rack(project: Project, backend: str = "auto") -> tuple[Manifest, Rack]:
+    """The manifest and the rack it describes, for readers that may run while a stack finishes training.
+
+    A ``train-stack`` that ends between reading the manifest and hashing the files rewrites a stack or the ends
+    and then the manifest: that is not corruption, so on a checksum mismatch the manifest is read again and,
+    if it changed, the rack is loaded once more.
+    """
+    m = project.load()
+    try:
+        return m, load_rack(project, m, backend)
+    except ChecksumMismatch:
+        now = project.load()
+        if now == m:
+            raise
+        return now, load_rack(project, now, backend)

@@ -9,19 +9,21 @@ cache whose producers changed is recognised as stale.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from stackwise_cli.data.pack import SPLITS
 from stackwise_cli.errors import ProjectError, StaleError
 from stackwise_cli.progress import QUIET, Reporter
+from stackwise_cli.store.files import sha256_file
 from stackwise_cli.store.manifest import CacheEntry, CacheShard, Manifest
 from stackwise_cli.store.project import Project, record
 from stackwise_cli.store.shards import read_hidden_shard, read_token_shard, write_hidden_shard
 from stackwise_cli.store.weights import load_ends, load_stack
+from stackwise_cli.train.loop import check_left_to_right
 from stackwise_cli.train.precision import pick_device
-
-SPLITS = ("train", "val")
 
 
 def _start_entry(project: Project, stack_id: int, split: str) -> tuple[CacheEntry, bool]:
@@ -32,7 +34,7 @@ def _start_entry(project: Project, stack_id: int, split: str) -> tuple[CacheEntr
         dtype = m.recipe.cache.dtype
         old = m.cache(stack_id, split)
         if old is not None and old.upstream == want and old.dtype == dtype and not project.stale_reasons(m, old):
-            # Same producers: keep the shards already written (their files are checked before reuse).
+            # Same producers: the shards already written may be kept (the caller checks their bytes).
             return old, old.complete
         if old is not None:
             m.caches.remove(old)
@@ -94,14 +96,26 @@ def build_cache(
         return _build_cache(project, stack_id, split, dev, reporter)
 
 
+def _intact(path: Path, sha256: str) -> bool:
+    return path.exists() and sha256_file(path) == sha256
+
+
 def _build_cache(project: Project, stack_id: int, split: str, dev: torch.device, reporter: Reporter) -> CacheEntry:
+    check_left_to_right(project.load(), stack_id, right=False)
     entry, complete = _start_entry(project, stack_id, split)
-    if complete:
+    # Shards already recorded are kept only if their bytes are still the ones recorded: a shard truncated or
+    # deleted since is computed again (which is what `stackwise verify` tells the user to run this for).
+    done = {
+        s.file for s in entry.shards if project.path(s.file).exists() and sha256_file(project.path(s.file)) == s.sha256
+    }
+    if complete and len(done) == len(entry.shards):
         reporter.info(f"cache {stack_id}/{split} is complete and fresh: nothing to do")
         return entry
+    if complete:
+        with project.update() as m:
+            m.cache(stack_id, split).complete = False
     m = project.load()
     token_shards = m.data.splits[split].shards
-    done = {s.file for s in entry.shards if project.path(s.file).exists()}
     prev = _fresh_left_cache(project, m, stack_id, split)
     if prev is not None:
         # Incremental: the cache entering k+1 is the cache entering k passed through stack k.

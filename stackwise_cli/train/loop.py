@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +167,7 @@ class Job:
     loss: Callable[[Batch], torch.Tensor]
     data: Sequences
     fingerprint: str  # the inputs this run trains on; a checkpoint made on other inputs is refused
+    extra: dict = field(default_factory=dict)  # caller's state kept in checkpoints and restored on resume
 
 
 @dataclass
@@ -203,9 +204,6 @@ def run(
 ) -> Result:
     """Train ``job`` to ``steps`` optimizer steps, checkpointing every ``train.checkpoint_every`` steps and every
     ``checkpoint_every_min`` minutes of wall time (0 = off). ``stop_at`` (tests) stops as a signal would."""
-    if resume not in RESUME:
-        raise StackwiseError(f"--resume must be one of {', '.join(RESUME)}, got {resume!r}")
-    autocast(precision, device)  # validates before any work
     opt = make_optimizer(job.trainable, tr)
     names = {p: n for n, p in job.trainable.items()}
     sampler = Sampler(len(job.data), tr.batch_size, tr.seed)
@@ -235,6 +233,7 @@ def run(
         sampler.load_state(state["sampler"])
         step, tokens, last_loss = state["step"], state["tokens"], state["last_loss"]
         window = [torch.tensor(x) for x in state["window"]]
+        job.extra.update(state["extra"])
         resumed_from = step
         reporter.info(f"{job.name}: resuming from step {step} ({existing[-1].name})")
 
@@ -246,6 +245,7 @@ def run(
             "last_loss": last_loss,
             "sampler": sampler.state(),
             "window": [w.item() for w in window],
+            "extra": job.extra,
             "fingerprint": job.fingerprint,
             "precision": precision,
             "time": time.time(),
@@ -279,8 +279,14 @@ def run(
                 loss = job.loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if tr.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(list(job.trainable.values()), tr.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(list(job.trainable.values()), tr.grad_clip or float("inf"))
+            # Checked every step, before the update: no checkpoint may ever hold diverged weights.
+            if not (torch.isfinite(loss) and torch.isfinite(norm)):
+                raise StackwiseError(
+                    f"{job.name}: the loss or the gradient became non-finite at step {step + 1} "
+                    f"(loss {loss.item()}, gradient norm {norm.item()})",
+                    hint="lower train.lr in stackwise.yaml, then rerun: it resumes from the last checkpoint",
+                )
             opt.step()
             step += 1
             tokens += batch.tokens.numel()
@@ -290,11 +296,6 @@ def run(
                 window.clear()
                 elapsed = time.perf_counter() - t0
                 tok_s = (tokens - tokens0) / max(elapsed, 1e-9)
-                if not math.isfinite(last_loss):  # no checkpoint: the weights are already ruined
-                    raise StackwiseError(
-                        f"{job.name}: the loss became {last_loss} at step {step}",
-                        hint="lower train.lr in stackwise.yaml, then rerun: it resumes from the last checkpoint",
-                    )
                 log.write(
                     json.dumps(
                         {
@@ -323,14 +324,23 @@ def run(
 # --- one stack, left to right ------------------------------------------------------------------------------
 
 
-def _check_trainable(m: Manifest, stack_id: int) -> int:
+def check_left_to_right(m: Manifest, stack_id: int, right: bool = True) -> int:
+    """Left to right, a stack trains (or gets its cache) only on top of trained stacks, and (``right``) trains only
+    while nothing to its right has trained on its output. Returns its rack position."""
     pos = m.position(stack_id)
-    right = [s.id for s in m.rack[pos + 1 :] if s.state != "new"]
-    if right:
+    left = [s.id for s in m.rack[:pos] if s.state not in ("trained", "frozen")]
+    if left:
         raise ProjectError(
-            f"left-to-right: stack {stack_id} has trained stacks to its right ({', '.join(map(str, right))}); "
+            f"left-to-right: stack {stack_id} would learn from stack(s) {', '.join(map(str, left))}, "
+            "which are not trained yet",
+            hint=f"run `stackwise train-stack {left[0]}` first (`stackwise build` runs every stage in order)",
+        )
+    trained_right = [s.id for s in m.rack[pos + 1 :] if s.state != "new"] if right else []
+    if trained_right:
+        raise ProjectError(
+            f"left-to-right: stack {stack_id} has trained stacks to its right ({', '.join(map(str, trained_right))}); "
             "retraining it would silently invalidate them",
-            hint="grow a new stack on the right instead, or remove the stacks to its right",
+            hint="grow a new stack on the right instead (`stackwise grow --side right`)",
         )
     return pos
 
@@ -372,17 +382,28 @@ def _train_stack(
     m = project.load()
     recipe, tr = m.recipe, m.recipe.train
     steps = steps if steps is not None else tr.steps
-    if steps < 1:
-        raise StackwiseError(f"--steps must be >= 1, got {steps}")
+    if steps <= tr.warmup_steps:
+        raise StackwiseError(
+            f"--steps {steps} leaves no room for the schedule: train.warmup_steps is {tr.warmup_steps}",
+            hint=f"pass --steps greater than {tr.warmup_steps}, or lower train.warmup_steps in the recipe",
+        )
     if resume not in RESUME:
         raise StackwiseError(f"--resume must be one of {', '.join(RESUME)}, got {resume!r}")
     dev = pick_device(device)
     autocast(precision, dev)  # an impossible precision fails here, before the manifest is touched
-    pos = _check_trainable(m, stack_id)
+    pos = check_left_to_right(m, stack_id)
     entry = m.stack(stack_id)
-    if entry.state == "trained" and entry.steps >= steps and resume == "auto":
-        reporter.info(f"stack {stack_id} is already trained ({entry.steps} steps): nothing to do")
-        return None
+    if entry.state == "trained" and resume == "auto":
+        if entry.steps >= steps:
+            reporter.info(f"stack {stack_id} is already trained ({entry.steps} steps): nothing to do")
+            return None
+        raise StackwiseError(
+            f"stack {stack_id} is already trained ({entry.steps} steps); {steps} steps would be a second run with a "
+            "new schedule, not a continuation",
+            hint="pass --resume never to train it further from its weights (its steps and tokens add up)",
+        )
+    # Training a trained stack again (--resume never) continues from its weights: the counts add up.
+    prior_steps, prior_tokens = (entry.steps, entry.tokens) if entry.state == "trained" else (0, 0)
     ckpt_dir = project.ckpt_dir(stack_id)
     have_ckpt = resume == "auto" and bool(ckpt.list_checkpoints(ckpt_dir))
 
@@ -395,7 +416,8 @@ def _train_stack(
     trainable = {f"stack.{n}": p for n, p in stack.named_parameters()}
     if pos == 0:
         trainable["ends.embed.weight"] = ends.embed.weight
-    if tr.head == "train" and (ends.head is not None or pos == 0):
+    # The leftmost stack always trains the final norm and head: a random head would make every readout useless.
+    if pos == 0 or (tr.head == "train" and ends.head is not None):
         trainable.update({f"ends.{n}": p for n, p in ends.named_parameters() if not n.startswith("embed")})
     for p in trainable.values():
         p.requires_grad_(True)
@@ -424,7 +446,15 @@ def _train_stack(
     with project.update(f"train-stack {stack_id} --steps {steps} --precision {precision}") as mm:
         mm.stack(stack_id).state = "training"
 
-    job = Job(f"train-stack {stack_id}", {"stack": stack, "ends": ends}, trainable, loss_fn, data, fingerprint)
+    job = Job(
+        f"train-stack {stack_id}",
+        {"stack": stack, "ends": ends},
+        trainable,
+        loss_fn,
+        data,
+        fingerprint,
+        {"prior_steps": prior_steps, "prior_tokens": prior_tokens},
+    )
     try:
         result = run(
             job,
@@ -443,28 +473,26 @@ def _train_stack(
         state = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())
         with project.update() as mm:
             e = mm.stack(stack_id)
-            e.steps, e.tokens, e.last_loss, e.precision = state["step"], state["tokens"], state["last_loss"], precision
+            e.steps = state["extra"]["prior_steps"] + state["step"]
+            e.tokens = state["extra"]["prior_tokens"] + state["tokens"]
+            e.last_loss, e.precision = state["last_loss"], precision
         raise
 
-    _finish(
-        project, stack_id, stack, ends if any(n.startswith("ends.") for n in trainable) else None, result, precision
-    )
+    trained_ends = ends if any(n.startswith("ends.") for n in trainable) else None
+    _finish(project, stack_id, stack, trained_ends, result, precision, job.extra)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the stack file and the manifest now hold the result
     return result
 
 
-def _finish(project: Project, stack_id: int, stack: Stack, ends: Ends | None, result: Result, precision: str) -> None:
+def _finish(
+    project: Project, stack_id: int, stack: Stack, ends: Ends | None, result: Result, precision: str, prior: dict
+) -> None:
     sha = save_stack(project, stack.cpu(), stack_id)
     ends_sha = save_ends(project, ends.cpu()) if ends is not None else None
     with project.update(f"train-stack {stack_id}: trained to step {result.steps}, loss {result.last_loss}") as m:
         e = m.stack(stack_id)
-        e.sha256, e.state, e.steps, e.tokens, e.last_loss, e.precision = (
-            sha,
-            "trained",
-            result.steps,
-            result.tokens,
-            result.last_loss,
-            precision,
-        )
+        e.sha256, e.state, e.last_loss, e.precision = sha, "trained", result.last_loss, precision
+        e.steps = prior["prior_steps"] + result.steps
+        e.tokens = prior["prior_tokens"] + result.tokens
         if ends_sha is not None:
             m.ends.sha256, m.ends.input_sha256 = ends_sha
