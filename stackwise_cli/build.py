@@ -12,6 +12,7 @@ from pathlib import Path
 from stackwise_cli.data.prepare import prepare
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.evaluate.eval import EvalResult, evaluate
+from stackwise_cli.model.hf import export_problem
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import load_recipe
 from stackwise_cli.store.project import Project
@@ -25,6 +26,7 @@ from stackwise_cli.train.loop import train_stack
 class BuildResult:
     ran: list[str] = field(default_factory=list)  # the stages this invocation ran (empty = nothing to do)
     eval: EvalResult | None = None
+    fused: str | None = None  # why there is no fused/ (e.g. an attention kind Llama cannot hold), or None
 
 
 def build(
@@ -67,7 +69,10 @@ def build(
             result.ran.append(f"cache {entry.id}")
         train_stack(project, entry.id, device=device, reporter=reporter)
         result.ran.append(f"train-stack {entry.id}")
-    if not is_fused(project):
+    problem = export_problem(project.load().recipe.attention)
+    if problem:
+        result.fused = problem
+    elif not is_fused(project):
         fuse(project)
         result.ran.append("fuse")
     result.eval = evaluate(project, device=device, reporter=reporter)

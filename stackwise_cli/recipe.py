@@ -13,18 +13,13 @@ from typing import Any, Literal
 import yaml
 
 from stackwise_cli.errors import RecipeError
-from stackwise_cli.model.config import Backend, ModelConfig
+from stackwise_cli.model.config import AttentionConfig, ModelConfig
 from stackwise_cli.schema import SchemaError, check, from_data, to_data
 
 Objective = Literal["clm"]
 Curriculum = Literal["left-to-right"]
 Init = Literal["random", "copy", "identity"]
 CacheDtype = Literal["bf16", "fp32"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class AttentionRecipe:
-    backend: Backend = "auto"  # auto = sdpa; "reference" is the explicit-softmax ground truth
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,7 +149,7 @@ class Recipe:
     objective: Objective = "clm"
     curriculum: Curriculum = "left-to-right"
     model: ModelConfig = field(default_factory=ModelConfig)
-    attention: AttentionRecipe = field(default_factory=AttentionRecipe)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
     rack: RackRecipe = field(default_factory=RackRecipe)
     data: DataRecipe = field(default_factory=DataRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
@@ -170,6 +165,7 @@ class Recipe:
             out.append(
                 ("data.seq_len", f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}")
             )
+        out.extend(self.attention.model_problems(self.model))
         return out
 
     def to_data(self) -> dict[str, Any]:

@@ -81,3 +81,25 @@ def test_fused_model_loads_in_transformers_with_the_same_logits(built):
     with torch.no_grad():
         diff = (hf(ids).logits - rack(ids)).abs().max().item()
     assert diff < 1e-4
+
+
+def test_build_of_a_rack_llama_cannot_hold_skips_fuse_and_says_why(tmp_path, tiny_recipe_path):
+    args = [
+        "build",
+        "-p",
+        str(tmp_path / "mla"),
+        "--recipe",
+        str(tiny_recipe_path),
+        "--json",
+        "--set",
+        "attention.kind=mla",
+        "--set",
+        "train.steps=8",
+        "--set",
+        "data.max_bytes=100000",
+    ]
+    result = CliRunner().invoke(app, args, env=ENV)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert "fuse" not in out["ran"] and "'mla'" in out["no_fuse"]
+    assert len(out["eval"]["per_stack"]) == 2 and not (tmp_path / "mla" / "fused").exists()

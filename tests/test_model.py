@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stackwise_cli.model.config import ModelConfig
+from stackwise_cli.model.config import AttentionConfig, ModelConfig
 from stackwise_cli.model.model import Ends, Rack, Stack, causal_lm_loss
 
 CFG = ModelConfig(vocab_size=101, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32, init_std=0.1)
@@ -17,7 +17,7 @@ def make_rack(cfg: ModelConfig = CFG, blocks=(1, 2), backend: str = "sdpa", seed
     ends.init_weights()
     stacks = []
     for n in blocks:
-        s = Stack(cfg, n, backend)
+        s = Stack(cfg, n, AttentionConfig(backend=backend))
         s.init_weights("random", total_blocks=sum(blocks))
         stacks.append(s)
     return Rack(cfg, ends, stacks, list(range(len(blocks))))

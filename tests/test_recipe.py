@@ -24,10 +24,10 @@ def test_every_shipped_recipe_validates_and_builds(path):
     recipe = load_recipe(path)
     cfg = recipe.model
     with torch.device("meta"):  # shapes only: the 70B recipe allocates nothing
-        stack = Stack(cfg, recipe.rack.blocks_per_stack)
+        stack = Stack(cfg, recipe.rack.blocks_per_stack, recipe.attention)
         ends = Ends(cfg)
     n_stack = sum(p.numel() for p in stack.parameters())
-    assert n_stack == cfg.block_params() * recipe.rack.blocks_per_stack
+    assert n_stack == cfg.block_params(recipe.attention) * recipe.rack.blocks_per_stack
     assert sum(p.numel() for p in ends.parameters()) == cfg.ends_params()
 
 

@@ -67,7 +67,7 @@ def _measure(case: str, recipe_data: dict, device: str, batch_size: int, warmup:
     ends = Ends(cfg).to(dev)
     if case == "stack":
         blocks = recipe.rack.blocks_per_stack
-        stack = Stack(cfg, blocks, recipe.attention.backend).to(dev)
+        stack = Stack(cfg, blocks, recipe.attention).to(dev)
         ends.embed.weight.requires_grad_(False)  # a cached stack never touches the embedding
         params = {f"stack.{n}": p for n, p in stack.named_parameters()}
         params.update({f"ends.{n}": p for n, p in ends.named_parameters() if not n.startswith("embed")})
@@ -79,7 +79,7 @@ def _measure(case: str, recipe_data: dict, device: str, batch_size: int, warmup:
         rack = Rack(
             cfg,
             ends,
-            [Stack(cfg, recipe.rack.blocks_per_stack, recipe.attention.backend) for _ in range(recipe.rack.stacks)],
+            [Stack(cfg, recipe.rack.blocks_per_stack, recipe.attention) for _ in range(recipe.rack.stacks)],
             list(range(recipe.rack.stacks)),
         ).to(dev)
         params = dict(rack.named_parameters())

@@ -24,8 +24,11 @@ def build(
 
     result = run(Project(project), recipe, set_, input_, device, CliReporter(quiet=json_))
     if json_:
-        print_json({"ran": result.ran, "eval": result.eval.to_data() if result.eval else None})
+        print_json({"ran": result.ran, "eval": result.eval.to_data() if result.eval else None, "no_fuse": result.fused})
         return
     out.print(f"ran: {', '.join(result.ran) or 'nothing (already built)'}")
     render_eval(result.eval)
-    out.print(f"fused model: {Path(project) / 'fused'} (transformers.AutoModelForCausalLM.from_pretrained)")
+    if result.fused:
+        out.print(f"not fused: {result.fused}")
+    else:
+        out.print(f"fused model: {Path(project) / 'fused'} (transformers.AutoModelForCausalLM.from_pretrained)")

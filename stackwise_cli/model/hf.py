@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from stackwise_cli.errors import DataError, StackwiseError
-from stackwise_cli.model.config import ModelConfig
+from stackwise_cli.model.config import AttentionConfig, ModelConfig
 from stackwise_cli.model.model import Rack
 from stackwise_cli.store.files import atomic_replace_dir, atomic_write_bytes, atomic_write_text, sha256_file, tmp_name
 from stackwise_cli.store.weights import save_tensors
@@ -42,6 +42,7 @@ ENDS_TO_HF: dict[str, str] = {
 }
 
 HF_FORMATS = ("llama",)
+LLAMA_KINDS = ("mha", "gqa", "mqa")  # attention kinds transformers' Llama computes
 
 
 def _renamed(tensors: dict[str, torch.Tensor], table: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:
@@ -55,11 +56,37 @@ def _renamed(tensors: dict[str, torch.Tensor], table: dict[str, str], prefix: st
     return {prefix + table[k]: v.detach() for k, v in tensors.items()}
 
 
+def export_problem(attn: AttentionConfig) -> str | None:
+    """Why transformers' Llama cannot hold this attention, or None if it can: softmax attention over all positions
+    with ``kv_heads`` key/value heads (mha, gqa, mqa). MLA, linear attention and sliding windows have no Llama
+    equivalent, and exporting them as if they did would give a model that computes something else."""
+    if attn.kind not in LLAMA_KINDS:
+        return (
+            f"export to Hugging Face Llama supports attention kinds {', '.join(LLAMA_KINDS)}; "
+            f"this rack uses {attn.kind!r}, which transformers' Llama cannot hold"
+        )
+    if attn.window is not None:
+        return (
+            f"export to Hugging Face Llama needs full attention; this rack uses a sliding window of "
+            f"{attn.window}, which transformers' Llama cannot hold"
+        )
+    return None
+
+
+def check_exportable(rack: Rack) -> None:
+    """Raise unless every stack's attention can be exported (see ``export_problem``)."""
+    for stack in rack.stacks:
+        problem = export_problem(stack.attn)
+        if problem:
+            raise StackwiseError(problem, hint="eval works on the rack itself; fuse needs mha, gqa or mqa")
+
+
 def hf_state_dict(rack: Rack) -> dict[str, torch.Tensor]:
     """The rack's tensors under ``LlamaForCausalLM`` names (same dtype and device, detached).
 
     Layer ``g`` counts blocks across stacks in rack order: stack 0's blocks are layers 0..n0-1, and so on.
     """
+    check_exportable(rack)
     out = _renamed(rack.ends.state_dict(), ENDS_TO_HF, "")
     g = 0
     for stack in rack.stacks:
@@ -143,6 +170,7 @@ def write_fused(out_dir: Path, rack: Rack, tokenizer_path: Path, eos_token: str,
     """
     out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
     cfg = rack.cfg
+    check_exportable(rack)
     config = hf_config(cfg, total_blocks(rack), eos_id)
     _check_tokenizer(tokenizer_path, cfg, eos_token, eos_id)
 

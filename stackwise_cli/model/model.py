@@ -1,7 +1,10 @@
 """The whole model in one module: blocks, stacks, the ends, and the rack.
 
-A LLaMA-shaped decoder: pre-norm RMSNorm, rotary embeddings on q and k, grouped-query attention, SwiGLU MLP,
-no biases. A *stack* is a run of blocks trained as a unit; the *ends* are the token embedding, the final
+A LLaMA-shaped decoder: pre-norm RMSNorm, rotary embeddings on q and k, attention, SwiGLU MLP, no biases.
+The attention is one of the kinds in ``attention.py`` (grouped-query by default; latent or linear by recipe),
+chosen by ``AttentionConfig`` and the same in every block.
+
+A *stack* is a run of blocks trained as a unit; the *ends* are the token embedding, the final
 norm and the LM head; the *rack* is the ordered list of stacks. ``Rack.forward`` is exactly the same
 computation as running the ends and each stack in turn, which is what stack-wise training relies on.
 """
@@ -14,90 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stackwise_cli.model.config import ModelConfig
-
-BACKENDS = ("reference", "sdpa")
-
-
-def resolve_backend(name: str) -> str:
-    """``auto`` -> the fastest backend available here; anything else must be a known backend."""
-    if name == "auto":
-        return "sdpa"
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
-    return name
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the input dtype, as LLaMA does, then cast back before the scale.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rope_tables(
-    cfg: ModelConfig, seq_len: int, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (T, head_dim), in the "rotate half" layout (frequencies repeated for both halves)."""
-    inv_freq = 1.0 / (
-        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
-    )
-    t = torch.arange(seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)  # (T, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + head_dim/2) of x (B, H, T, D) by the angle of each position."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Explicit softmax attention in fp32: the ground truth the fast backends are held to.
-
-    q (B, H, T, D); k and v (B, Hkv, T, D) with H a multiple of Hkv (grouped-query attention).
-    """
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)  # (B, H, T, D)
-    v = v.repeat_interleave(groups, dim=1)
-    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    if causal:
-        T = q.shape[-2]
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str):
-        super().__init__()
-        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.backend = resolve_backend(backend)
-        self.q = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool = True) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
-        k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.backend == "reference":
-            y = reference_attention(q, k, v, causal)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+from stackwise_cli.model.attention import (  # noqa: F401  (re-exported: the model's pieces, found from here)
+    LatentAttention,
+    LinearAttention,
+    RMSNorm,
+    StandardAttention,
+    apply_rope,
+    make_attention,
+    reference_attention,
+    rope_tables,
+)
+from stackwise_cli.model.config import AttentionConfig, ModelConfig
 
 
 class MLP(nn.Module):
@@ -114,10 +44,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str):
+    def __init__(self, cfg: ModelConfig, attn: AttentionConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, backend)
+        self.attn = make_attention(cfg, attn)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
@@ -126,29 +56,34 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def output_projections(self) -> list[nn.Linear]:
-        """The layers whose zeroing makes the block the identity (the residual passes through unchanged)."""
+        """The layers whose zeroing makes the block the identity (the residual passes through unchanged).
+
+        Every attention kind ends in one output projection ``o``."""
         return [self.attn.o, self.mlp.down]
 
 
 class Stack(nn.Module):
     """A run of consecutive blocks: the unit that is trained, stored and cached."""
 
-    def __init__(self, cfg: ModelConfig, n_blocks: int, backend: str = "auto"):
+    def __init__(self, cfg: ModelConfig, n_blocks: int, attn: AttentionConfig | None = None):
         super().__init__()
         self.cfg = cfg
-        self.blocks = nn.ModuleList(Block(cfg, backend) for _ in range(n_blocks))
+        self.attn = attn or AttentionConfig()
+        self.rope_dim = self.attn.rope_dim_for(cfg)  # head_dim, or MLA's decoupled rope dims
+        self.blocks = nn.ModuleList(Block(cfg, self.attn) for _ in range(n_blocks))
 
     def forward(self, h: torch.Tensor, causal: bool = True) -> torch.Tensor:
         """h (B, T, d_model) -> (B, T, d_model)."""
-        cos, sin = rope_tables(self.cfg, h.shape[1], h.device)
+        cos, sin = rope_tables(self.cfg, h.shape[1], h.device, self.rope_dim)
         for block in self.blocks:
             h = block(h, cos, sin, causal)
         return h
 
     def init_weights(self, mode: str, total_blocks: int, generator: torch.Generator | None = None) -> None:
         """``random``: N(0, init_std), with output projections scaled by 1/sqrt(2 * total_blocks) as in GPT-2 so
-        the residual stream does not grow with depth. ``identity``: as random, then output projections zeroed
-        so every block passes its input through unchanged (function-preserving growth)."""
+        the residual stream does not grow with depth; every norm weight (MLA's included) starts at 1.
+        ``identity``: as random, then output projections zeroed so every block passes its input through
+        unchanged (function-preserving growth)."""
         std = self.cfg.init_std
         for block in self.blocks:
             for name, p in block.named_parameters():

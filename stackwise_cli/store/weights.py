@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -78,11 +79,15 @@ def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path)
 
 
 def load_stack(
-    project: Project, manifest: Manifest, stack_id: int, backend: str = "auto", verify: bool = True
+    project: Project, manifest: Manifest, stack_id: int, backend: str | None = None, verify: bool = True
 ) -> Stack:
+    """The stack ``stack_id`` with the recipe's attention; ``backend`` (if given) overrides the recipe's."""
     entry = manifest.stack(stack_id)
     path = project.path(entry.file)
-    stack = Stack(manifest.recipe.model, entry.blocks, backend)
+    attn = manifest.recipe.attention
+    if backend is not None:
+        attn = dataclasses.replace(attn, backend=backend)
+    stack = Stack(manifest.recipe.model, entry.blocks, attn)
     _fill(stack, load_tensors(path, entry.sha256 if verify else None), path)
     return stack
 
@@ -106,7 +111,7 @@ def save_ends(project: Project, ends: Ends) -> tuple[str, str]:
     return sha, embedding_digest(ends)
 
 
-def load_rack(project: Project, manifest: Manifest, backend: str = "auto", upto: int | None = None) -> Rack:
+def load_rack(project: Project, manifest: Manifest, backend: str | None = None, upto: int | None = None) -> Rack:
     """The ends and the first ``upto`` stacks (all by default), checked against the manifest."""
     cfg: ModelConfig = manifest.recipe.model
     entries = manifest.rack[:upto]
@@ -114,7 +119,7 @@ def load_rack(project: Project, manifest: Manifest, backend: str = "auto", upto:
     return Rack(cfg, load_ends(project, manifest), stacks, [s.id for s in entries])
 
 
-def load_current_rack(project: Project, backend: str = "auto") -> tuple[Manifest, Rack]:
+def load_current_rack(project: Project, backend: str | None = None) -> tuple[Manifest, Rack]:
     """The manifest and the rack it describes, for readers that may run while a stack finishes training.
 
     A ``train-stack`` that ends between reading the manifest and hashing the files rewrites a stack or the ends

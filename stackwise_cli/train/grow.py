@@ -57,7 +57,7 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
             blocks = blocks if blocks is not None else recipe.rack.blocks_per_stack
             if blocks < 1:
                 raise ProjectError(f"--blocks must be >= 1, got {blocks}")
-            stack = Stack(cfg, blocks)
+            stack = Stack(cfg, blocks, recipe.attention)
             planned = max(recipe.rack.stacks * recipe.rack.blocks_per_stack, sum(s.blocks for s in m.rack) + blocks)
             stack.init_weights(init, total_blocks=planned, generator=_generator(recipe.train.seed, stack_id))
 
