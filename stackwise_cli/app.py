@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-bench_app = typer.Typer(help="Measurements: training step of a stack vs end-to-end.", no_args_is_help=True)
+bench_app = typer.Typer(help="Measurements: training steps, attention kinds, kernels.", no_args_is_help=True)
 
 
 def handled(fn: Callable) -> Callable:
@@ -56,6 +56,7 @@ app.command("status")(handled(status.status))
 app.command("verify")(handled(status.verify))
 app.command("build")(handled(build.build))
 bench_app.command("step")(handled(bench.step))
+bench_app.command("attention")(handled(bench.attention))
 app.add_typer(bench_app, name="bench")
 
 

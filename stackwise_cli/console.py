@@ -94,7 +94,9 @@ def print_json(data: Any) -> None:
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     table = Table(title=title, title_justify="left")
     for c in columns:
-        table.add_column(c, justify="left" if c in ("case", "state", "file", "what", "stage") else "right")
+        table.add_column(
+            c, justify="left" if c in ("case", "state", "file", "what", "stage", "kind", "backend") else "right"
+        )
     for r in rows:
         table.add_row(*["-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in r])
     out.print(table)

@@ -224,6 +224,31 @@ def test_bench_step_json(tiny_recipe_path: Path):
     assert data["stack_over_end_to_end_tokens_per_s"] == pytest.approx(stack["tokens_per_s"] / e2e["tokens_per_s"])
 
 
+def test_bench_attention_json(tiny_recipe_path: Path):
+    data = ok_json(
+        "bench",
+        "attention",
+        "--recipe",
+        tiny_recipe_path,
+        "--seq-lens",
+        "16,32",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    )
+    measured = {(r["kind"], r["backend"], r["seq_len"]) for r in data["rows"] if r["seq_len"]}
+    for kind in ("mha", "gqa", "mqa", "mla"):
+        for backend in ("reference", "sdpa"):
+            assert {(kind, backend, 16), (kind, backend, 32)} <= measured
+    assert {("linear", "reference", 16), ("linear", "reference", 32)} <= measured
+    unavailable = {(r["kind"], r["backend"]) for r in data["rows"] if not r["seq_len"]}
+    assert ("gqa", "xformers") in unavailable and ("linear", "sdpa") in unavailable  # said, not silently skipped
+    assert all(r["tokens_per_s"] > 0 for r in data["rows"] if r["seq_len"])
+    user_error(cli("bench", "attention", "--recipe", tiny_recipe_path, "--seq-lens", "a,b"), "--seq-lens")
+
+
 def test_prepare_creates_a_project(tiny_recipe_path: Path, tmp_path: Path):
     root = tmp_path / "new"
     data = ok_json("prepare", "--recipe", tiny_recipe_path, "-p", root, "--json", "--set", "data.max_bytes=200000")

@@ -7,6 +7,7 @@ just before the case built its model, so the interpreter and torch's own footpri
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import statistics
 import time
@@ -36,6 +37,18 @@ def _rss_bytes(field: str) -> int:
     return 0
 
 
+def exact_rss_accounting() -> None:
+    """Make the resident set follow live CPU memory: glibc otherwise keeps freed blocks (its mmap threshold grows
+    as memory is freed), so a case that reuses them would show no growth. A fixed 64 KiB threshold maps every
+    tensor-sized block on its own and returns it to the system when freed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic adjustment)
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: give back heap tops promptly
+    except (OSError, AttributeError):
+        pass  # not glibc: the figures may then undercount reuse
+
+
 def _reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -50,6 +63,7 @@ def _measure(case: str, recipe_data: dict, device: str, batch_size: int, warmup:
     from stackwise_cli.recipe import recipe_from_data
     from stackwise_cli.train.loop import make_optimizer
 
+    exact_rss_accounting()
     recipe = recipe_from_data(recipe_data, "recipe")
     cfg, tr = recipe.model, recipe.train
     dev = torch.device(device)

@@ -55,3 +55,43 @@ def step(
         f"stack / end-to-end: {rows[0].tokens_per_s / rows[1].tokens_per_s:.2f}x tokens/s, "
         f"{rows[0].peak_bytes / max(rows[1].peak_bytes, 1):.2f}x peak memory ({rows[0].memory_how})"
     )
+
+
+def attention(
+    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe YAML whose model shape is measured.")],
+    set_: SetOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    seq_lens: Annotated[str, typer.Option("--seq-lens", help="Comma-separated sequence lengths.")] = "128,256,512,1024",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per step.")] = 4,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed steps; the median is reported.")] = 3,
+    json_: JsonOpt = False,
+) -> None:
+    """Each attention kind and backend against sequence length: tokens/s and peak memory (forward + backward)."""
+    from stackwise_cli.bench.attention import bench_attention
+    from stackwise_cli.errors import StackwiseError
+    from stackwise_cli.recipe import load_recipe
+    from stackwise_cli.train.precision import pick_device
+
+    try:
+        lens = [int(x) for x in seq_lens.split(",") if x.strip()]
+    except ValueError:
+        raise StackwiseError(f"--seq-lens must be comma-separated integers, got {seq_lens!r}") from None
+    if not lens or min(lens) < 1:
+        raise StackwiseError(f"--seq-lens must list positive lengths, got {seq_lens!r}")
+    r = load_recipe(recipe, set_)
+    dev = str(pick_device(device))
+    rows = bench_attention(r.model, r.attention, dev, lens, batch_size, warmup, repeats)
+    if json_:
+        print_json({"device": dev, "recipe": r.name, "rows": rows})
+        return
+    print_table(
+        f"attention forward + backward on {dev}, {r.name} shape, batch {batch_size} (median of {repeats})",
+        ["kind", "backend", "seq len", "tokens/s", "peak MiB"],
+        [
+            [x["kind"], x["backend"], x["seq_len"], f"{x['tokens_per_s']:,.0f}", f"{x['peak_bytes'] / 2**20:,.1f}"]
+            if x["seq_len"]
+            else [x["kind"], x["backend"], "-", "unavailable", x["unavailable"]]
+            for x in rows
+        ],
+    )
