@@ -57,6 +57,7 @@ app.command("verify")(handled(status.verify))
 app.command("build")(handled(build.build))
 bench_app.command("step")(handled(bench.step))
 bench_app.command("attention")(handled(bench.attention))
+bench_app.command("kernels")(handled(bench.kernels))
 app.add_typer(bench_app, name="bench")
 
 

@@ -95,7 +95,10 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     table = Table(title=title, title_justify="left")
     for c in columns:
         table.add_column(
-            c, justify="left" if c in ("case", "state", "file", "what", "stage", "kind", "backend") else "right"
+            c,
+            justify="left"
+            if c in ("case", "state", "file", "what", "stage", "kind", "backend", "kernel", "impl", "dtype")
+            else "right",
         )
     for r in rows:
         table.add_row(*["-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in r])

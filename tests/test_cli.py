@@ -249,6 +249,15 @@ def test_bench_attention_json(tiny_recipe_path: Path):
     user_error(cli("bench", "attention", "--recipe", tiny_recipe_path, "--seq-lens", "a,b"), "--seq-lens")
 
 
+def test_bench_kernels_json():
+    data = ok_json("bench", "kernels", "--repeats", "1", "--warmup", "0", "--json")
+    timed = [r for r in data["rows"] if "time_ms" in r]
+    assert {r["kernel"] for r in timed} >= {"add_rmsnorm fwd", "rotary fwd", "fp8 quantize", "fp8 dequantize"}
+    assert all(r["impl"] == "reference" and r["gb_per_s"] > 0 for r in timed)  # no CUDA here: references only
+    fp8 = [r for r in data["rows"] if "size_saved_vs_bf16" in r]
+    assert fp8 and all(r["max_err_over_row_amax"] <= 1 / 28 + 1e-6 for r in fp8)
+
+
 def test_prepare_creates_a_project(tiny_recipe_path: Path, tmp_path: Path):
     root = tmp_path / "new"
     data = ok_json("prepare", "--recipe", tiny_recipe_path, "-p", root, "--json", "--set", "data.max_bytes=200000")

@@ -95,3 +95,49 @@ def attention(
             for x in rows
         ],
     )
+
+
+def kernels(
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 2,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs; the median is reported.")] = 5,
+    json_: JsonOpt = False,
+) -> None:
+    """Each custom kernel against its torch reference: time and achieved bandwidth vs the device's copy bandwidth."""
+    from stackwise_cli.bench.kernels import bench_kernels
+    from stackwise_cli.train.precision import pick_device
+
+    dev = str(pick_device(device))
+    rows = bench_kernels(dev, repeats=repeats, warmup=warmup)
+    if json_:
+        print_json({"device": dev, "rows": rows})
+        return
+    timed = [r for r in rows if "time_ms" in r]
+    print_table(
+        f"kernels on {dev} (median of {repeats}); copy bandwidth {timed[0]['copy_gb_per_s']:.1f} GB/s"
+        if timed
+        else dev,
+        ["kernel", "impl", "dtype", "tokens x width", "ms", "GB/s", "of copy"],
+        [
+            [
+                r["kernel"],
+                r["impl"],
+                r["dtype"],
+                f"{r['tokens']}x{r['width']}",
+                f"{r['time_ms']:.3f}",
+                f"{r['gb_per_s']:.2f}",
+                f"{r['fraction_of_copy']:.3f}",
+            ]
+            for r in timed
+        ],
+    )
+    for r in rows:
+        if "size_saved_vs_bf16" in r:
+            out.print(
+                f"fp8 cache of {r['dtype']} {r['tokens']}x{r['width']}: "
+                f"max error {r['max_err_over_row_amax']:.4f} of the row amax, "
+                f"mean abs error {r['mean_abs_err']:.4f}, {r['size_saved_vs_bf16']:.1%} smaller than bf16"
+            )
+    notes = {r["note"] for r in timed if r.get("note")}
+    for note in notes:
+        out.print(note)

@@ -122,6 +122,17 @@ def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
+def kernels_missing(dev: torch.device) -> str | None:
+    """What the ``kernels`` backend lacks on ``dev`` (None: it can run)."""
+    if dev.type != "cuda":
+        return f"a CUDA device (this tensor is on {dev.type})"
+    from stackwise_cli.kernels.ops import kernels_available  # lazy: the kernels package imports this module
+
+    if not kernels_available():
+        return "the stackwise CUDA extension, which did not build here (see the warning logged above)"
+    return None
+
+
 def resolve_backend(name: str, kind: str, device: torch.device | str) -> str:
     """The backend that computes attention ``kind`` on ``device``.
 
@@ -133,10 +144,16 @@ def resolve_backend(name: str, kind: str, device: torch.device | str) -> str:
     kind = resolve_kind(kind)
     dev = torch.device(device)
     if name == "kernels":
-        raise StackwiseError(
-            f"attention.backend 'kernels': no attention kernel exists for {dev.type} devices",
-            hint="set attention.backend: auto",
-        )
+        # Softmax attention through sdpa, with RoPE and the fused residual-add + RMSNorm as custom CUDA kernels.
+        if kind not in ("mha", "gqa", "mqa"):
+            raise StackwiseError(
+                f"attention.backend 'kernels' has kernels for kinds mha, gqa, mqa, not {kind!r}",
+                hint="set attention.backend: auto",
+            )
+        missing = kernels_missing(dev)
+        if missing:
+            raise StackwiseError(f"attention.backend 'kernels' needs {missing}", hint="set attention.backend: auto")
+        return name
     if kind == "linear":
         if name in ("auto", "reference"):
             return "reference"
@@ -216,7 +233,13 @@ def xformers_attention(
     return y.transpose(1, 2)  # (B, H, Tq, Dv)
 
 
-ATTEND = {"reference": reference_attention, "sdpa": sdpa_attention, "xformers": xformers_attention}
+# "kernels" computes the softmax itself through sdpa: its kernels are RoPE and the block's fused add + norm.
+ATTEND = {
+    "reference": reference_attention,
+    "sdpa": sdpa_attention,
+    "xformers": xformers_attention,
+    "kernels": sdpa_attention,
+}
 
 
 def attend(
@@ -256,6 +279,11 @@ class StandardAttention(nn.Module):
         q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        if resolve_backend(self.backend, self.kind, x.device) == "kernels":
+            from stackwise_cli.kernels.ops import rotary
+
+            q, k = rotary(q, k, cos, sin)  # one launch for both, same math as apply_rope
+            return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool = True) -> torch.Tensor:

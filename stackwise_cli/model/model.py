@@ -25,6 +25,7 @@ from stackwise_cli.model.attention import (  # noqa: F401  (re-exported: the mod
     apply_rope,
     make_attention,
     reference_attention,
+    resolve_backend,
     rope_tables,
 )
 from stackwise_cli.model.config import AttentionConfig, ModelConfig
@@ -52,7 +53,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool = True) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, causal)
+        a = self.attn(self.attn_norm(x), cos, sin, causal)
+        if resolve_backend(self.attn.backend, self.attn.kind, x.device) == "kernels":
+            from stackwise_cli.kernels.ops import add_rmsnorm
+
+            h, y = add_rmsnorm(x, a, self.mlp_norm.weight, self.mlp_norm.eps)  # one pass: h = x + a, y = norm(h)
+            return h + self.mlp(y)
+        x = x + a
         return x + self.mlp(self.mlp_norm(x))
 
     def output_projections(self) -> list[nn.Linear]:
