@@ -262,6 +262,16 @@ class KVCache:
     v: torch.Tensor
 
 
+def head_projections(cfg: ModelConfig) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    """q (H D, d), k and v (Hkv D, d), o (d, H D): the weights standard and linear attention share (the names
+    Hugging Face export maps)."""
+    q = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+    k = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+    v = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+    o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+    return q, k, v, o
+
+
 class StandardAttention(nn.Module):
     """Softmax attention with H query heads and Hkv = ``cfg.kv_heads`` key/value heads (H = Hkv: mha; 1: mqa)."""
 
@@ -269,10 +279,7 @@ class StandardAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.kind, self.backend, self.window = attn.kind, attn.backend, attn.window
-        self.q = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q, self.k, self.v, self.o = head_projections(cfg)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
@@ -472,10 +479,7 @@ class LinearAttention(nn.Module):
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.kind, self.backend = attn.kind, attn.backend
         self.phi = resolve_feature_map(attn.feature_map)
-        self.q = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q, self.k, self.v, self.o = head_projections(cfg)
 
     def _features(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
