@@ -42,11 +42,12 @@ def prepare(
             advance(1)
     n_bytes = sum(len(d.text.encode()) for d in docs)
     reporter.info(f"corpus: {len(docs)} documents, {n_bytes / 1e6:.1f} MB from {', '.join(describe_inputs(inputs))}")
+    split = [split_of(d.text, data.val_fraction) for d in docs]  # each document's split, hashed once
 
     if tokenizer is None:
         with reporter.task(f"train tokenizer ({recipe.model.vocab_size} tokens)"):
             # Trained on the training documents only: nothing of the validation text leaks into the model.
-            train_docs = (d.text for d in docs if split_of(d.text, data.val_fraction) == "train")
+            train_docs = (d.text for d, sp in zip(docs, split) if sp == "train")
             tok = train_tokenizer(train_docs, recipe.model.vocab_size, data.min_frequency)
     else:
         tok = load_tokenizer(tokenizer, recipe.model.vocab_size)
@@ -71,9 +72,7 @@ def prepare(
         )
         for name, shards in splits.items()
     }
-    documents = {"train": 0, "val": 0}
-    for d in docs:
-        documents[split_of(d.text, data.val_fraction)] += 1
+    documents = {name: split.count(name) for name in ("train", "val")}
     manifest = Manifest(
         created=now(),
         recipe=recipe,
