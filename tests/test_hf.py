@@ -211,3 +211,191 @@ def test_rewrite_replaces_and_failed_write_leaves_old_folder(tmp_path: Path, tok
     # The failed writes touched nothing: the second export is still there, complete, and no temporary is left.
     assert sha256_file(out / "model.safetensors") == second
     assert [p.name for p in tmp_path.iterdir()] == ["fused"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPT-2 (GPT2LMHeadModel) and BERT (BertForMaskedLM)
+
+MASK = "[MASK]"
+
+
+@pytest.fixture(scope="module")
+def mask_tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As ``tokenizer_file``, with the masked-LM objective's [MASK] special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=290,
+        special_tokens=[EOS, MASK],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    path = tmp_path_factory.mktemp("tokm") / "tokenizer.json"
+    tok.save(str(path))
+    assert tok.token_to_id(MASK) == 1
+    return path
+
+
+def make_family_rack(family: str, tie: bool, seed: int = 0) -> Rack:
+    """Two stacks (1 and 2 blocks), weights 5x the usual scale, and every norm weight and bias away from its init
+    (1 and 0), distinct per tensor, so that a swapped or dropped one moves the logits."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        family=family,
+        vocab_size=300,
+        d_model=64,
+        n_heads=4,
+        d_ff=160,
+        max_seq_len=64,
+        tie_embeddings=tie,
+        init_std=0.1,
+        norm_eps=1e-6 if family == "gpt2" else 1e-12,
+    )
+    ends = Ends(cfg)
+    ends.init_weights()
+    stacks = [Stack(cfg, n) for n in (1, 2)]
+    for s in stacks:
+        s.init_weights("random", total_blocks=3)
+    rack = Rack(cfg, ends, stacks, [5, 9]).eval()
+    with torch.no_grad():
+        for name, p in rack.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return rack
+
+
+FAMILY_CASES = [
+    pytest.param(("gpt2", False), id="gpt2-untied"),
+    pytest.param(("gpt2", True), id="gpt2-tied"),
+    pytest.param(("bert", False), id="bert-untied"),
+    pytest.param(("bert", True), id="bert-tied"),
+]
+HF_CLASS = {"gpt2": ("GPT2LMHeadModel", "AutoModelForCausalLM"), "bert": ("BertForMaskedLM", "AutoModelForMaskedLM")}
+
+
+def family_diff(model: torch.nn.Module, rack: Rack, tokens: torch.Tensor) -> float:
+    causal = rack.cfg.family != "bert"
+    with torch.no_grad():
+        if causal:
+            theirs = model(tokens).logits
+        else:
+            theirs = model(tokens, attention_mask=torch.ones_like(tokens)).logits
+        return (theirs - rack(tokens, causal=causal)).abs().max().item()
+
+
+@pytest.fixture(scope="module", params=FAMILY_CASES)
+def exported_family(request, tmp_path_factory: pytest.TempPathFactory, mask_tokenizer_file: Path):
+    family, tie = request.param
+    rack = make_family_rack(family, tie)
+    out = tmp_path_factory.mktemp(family) / "fused"
+    write_fused(out, rack, mask_tokenizer_file, EOS, 0)
+    auto = getattr(transformers, HF_CLASS[family][1])
+    model, info = auto.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    return rack, out, model.eval(), info
+
+
+def test_family_loads_as_its_hf_class_with_the_same_logits(exported_family) -> None:
+    rack, _, model, info = exported_family
+    assert type(model).__name__ == HF_CLASS[rack.cfg.family][0]
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert model.config.tie_word_embeddings == rack.cfg.tie_embeddings
+    tokens = torch.randint(0, rack.cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    assert family_diff(model, rack, tokens) < TOL
+
+
+def test_family_mapping_covers_every_tensor(exported_family) -> None:
+    rack, _, model, _ = exported_family
+    ours = hf_state_dict(rack)
+    theirs = model.state_dict()
+    dup = rack.cfg.vocab_size if rack.cfg.family == "bert" else 0  # BERT's decoder bias is written twice
+    assert sum(t.numel() for t in ours.values()) == sum(p.numel() for p in rack.parameters()) + dup
+    tied = {"gpt2": {"lm_head.weight"}, "bert": {"cls.predictions.decoder.weight"}}[rack.cfg.family]
+    assert set(theirs) == set(ours) | (tied if rack.cfg.tie_embeddings else set())
+    for k, v in ours.items():
+        assert torch.equal(theirs[k], v), k
+
+
+def test_family_swapped_mapping_is_detected(exported_family) -> None:
+    rack, _, model, _ = exported_family
+    tokens = torch.randint(0, rack.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    good = hf_state_dict(rack)
+    d = rack.cfg.d_model
+
+    def changed(key: str, fn) -> dict[str, torch.Tensor]:
+        return {**good, key: fn(good[key])}
+
+    def swapped(a: str, b: str) -> dict[str, torch.Tensor]:
+        return {**good, a: good[b], b: good[a]}
+
+    if rack.cfg.family == "gpt2":
+        layer = "transformer.h.1."
+        mistakes = {
+            "c_proj not transposed": changed(layer + "attn.c_proj.weight", lambda w: w.t().contiguous()),
+            "c_attn as k, q, v": changed(
+                layer + "attn.c_attn.weight",
+                lambda w: torch.cat((w[:, d : 2 * d], w[:, :d], w[:, 2 * d :]), 1),  # (in, 3 d): q, k swapped
+            ),
+            "ln_1/ln_2": swapped(layer + "ln_1.bias", layer + "ln_2.bias"),
+            "layer order": swapped("transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"),
+        }
+    else:
+        layer = "bert.encoder.layer.1."
+        mistakes = {
+            "post-norms": swapped(layer + "attention.output.LayerNorm.bias", layer + "output.LayerNorm.bias"),
+            "q/k": swapped(layer + "attention.self.query.weight", layer + "attention.self.key.weight"),
+            "embedding norm": changed("bert.embeddings.LayerNorm.bias", torch.zeros_like),
+            "decoder bias": changed("cls.predictions.decoder.bias", torch.zeros_like),
+            "layer order": swapped(
+                "bert.encoder.layer.0.output.dense.weight", "bert.encoder.layer.1.output.dense.weight"
+            ),
+        }
+    try:
+        for what, sd in mistakes.items():
+            model.load_state_dict(sd, strict=False)
+            assert family_diff(model, rack, tokens) > DETECT, what
+    finally:
+        model.load_state_dict(good, strict=False)
+    assert family_diff(model, rack, tokens) < TOL
+
+
+def test_family_tokenizer_and_special_tokens(exported_family, mask_tokenizer_file: Path) -> None:
+    from tokenizers import Tokenizer
+
+    rack, out, _, _ = exported_family
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok(SENTENCE)["input_ids"] == Tokenizer.from_file(str(mask_tokenizer_file)).encode(SENTENCE).ids
+    assert hf_tok.eos_token_id == 0
+    if rack.cfg.family == "bert":
+        assert hf_tok.mask_token == MASK and hf_tok.mask_token_id == 1
+    else:
+        assert json.loads((out / "tokenizer_config.json").read_text()).get("mask_token") is None
+
+
+def test_export_problem_names_what_cannot_be_exported() -> None:
+    from stackwise_cli.model.config import AttentionConfig
+    from stackwise_cli.model.hf import export_problem
+
+    gqa, mha = AttentionConfig(), AttentionConfig(kind="mha")
+    assert export_problem(gqa) is None  # the default llama, causal
+    assert export_problem(gqa, ModelConfig(n_kv_heads=2)) is None
+    assert export_problem(mha, ModelConfig(family="gpt2")) is None
+    assert export_problem(mha, ModelConfig(family="bert"), bidirectional=True) is None
+    refused = {
+        "bidirectionally": (gqa, ModelConfig(), True),
+        "causal": (mha, ModelConfig(family="bert"), False),
+        "modernbert": (gqa, ModelConfig(family="modernbert"), True),
+        "time_embedding": (gqa, ModelConfig(time_embedding=True), False),
+        "'mla'": (AttentionConfig(kind="mla"), ModelConfig(), False),
+        "'linear'": (AttentionConfig(kind="linear"), ModelConfig(), False),
+        "sliding window": (AttentionConfig(window=8), ModelConfig(), False),
+        "n_kv_heads": (gqa, ModelConfig(family="gpt2", n_kv_heads=2), False),
+        "model.mlp 'swiglu'": (gqa, ModelConfig(family="llama", mlp="gelu"), False),
+        "model.bias": (mha, ModelConfig(family="gpt2", bias=False), False),
+    }
+    for what, (attn, model, bidirectional) in refused.items():
+        problem = export_problem(attn, model, bidirectional=bidirectional)
+        assert problem is not None and what in problem, (what, problem)

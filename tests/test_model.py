@@ -105,3 +105,42 @@ def test_config_rejects_bad_shapes_with_field_names():
     with pytest.raises(SchemaError) as e:
         ModelConfig(d_model=32, n_heads=4, n_kv_heads=3)
     assert e.value.problems[0][0] == "n_kv_heads"
+
+
+def test_llama_tensor_names_are_unchanged():
+    """Stored stacks and ends (and their Hugging Face names) depend on these exact names: the llama family must keep
+    them whatever switches the other families add."""
+    stack, ends = Stack(CFG, 1), Ends(CFG)
+    assert list(stack.state_dict()) == [
+        "blocks.0.attn_norm.weight",
+        "blocks.0.attn.q.weight",
+        "blocks.0.attn.k.weight",
+        "blocks.0.attn.v.weight",
+        "blocks.0.attn.o.weight",
+        "blocks.0.mlp_norm.weight",
+        "blocks.0.mlp.gate.weight",
+        "blocks.0.mlp.up.weight",
+        "blocks.0.mlp.down.weight",
+    ]
+    assert list(ends.state_dict()) == ["embed.weight", "norm.weight", "head.weight"]
+    assert [p is ends.embed.weight for p in ends.input_parameters()] == [True]
+    assert ends.output_parameters() == [ends.norm.weight, ends.head.weight]
+
+
+def test_llama_init_draws_are_unchanged():
+    """Random init consumes the generator in the same order as before the families existed (norms 1, no biases),
+    so a seed gives the same llama weights as earlier releases."""
+    stack = Stack(CFG, 2)
+    stack.init_weights("random", total_blocks=4, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    for block in stack.blocks:
+        want = {}  # the draws replayed in the old order; output projections are drawn twice, the last one stays
+        for name, p in block.named_parameters():
+            if name.endswith("norm.weight"):
+                want[name] = torch.ones_like(p)
+            else:
+                want[name] = torch.empty_like(p).normal_(0.0, CFG.init_std, generator=g)
+        for name in ("attn.o.weight", "mlp.down.weight"):
+            want[name] = torch.empty_like(want[name]).normal_(0.0, CFG.init_std / (2 * 4) ** 0.5, generator=g)
+        for name, p in block.named_parameters():
+            assert torch.equal(p, want[name]), name

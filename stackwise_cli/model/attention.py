@@ -18,6 +18,8 @@ Backends (recipe ``attention.backend``), resolved per call for the device the in
 
 Every module has ``forward(x, cos, sin, causal)`` for a whole sequence and ``decode(x, cos, sin, cache)`` for one
 new token given the cache of the tokens before it; the tests hold decode step by step to the full forward.
+``cos`` and ``sin`` are None when the model has learned absolute positions instead of RoPE (standard and linear
+attention; MLA needs RoPE). Linear layers carry biases when ``model.use_bias`` (GPT-2, BERT).
 The rotary helpers and RMSNorm live here, the lowest layer, because MLA needs them; ``model.py`` imports them.
 """
 
@@ -265,10 +267,11 @@ class KVCache:
 def head_projections(cfg: ModelConfig) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
     """q (H D, d), k and v (Hkv D, d), o (d, H D): the weights standard and linear attention share (the names
     Hugging Face export maps)."""
-    q = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-    k = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-    v = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-    o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+    bias = cfg.use_bias  # GPT-2 and BERT have biases on all four
+    q = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
+    k = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
+    v = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
+    o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
     return q, k, v, o
 
 
@@ -281,11 +284,13 @@ class StandardAttention(nn.Module):
         self.kind, self.backend, self.window = attn.kind, attn.backend, attn.window
         self.q, self.k, self.v, self.o = head_projections(cfg)
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        if cos is None:  # learned absolute positions (GPT-2, BERT): added to the embedding, nothing to rotate
+            return q, k, v
         if resolve_backend(self.backend, self.kind, x.device) == "kernels":
             from stackwise_cli.kernels.ops import rotary
 
@@ -489,6 +494,8 @@ class LinearAttention(nn.Module):
         k = self.k(x).float().view(B, T, self.n_kv, 1, self.hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, 1, T, D)
         v = self.v(x).float().view(B, T, self.n_kv, 1, self.hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, 1, T, D)
         qf, kf = self.phi(q), self.phi(k)
+        if cos is None:  # learned absolute positions: no rotation
+            return qf, kf, qf, kf, v
         return qf, kf, apply_rope(qf, cos, sin), apply_rope(kf, cos, sin), v
 
     def _out(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
