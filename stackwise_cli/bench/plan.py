@@ -1,0 +1,713 @@
+"""The memory planner: bytes by kind for every stage of a recipe on one GPU, and FLOPs per token (docs/memory.md).
+
+Pure arithmetic on the recipe's shapes: nothing is allocated and torch is never imported, so a 70B plan answers
+at once on a laptop. Every byte count is a documented formula of the shapes; ``docs/memory.md`` gives them all.
+The activation estimate counts what the modules in ``model/`` save for backward (checked against
+``torch.autograd.graph.saved_tensors_hooks`` on the tiny recipe, see tests/test_plan.py), so the same numbers
+hold for a tiny CPU model and for the 70B shape; a ``bench memory`` command can set a measured peak against
+``Stage.total_bytes`` or any one of ``Stage.bytes``.
+
+Conventions (one place, used everywhere below):
+
+- ``fp32``: parameters, gradients and activations in fp32; no master copy.
+- ``bf16`` / ``fp16``: what a torch loop with fp32 parameters and ``torch.autocast`` allocates. The fp32
+  parameters are the *master weights*; the *weights* row is the 2-byte copy autocast casts every matmul weight to
+  and keeps for backward; gradients are fp32. The residual stream stays fp32 (fp32 + bf16 promotes), norms
+  compute in fp32, and every linear layer saves its own 2-byte cast of its input.
+- ``fp8``: as bf16, with the block linears computing on e4m3 (1 byte) casts of their inputs and weights (per-tensor
+  scales, a few bytes per layer, not counted); the head stays bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from stackwise_cli.errors import StackwiseError
+from stackwise_cli.model.config import AttentionConfig, ModelConfig
+from stackwise_cli.recipe import Recipe
+
+# Total memory of each GPU as ``nvidia-smi`` (and ``torch.cuda.mem_get_info``) reports it: 81,559 MiB for the
+# H100 SXM 80 GB and 143,771 MiB for the H200 141 GB. What a process can use is that minus the CUDA context,
+# cuBLAS workspaces and allocator slack, which HEADROOM_BYTES stands for, shown as its own row.
+GPUS: dict[str, int] = {"h100": 81_559 * 2**20, "h200": 143_771 * 2**20}
+HEADROOM_BYTES = 2 * 2**30
+DEFAULT_TFLOPS = 400.0  # sustained dense bf16 on an H100/H200: ~40% of the 989 TFLOP/s peak
+
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+OPTIMIZERS = ("adamw", "adamw8bit")
+FROZEN_DTYPES = ("fp32", "bf16", "fp8", "nf4", "fp4")
+CACHE_DTYPES = ("bf16", "fp32", "fp8")
+STAGES = (
+    "train-stack-l2r",
+    "train-stack-r2l",
+    "cache",
+    "fuse-full",
+    "fuse-lora",
+    "fuse-qlora",
+    "end-to-end",
+)
+# The rows of every stage, in table order.
+KINDS = (
+    "weights",
+    "gradients",
+    "optimizer",
+    "master",
+    "activations",
+    "frozen",
+    "cache_buffers",
+    "headroom",
+)
+KIND_LABELS = {
+    "weights": "weights",
+    "gradients": "gradients",
+    "optimizer": "optimizer state",
+    "master": "master weights",
+    "activations": "activations",
+    "frozen": "frozen weights",
+    "cache_buffers": "cache buffers",
+    "headroom": "CUDA context + allocator",
+}
+
+ADAM8BIT_BLOCK = 256  # bitsandbytes 8-bit optimizers: one fp32 absmax per 256 values of each state
+ADAM8BIT_MIN_NUMEL = 4096  # bitsandbytes keeps tensors smaller than this in 32-bit state
+NF4_BLOCK = 64  # bitsandbytes 4-bit weights: one absmax per 64 weights ...
+NF4_DQ_BLOCK = 256  # ... quantised to 8 bits (double quantisation), with one fp32 absmax per 256 of them
+LOSS_BYTES_PER_LOGIT = 12  # logits + their fp32 log-softmax + its gradient, live together at the loss (see below)
+LINEAR_CHUNK = 64  # model.attention.LINEAR_CHUNK, repeated here to keep torch out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanOptions:
+    """What the plan assumes beyond the recipe. ``None`` for batch size / sequence length = the recipe's."""
+
+    batch_size: int | None = None  # sequences per micro-batch (default train.batch_size)
+    seq_len: int | None = None  # tokens per sequence (default data.seq_len)
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    activation_checkpointing: bool | None = None  # None: off for train-stack and end-to-end, on for fuse
+    frozen_dtype: str = "nf4"  # right-to-left: storage of the frozen suffix
+    lora_rank: int = 16
+    tflops: float = DEFAULT_TFLOPS  # sustained TFLOP/s, for tokens per day
+    headroom_bytes: int = HEADROOM_BYTES
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, value, valid in (
+            ("precision", self.precision, PRECISIONS),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("frozen dtype", self.frozen_dtype, FROZEN_DTYPES),
+        ):
+            if value not in valid:
+                problems.append(f"{name} must be one of {', '.join(valid)}, got {value!r}")
+        for name in ("batch_size", "seq_len", "lora_rank"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name.replace('_', ' ')} must be >= 1, got {value}")
+        if not self.tflops > 0:
+            problems.append(f"tflops must be > 0, got {self.tflops}")
+        if self.headroom_bytes < 0:
+            problems.append(f"headroom must be >= 0 bytes, got {self.headroom_bytes}")
+        if problems:
+            raise StackwiseError("; ".join(problems))
+
+
+def gpu_bytes(name: str) -> int:
+    """``h100``, ``h200`` or a byte count (``150e9`` and ``141_000_000_000`` work) -> bytes."""
+    key = name.strip().lower()
+    if key in GPUS:
+        return GPUS[key]
+    try:
+        value = float(key.replace("_", ""))
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise StackwiseError(f"--gpu must be one of {', '.join(GPUS)} or a positive number of bytes, got {name!r}")
+    return int(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters: every tensor, with the names and shapes model.py gives it
+
+
+def block_shapes(model: ModelConfig, attn: AttentionConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of one block, by the name ``Block.named_parameters`` gives it, with its shape."""
+    d, H, D, F = model.d_model, model.n_heads, model.head_dim, model.ffn_dim
+    s: dict[str, tuple[int, ...]] = {"attn_norm.weight": (d,)}
+    if attn.kind == "mla":
+        C, R = attn.mla_kv_rank(model), attn.mla_rope_dim(model)
+        if attn.q_rank is None:
+            s["attn.q.weight"] = (H * (D + R), d)
+        else:
+            s["attn.q_down.weight"] = (attn.q_rank, d)
+            s["attn.q_norm.weight"] = (attn.q_rank,)
+            s["attn.q_up.weight"] = (H * (D + R), attn.q_rank)
+        s["attn.kv_down.weight"] = (C, d)
+        s["attn.kv_norm.weight"] = (C,)
+        s["attn.k_rope.weight"] = (R, d)
+        s["attn.k_up.weight"] = (H * D, C)
+        s["attn.v_up.weight"] = (H * D, C)
+        s["attn.o.weight"] = (d, H * D)
+    else:
+        kv = model.kv_heads * D
+        s.update({"attn.q.weight": (H * D, d), "attn.k.weight": (kv, d), "attn.v.weight": (kv, d)})
+        s["attn.o.weight"] = (d, H * D)
+    s["mlp_norm.weight"] = (d,)
+    s.update({"mlp.gate.weight": (F, d), "mlp.up.weight": (F, d), "mlp.down.weight": (d, F)})
+    return s
+
+
+def ends_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of ``Ends``, by name, with its shape."""
+    s = {"embed.weight": (model.vocab_size, model.d_model), "norm.weight": (model.d_model,)}
+    if not model.tie_embeddings:
+        s["head.weight"] = (model.vocab_size, model.d_model)
+    return s
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+@dataclass(frozen=True)
+class Params:
+    """A set of parameter tensors: (shape, whether a matmul reads it) each, with the sums the formulas need.
+
+    A matmul weight costs 2 FLOPs per token forward and is what autocast casts; the embedding is a lookup
+    (unless tied, when the head multiplies by it) and norm weights are elementwise."""
+
+    tensors: tuple[tuple[tuple[int, ...], bool], ...] = ()
+
+    @staticmethod
+    def of(shapes, repeat: int = 1, matmul: bool | None = None) -> Params:
+        one = tuple((tuple(s), len(s) == 2 if matmul is None else matmul) for s in shapes)
+        return Params(one * repeat)
+
+    def __add__(self, other: Params) -> Params:
+        return Params(self.tensors + other.tensors)
+
+    @property
+    def count(self) -> int:
+        return sum(numel(s) for s, _ in self.tensors)
+
+    @property
+    def matmul(self) -> int:
+        """Parameters that matmuls read."""
+        return sum(numel(s) for s, mm in self.tensors if mm)
+
+    @property
+    def largest(self) -> int:
+        return max((numel(s) for s, _ in self.tensors), default=0)
+
+
+def param_counts(recipe: Recipe) -> dict[str, int]:
+    """Parameters of one block, one stack, the whole rack, and each of the ends."""
+    block = sum(numel(s) for s in block_shapes(recipe.model, recipe.attention).values())
+    ends = ends_shapes(recipe.model)
+    n_blocks = recipe.rack.stacks * recipe.rack.blocks_per_stack
+    return {
+        "block": block,
+        "stack": block * recipe.rack.blocks_per_stack,
+        "blocks": block * n_blocks,
+        "embed": numel(ends["embed.weight"]),
+        "final_norm": numel(ends["norm.weight"]),
+        "head": numel(ends["head.weight"]) if "head.weight" in ends else 0,
+        "total": block * n_blocks + sum(numel(s) for s in ends.values()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bytes per parameter
+
+
+def optimizer_bytes(p: Params, optimizer: str) -> float:
+    """AdamW: two fp32 moments, 8 B/param. bitsandbytes AdamW8bit: two uint8 moments with one fp32 absmax per
+    256 values each, 2 * (1 + 4/256) B/param, for tensors of >= 4096 elements (smaller ones stay 32-bit)."""
+    if optimizer == "adamw":
+        return 8.0 * p.count
+    total = 0.0
+    for s, _ in p.tensors:
+        n = numel(s)
+        total += 8 * n if n < ADAM8BIT_MIN_NUMEL else 2 * (n + 4 * math.ceil(n / ADAM8BIT_BLOCK))
+    return total
+
+
+def frozen_bytes(p: Params, dtype: str) -> float:
+    """Storage of frozen tensors. Linear weights: fp32 4 B, bf16 2 B, fp8 1 B + one fp32 scale per output row,
+    nf4/fp4 0.5 B + the bitsandbytes double-quantised absmax (1 B per 64 weights + 4 B per 64 * 256 weights).
+    Norm weights (1-D) stay 4 B (fp32) or 2 B (everything else)."""
+    total = 0.0
+    for s, mm in p.tensors:
+        n = numel(s)
+        if not mm or dtype in ("fp32", "bf16"):
+            total += n * (4 if dtype == "fp32" else 2)
+        elif dtype == "fp8":
+            total += n + 4 * s[0]
+        else:  # nf4, fp4
+            blocks = math.ceil(n / NF4_BLOCK)
+            total += n / 2 + blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK)
+    return total
+
+
+def trainable_bytes(p: Params, head: Params, precision: str, optimizer: str) -> dict[str, float]:
+    """weights, gradients, optimizer state and master weights of trainable ``p`` (``head``: the part of ``p``
+    that is the LM head, which fp8 training keeps in bf16)."""
+    grads = 4.0 * p.count
+    opt = optimizer_bytes(p, optimizer)
+    if precision == "fp32":
+        return {"weights": 4.0 * p.count, "gradients": grads, "optimizer": opt, "master": 0.0}
+    if precision == "fp8":
+        copies = 1.0 * (p.matmul - head.matmul) + 2.0 * head.matmul
+    else:
+        copies = 2.0 * p.matmul  # autocast's cached cast of each weight, kept for backward
+    return {"weights": copies, "gradients": grads, "optimizer": opt, "master": 4.0 * p.count}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activations per token
+
+
+@dataclass(frozen=True)
+class ActDtypes:
+    """Bytes per value of what a block saves: the residual stream and norms, what matmuls produce, what each
+    linear layer saves of its input, and whether linears reading one tensor share it (fp32) or each keep a cast."""
+
+    residual: int
+    compute: int
+    linear_in: int
+    shared: bool
+
+    @staticmethod
+    def of(precision: str) -> ActDtypes:
+        if precision == "fp32":
+            return ActDtypes(4, 4, 4, True)
+        return ActDtypes(4, 2, 1 if precision == "fp8" else 2, False)
+
+
+LORA_ACT = ActDtypes(2, 2, 2, True)  # a bf16 base run in bf16: the residual is bf16, no casts
+
+
+def attention_context(model: ModelConfig, attn: AttentionConfig, seq_len: int, causal: bool = True) -> float:
+    """The mean number of keys a query attends to: T/2 causal, T bidirectional, at most the window."""
+    ctx = seq_len / 2 if causal else float(seq_len)
+    return ctx if attn.window is None else min(ctx, float(attn.window))
+
+
+def block_bytes_per_token(
+    model: ModelConfig, attn: AttentionConfig, seq_len: int, dt: ActDtypes, lora_rank: int = 0
+) -> float:
+    """Bytes one block saves for backward per token (its own input included), the attention on a CUDA device.
+
+    With r, c, l the residual, compute and linear-input bytes (fp32: 4, 4, 4; bf16: 4, 2, 2; fp8: 4, 2, 1):
+    norms save their input and the normalised value (2 r d each), each linear its input (l d; in fp32 q, k and v
+    share one tensor, under autocast each keeps a cast), sdpa/flash/xformers save q, k, v, the output and a
+    logsumexp per head (c (H D + 2 Hkv D) + c H D + 4 H), the SwiGLU its gate, silu, up and product (4 c F); the
+    reference backend saves the fp32 (T, T) probabilities instead of a logsumexp, and q, k, v in fp32 per head.
+    """
+    d, H, D, Hkv, F = model.d_model, model.n_heads, model.head_dim, model.kv_heads, model.ffn_dim
+    r, c, li = dt.residual, dt.compute, dt.linear_in
+    norms = 2 * (2 * r * d)  # attn_norm and mlp_norm: input and normalised value each
+    n_in = 1 if dt.shared else 3  # q, k, v (or q, kv_down, k_rope) read the attention norm's output
+    o_in = 0 if li == c else li * H * D  # o reads the attention output: the same tensor unless fp8-cast
+    down_in = c * F if li == c else li * F
+    mlp = (1 if dt.shared else 2) * li * d + 3 * c * F + down_in
+    if attn.kind == "linear":
+        # computed in fp32 whatever the precision: q, k, v, their features and rotated features, the output,
+        # and per chunk the masked (c, c) score and normaliser matrices.
+        qkv = H * D + 2 * Hkv * D
+        att = 4 * (qkv + (H * D + Hkv * D) * 2 + H * D + 2 * H * LINEAR_CHUNK) + c * H * D
+    elif attn.kind == "mla":
+        C, R = attn.mla_kv_rank(model), attn.mla_rope_dim(model)
+        latent = c * C + r * C + (1 if dt.shared else 2) * li * C  # kv_down out, its norm, k_up/v_up inputs
+        if attn.q_rank is not None:
+            latent += c * attn.q_rank + r * attn.q_rank + li * attn.q_rank
+        att = latent + c * (2 * H * (D + R) + H * D) + c * H * D + 4 * H + o_in
+    else:
+        att = c * (H * D + 2 * Hkv * D) + c * H * D + 4 * H + o_in
+    if attn.kind != "linear" and attn.backend == "reference":
+        # explicit softmax: fp32 q, k and v per query head, and the (H, T, T) probabilities
+        att += 4 * 3 * H * D + 4 * H * seq_len - c * (H * D + 2 * Hkv * D) - 4 * H
+    n_linear = sum(1 for s in block_shapes(model, attn).values() if len(s) == 2)
+    lora = 2 * lora_rank * n_linear  # each adapter's A(x), rank r, bf16
+    return norms + n_in * li * d + att + mlp + lora
+
+
+def head_bytes_per_token(model: ModelConfig, dt: ActDtypes) -> float:
+    """The final norm (input, normalised value), the head's input, and the loss: the (B, T, vocab) logits, their
+    fp32 log-softmax (kept for backward) and its gradient are live together, 12 B per logit whatever the
+    precision (fp32: 3 x 4 B; bf16: 2 B logits + a 2 B shifted copy + 4 B fp32 copy + 4 B log-softmax)."""
+    return 2 * dt.residual * model.d_model + dt.linear_in * model.d_model + LOSS_BYTES_PER_LOGIT * model.vocab_size
+
+
+def inference_bytes_per_token(model: ModelConfig, attn: AttentionConfig, seq_len: int, c: int = 4) -> float:
+    """The largest set of tensors live at once in a no-grad forward: the residual and its update, plus the larger
+    of the attention's (normed input, q, k, v, output) and the MLP's (normed input, silu, up, product)."""
+    d, H, D, Hkv, F = model.d_model, model.n_heads, model.head_dim, model.kv_heads, model.ffn_dim
+    att = d + 2 * H * D + 2 * Hkv * D + (H * seq_len if attn.backend == "reference" else 0)
+    return c * (2 * d + max(att, d + 3 * F))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs per token
+
+
+def attention_flops_forward(model: ModelConfig, attn: AttentionConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one layer's attention scores and weighted sum (the matmuls are in 2 N):
+    2 H (Dqk + Dv) x the mean context (T/2 causal). Linear attention: 4 H D^2 (state update and read) plus
+    its in-chunk part."""
+    H, D = model.n_heads, model.head_dim
+    if attn.kind == "linear":
+        return 4 * H * D * D + 2 * H * 2 * D * LINEAR_CHUNK / 2
+    dqk = D + (attn.mla_rope_dim(model) if attn.kind == "mla" else 0)
+    return 2 * H * (dqk + D) * attention_context(model, attn, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Stage:
+    """One stage's bytes by kind (``KINDS``), what it holds, and its FLOPs per token."""
+
+    name: str
+    variant: str  # which case of the stage this is (e.g. "leftmost" or "cached" for train-stack-l2r)
+    what: str  # one line: what is on the device
+    bytes: dict[str, int]  # kind -> bytes, every kind of KINDS
+    device_bytes: int
+    params_trainable: int
+    params_frozen: int
+    activation_checkpointing: bool
+    batch_size: int
+    seq_len: int
+    flops_per_token: float
+    tokens_per_day: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.device_bytes
+
+    def to_data(self) -> dict:
+        data = asdict(self)
+        data.update(total_bytes=self.total_bytes, fits=self.fits)
+        return data
+
+
+@dataclass
+class Plan:
+    recipe: str
+    device_bytes: int
+    options: PlanOptions
+    params: dict[str, int]
+    stages: list[Stage]  # one per STAGES entry: the worst variant of each
+    variants: list[Stage]  # every variant planned (the stages among them), e.g. both train-stack-l2r cases
+    cache_disk_bytes_per_billion_tokens: dict[str, int]  # cache dtype -> bytes on disk per 1e9 cached tokens
+    cache_dtype: str  # the recipe's
+
+    def stage(self, name: str, variant: str | None = None) -> Stage:
+        """The stage ``name`` as planned (its worst variant), or its variant ``variant``."""
+        for s in self.stages if variant is None else self.variants:
+            if s.name == name and (variant is None or s.variant == variant):
+                return s
+        known = ", ".join(f"{s.name}/{s.variant}" for s in self.variants)
+        raise StackwiseError(f"no stage {name!r}{f' variant {variant!r}' if variant else ''}; planned: {known}")
+
+    def to_data(self) -> dict:
+        return {
+            "recipe": self.recipe,
+            "device_bytes": self.device_bytes,
+            "options": asdict(self.options),
+            "params": self.params,
+            "cache_dtype": self.cache_dtype,
+            "cache_disk_bytes_per_billion_tokens": self.cache_disk_bytes_per_billion_tokens,
+            "stages": [s.to_data() for s in self.stages],
+            "variants": [s.to_data() for s in self.variants],
+        }
+
+
+def cache_bytes_per_token(d_model: int, dtype: str) -> float:
+    """One cached hidden state: d_model values of 2 B (bf16) or 4 B (fp32), or 1 B (fp8) + one fp32 scale."""
+    return d_model * {"bf16": 2, "fp32": 4}[dtype] if dtype != "fp8" else d_model + 4
+
+
+def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) -> Plan:
+    """Bytes by kind, fit on ``device_bytes`` and FLOPs per token for every stage in ``STAGES``."""
+    o = options or PlanOptions()
+    if device_bytes <= 0:
+        raise StackwiseError(f"device bytes must be > 0, got {device_bytes}")
+    m, at, rk = recipe.model, recipe.attention, recipe.rack
+    if m.family != "llama":
+        # The shapes and saved tensors below are the llama block's (RMSNorm, SwiGLU, no biases, RoPE).
+        raise StackwiseError(f"bench plan models the llama family only for now, got model.family {m.family!r}")
+    B = o.batch_size or recipe.train.batch_size
+    T = o.seq_len or recipe.data.seq_len
+    n_tok = B * T
+    k, n_stacks = rk.blocks_per_stack, rk.stacks
+    L = k * n_stacks
+
+    block = Params.of(block_shapes(m, at).values())
+    ends = ends_shapes(m)
+    embed = Params.of([ends["embed.weight"]], matmul=m.tie_embeddings)  # a lookup, unless it is the head
+    norm = Params.of([ends["norm.weight"]])
+    head = Params.of([ends["head.weight"]]) if "head.weight" in ends else Params()
+    out_ends = norm + head  # final norm + head (with tied embeddings the head is the embedding)
+    stack = Params.of([s for s, _ in block.tensors], k)
+    head_mm = m.vocab_size * m.d_model  # the logits matmul, tied or not
+    train_head = recipe.train.head == "train"
+
+    dt = ActDtypes.of(o.precision)
+    a_block = block_bytes_per_token(m, at, T, dt) * n_tok
+    a_in = dt.residual * m.d_model * n_tok  # what a checkpointed block keeps: its input
+    a_head = head_bytes_per_token(m, dt) * n_tok
+    att_f = attention_flops_forward(m, at, T)
+    ckpt_default = {"fuse-full": True, "fuse-lora": True, "fuse-qlora": True}
+
+    def ckpt(name: str) -> bool:
+        return o.activation_checkpointing if o.activation_checkpointing is not None else ckpt_default.get(name, False)
+
+    def trained_blocks_act(n: int, on: bool, a_blk: float, a_inp: float) -> float:
+        # Without checkpointing every block keeps everything; with it each keeps its input and one block at a
+        # time is recomputed in full during backward.
+        return n * a_blk if not on else n * a_inp + (a_blk - a_inp)
+
+    def make(
+        name: str,
+        variant: str,
+        what: str,
+        trainable: Params,
+        frozen_rows: float,
+        act: float,
+        buffers: float,
+        flops: float,
+        *,
+        frozen_count: int,
+        on: bool,
+        head_part: Params = head,
+        precision: str = o.precision,
+        notes: list[str] | tuple[str, ...] = (),
+    ) -> Stage:
+        rows = trainable_bytes(trainable, head_part, precision, o.optimizer)
+        rows.update(activations=act, frozen=frozen_rows, cache_buffers=buffers, headroom=o.headroom_bytes)
+        return Stage(
+            name=name,
+            variant=variant,
+            what=what,
+            bytes={kind: int(round(rows[kind])) for kind in KINDS},
+            device_bytes=device_bytes,
+            params_trainable=trainable.count,
+            params_frozen=frozen_count,
+            activation_checkpointing=on,
+            batch_size=B,
+            seq_len=T,
+            flops_per_token=flops,
+            tokens_per_day=o.tflops * 1e12 * 86400 / flops,
+            notes=list(notes),
+        )
+
+    stages = []
+
+    # --- train-stack, left to right: the leftmost stack (from the tokens, trains the embedding) or a later one
+    # (from its cache; the embedding is loaded frozen in fp32 with the ends). The worse of the two is planned.
+    name = "train-stack-l2r"
+    on = ckpt(name)
+    head_train = out_ends if train_head else Params()
+    head_frozen = Params() if train_head else out_ends
+    stack_act = trained_blocks_act(k, on, a_block, a_in)
+    head_flops = (6 if train_head else 4) * head_mm
+    flops = 6 * stack.matmul + (2 * stack.matmul if on else 0) + k * att_f * (4 if on else 3) + head_flops
+    first = make(
+        name,
+        "leftmost",
+        f"stack at rack position 0 ({k} block(s)) + embedding{' + final norm + head' if train_head else ''} "
+        "trainable, input from the tokens",
+        stack + embed + head_train,
+        frozen_bytes(head_frozen, "fp32"),
+        stack_act + a_head,
+        0.0,
+        flops,
+        frozen_count=head_frozen.count,
+        on=on,
+    )
+    later_train = stack + head_train  # a tied head is the embedding: frozen after the leftmost stack
+    later_frozen = embed + head_frozen
+    later = make(
+        name,
+        "cached",
+        f"stack at rack position >= 1 ({k} block(s)){' + final norm + head' if train_head else ''} trainable, "
+        "input read from its cache",
+        later_train,
+        frozen_bytes(later_frozen, "fp32"),
+        stack_act - a_in + a_head,  # block 0's input is the cache buffer
+        4.0 * m.d_model * n_tok,  # the cached batch on the device, in fp32 (loop.Sequences.get)
+        flops,
+        frozen_count=later_frozen.count,
+        on=on,
+    )
+    variants = [first, later] if n_stacks > 1 else [first]
+    stages.append(max(variants, key=lambda s: s.total_bytes))
+
+    # --- train-stack, right to left: the new leftmost stack + embedding trainable, the other stacks frozen in
+    # --frozen-dtype, the gradient passing through them, each suffix block checkpointed.
+    name = "train-stack-r2l"
+    on = ckpt(name)
+    suffix_blocks = L - k
+    suffix = Params.of([s for s, _ in block.tensors], suffix_blocks)
+    r2l_train = stack + embed + (norm if train_head else Params()) + (head if train_head else Params())
+    r2l_frozen_ends = Params() if train_head else out_ends
+    dequant = 0.0
+    if o.frozen_dtype in ("fp8", "nf4", "fp4") and suffix_blocks:
+        dequant = dt.compute * block.largest  # one layer dequantised at a time
+    if suffix_blocks:
+        act = trained_blocks_act(k, on, a_block, a_in) + suffix_blocks * a_in + (a_block - a_in)
+    else:
+        act = trained_blocks_act(k, on, a_block, a_in)
+    flops = (
+        6 * stack.matmul
+        + (2 * stack.matmul if on else 0)
+        + 6 * suffix.matmul  # forward, backward to the input, and the recomputed forward
+        + (k * (4 if on else 3) + suffix_blocks * 4) * att_f
+        + (6 if train_head else 4) * head_mm
+    )
+    stages.append(
+        make(
+            name,
+            "suffix",
+            f"new leftmost stack ({k} block(s)) + embedding trainable; {suffix_blocks} suffix block(s) frozen in "
+            f"{o.frozen_dtype}, checkpointed",
+            r2l_train,
+            frozen_bytes(suffix, o.frozen_dtype) + frozen_bytes(r2l_frozen_ends, "fp32") + dequant,
+            act + a_head,
+            0.0,
+            flops,
+            frozen_count=suffix.count + r2l_frozen_ends.count,
+            on=on,
+            notes=[f"includes one dequantised {o.frozen_dtype} layer in compute precision"] if dequant else [],
+        )
+    )
+
+    # --- cache: a no-grad fp32 forward (train/cache.py) with cache.batch_size sequences. The cache entering
+    # position 1 runs from the tokens through the ends and stack 0; later ones run incrementally, one stack on
+    # the cache before it (input + output batch on the device). The worse of the two is planned.
+    name = "cache"
+    Bc = recipe.cache.batch_size
+    inf = inference_bytes_per_token(m, at, T) * Bc * T
+    hbuf = 4.0 * m.d_model * Bc * T  # one (B, T, d) fp32 batch on the device
+    flops_c = 2 * stack.matmul + k * att_f
+    all_ends = embed + out_ends
+    from_tokens = make(
+        name,
+        "from-tokens",
+        "cache entering position 1: the ends + stack 0 in fp32, from the tokens, no grad",
+        Params(),
+        frozen_bytes(stack + all_ends, "fp32"),
+        inf,
+        hbuf,
+        flops_c,
+        frozen_count=(stack + all_ends).count,
+        on=False,
+    )
+    incremental = make(
+        name,
+        "incremental",
+        "cache entering position >= 2: one stack in fp32 on the cache before it, no grad",
+        Params(),
+        frozen_bytes(stack, "fp32"),
+        inf,
+        2 * hbuf,
+        flops_c,
+        frozen_count=stack.count,
+        on=False,
+        notes=["a cache whose left neighbour's cache is missing or stale runs from the tokens through every stack"],
+    )
+    from_tokens.batch_size = incremental.batch_size = Bc
+    cache_variants = [from_tokens, incremental] if n_stacks > 2 else [from_tokens]
+    variants += cache_variants
+    stages.append(max(cache_variants, key=lambda s: s.total_bytes))
+
+    # --- fuse with fine-tuning, and end-to-end training: the whole model at once.
+    blocks_all = Params.of([s for s, _ in block.tensors], L)
+    every = blocks_all + all_ends
+    for name, what in (
+        ("fuse-full", "the whole fused model trainable"),
+        ("end-to-end", "the whole model trained at once (the baseline)"),
+    ):
+        on = ckpt(name)
+        flops = 6 * (blocks_all.matmul + head_mm) + (2 * blocks_all.matmul if on else 0) + L * att_f * (4 if on else 3)
+        stages.append(
+            make(
+                name,
+                "whole",
+                what,
+                every,
+                0.0,
+                trained_blocks_act(L, on, a_block, a_in) + a_head,
+                0.0,
+                flops,
+                frozen_count=0,
+                on=on,
+            )
+        )
+
+    # LoRA: adapters A (r, in) and B (out, r) on every linear layer of every block (attention included), the
+    # base frozen and run in bf16 (lora) or stored in NF4 and dequantised to bf16 one layer at a time (qlora).
+    # The embedding, final norm and head are not adapted and stay bf16.
+    r = o.lora_rank
+    adapters = Params.of(
+        [shape for s, mm in block.tensors if mm for shape in ((r, s[1]), (s[0], r))],
+        L,
+    )
+    la_block = block_bytes_per_token(m, at, T, LORA_ACT, r) * n_tok
+    la_in = LORA_ACT.residual * m.d_model * n_tok
+    la_head = head_bytes_per_token(m, LORA_ACT) * n_tok
+    for name, base_dtype in (("fuse-lora", "bf16"), ("fuse-qlora", "nf4")):
+        on = ckpt(name)
+        base_bytes = frozen_bytes(blocks_all, base_dtype) + frozen_bytes(all_ends, "bf16")
+        if base_dtype == "nf4":
+            base_bytes += 2 * block.largest  # one layer dequantised to bf16 at a time
+        flops = (
+            4 * (blocks_all.matmul + head_mm)  # frozen: forward + backward to the input
+            + 6 * adapters.count
+            + (2 * (blocks_all.matmul + adapters.count) if on else 0)
+            + L * att_f * (4 if on else 3)
+        )
+        stages.append(
+            make(
+                name,
+                "whole",
+                f"LoRA rank {r} on every linear layer; base frozen in {base_dtype} (ends bf16)",
+                adapters,
+                base_bytes,
+                trained_blocks_act(L, on, la_block, la_in) + la_head,
+                0.0,
+                flops,
+                frozen_count=every.count,
+                on=on,
+                head_part=Params(),
+                precision="bf16" if o.precision == "fp32" else o.precision,
+            )
+        )
+
+    order = {n: i for i, n in enumerate(STAGES)}
+    stages.sort(key=lambda s: order[s.name])
+    variants += [s for s in stages if s not in variants]
+    variants.sort(key=lambda s: order[s.name])
+    disk = {dt_: int(round(cache_bytes_per_token(m.d_model, dt_) * 1e9)) for dt_ in CACHE_DTYPES}
+    return Plan(
+        recipe=recipe.name,
+        device_bytes=device_bytes,
+        options=o,
+        params=param_counts(recipe),
+        stages=stages,
+        variants=variants,
+        cache_disk_bytes_per_billion_tokens=disk,
+        cache_dtype=recipe.cache.dtype,
+    )

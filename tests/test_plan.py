@@ -1,0 +1,238 @@
+"""The memory planner (stackwise_cli/bench/plan.py): parameter counts against the real modules, the activation
+estimate against what autograd saves, how bytes scale, the 70B headline, and the ``bench plan`` CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stackwise_cli.app import app
+from stackwise_cli.bench.plan import (
+    GPUS,
+    KINDS,
+    ActDtypes,
+    PlanOptions,
+    block_bytes_per_token,
+    block_shapes,
+    ends_shapes,
+    param_counts,
+    plan,
+)
+from stackwise_cli.errors import StackwiseError
+from stackwise_cli.model.model import Ends, Stack
+from stackwise_cli.recipe import load_recipe
+
+ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb", "STACKWISE_DEBUG": None}
+TINY = "recipes/llama/tiny.yaml"
+B70 = "recipes/llama/70b.yaml"
+BIG = 10**15  # a device nothing fails to fit
+# The stages stack-wise training of the 70B model runs; fuse-full and fuse-lora hold the whole model trainable or
+# in bf16, like end-to-end training.
+STACKWISE = ("train-stack-l2r", "train-stack-r2l", "cache", "fuse-qlora")
+
+
+def shapes_of(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "path, sets",
+    [
+        (TINY, []),
+        ("recipes/llama/tiny-mla.yaml", []),
+        ("recipes/llama/tiny-mla.yaml", ["attention.q_rank=48"]),
+        (TINY, ["attention.kind=linear"]),
+        (TINY, ["model.tie_embeddings=true", "model.n_kv_heads=null", "attention.kind=mha"]),
+    ],
+)
+def test_shapes_and_counts_are_the_real_modules(path, sets):
+    r = load_recipe(path, sets)
+    assert block_shapes(r.model, r.attention) == shapes_of(Stack(r.model, 1, r.attention).blocks[0])
+    assert ends_shapes(r.model) == shapes_of(Ends(r.model))
+    stacks = [Stack(r.model, r.rack.blocks_per_stack, r.attention) for _ in range(r.rack.stacks)]
+    counts = param_counts(r)
+    assert counts["stack"] == sum(p.numel() for p in stacks[0].parameters())
+    assert counts["total"] == sum(p.numel() for m in [Ends(r.model), *stacks] for p in m.parameters())
+    assert counts["block"] == r.model.block_params(r.attention)
+
+
+def test_70b_parameter_count():
+    m = load_recipe(B70).model
+    L = 80
+    per_block = m.d_model * m.head_dim * (2 * m.n_heads + 2 * m.kv_heads) + 3 * m.d_model * m.ffn_dim + 2 * m.d_model
+    expected = L * per_block + 2 * m.vocab_size * m.d_model + m.d_model
+    counts = param_counts(load_recipe(B70))
+    assert counts["total"] == expected
+    assert abs(counts["total"] - 68.98e9) < 0.01e9  # LLaMA-2-70B: 68,976,648,192
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_estimate_matches_what_autograd_saves(precision):
+    r = load_recipe(TINY)
+    B, T = 2, 64
+    stack = Stack(r.model, 2, r.attention)
+    param_ptrs = {p.untyped_storage().data_ptr() for p in stack.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_ptrs:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.randn(B, T, r.model.d_model, requires_grad=True)  # a block inside a rack: its input needs grad
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        stack(x)
+    expected = 2 * block_bytes_per_token(r.model, r.attention, T, ActDtypes.of(precision)) * B * T
+    if precision == "bf16":  # autocast's bf16 copies of the weights, the plan's "weights" row
+        expected += 2 * sum(p.numel() for p in stack.parameters() if p.dim() == 2)
+    assert sum(saved.values()) == pytest.approx(expected, rel=0.05)
+
+
+def test_doubling_the_batch_doubles_activations_only():
+    r = load_recipe(TINY)
+    one = plan(r, BIG, PlanOptions(batch_size=4, precision="fp32"))
+    two = plan(r, BIG, PlanOptions(batch_size=8, precision="fp32"))
+    for a, b in zip(one.stages, two.stages, strict=True):
+        if a.name == "cache":  # computed with the recipe's cache.batch_size, not the training batch
+            assert a.bytes == b.bytes
+            continue
+        assert b.bytes["activations"] == pytest.approx(2 * a.bytes["activations"], rel=1e-6)
+        for kind in ("weights", "gradients", "optimizer", "master", "frozen", "headroom"):
+            assert b.bytes[kind] == a.bytes[kind], (a.name, kind)
+    # the cache stage has its own batch size; train-stack's cached input batch doubles with the batch
+    l2r = plan(r, BIG, PlanOptions(batch_size=4, precision="fp32")).stage("train-stack-l2r", "cached")
+    l2r2 = plan(r, BIG, PlanOptions(batch_size=8, precision="fp32")).stage("train-stack-l2r", "cached")
+    assert l2r2.bytes["cache_buffers"] == 2 * l2r.bytes["cache_buffers"] > 0
+
+
+def test_adamw8bit_is_about_a_quarter_of_adamw():
+    r = load_recipe(B70)
+    full = plan(r, BIG, PlanOptions(optimizer="adamw")).stage("train-stack-l2r")
+    small = plan(r, BIG, PlanOptions(optimizer="adamw8bit")).stage("train-stack-l2r")
+    # every 70B tensor has >= 4096 values: 2 x (1 B + 4 B / 256) against 2 x 4 B
+    assert small.bytes["optimizer"] / full.bytes["optimizer"] == pytest.approx((2 + 8 / 256) / 8, rel=1e-6)
+    assert small.bytes["weights"] == full.bytes["weights"]
+
+
+def test_nf4_suffix_is_smaller_than_bf16():
+    r = load_recipe(B70)
+    by = {
+        d: plan(r, BIG, PlanOptions(frozen_dtype=d)).stage("train-stack-r2l").bytes["frozen"] for d in ("bf16", "nf4")
+    }
+    by["fp8"] = plan(r, BIG, PlanOptions(frozen_dtype="fp8")).stage("train-stack-r2l").bytes["frozen"]
+    assert by["nf4"] < by["fp8"] < by["bf16"]
+    suffix = param_counts(r)["blocks"] - param_counts(r)["stack"]
+    assert by["bf16"] == pytest.approx(2 * suffix, rel=1e-3)
+    assert by["nf4"] / suffix == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), abs=0.01)  # + one dequantised layer
+
+
+def test_checkpointing_reduces_activations_and_adds_a_forward():
+    r = load_recipe("recipes/llama/small.yaml")
+    off = plan(r, BIG, PlanOptions(activation_checkpointing=False))
+    on = plan(r, BIG, PlanOptions(activation_checkpointing=True))
+    for name in ("train-stack-l2r", "train-stack-r2l", "fuse-full", "fuse-lora", "end-to-end"):
+        assert on.stage(name).bytes["activations"] < off.stage(name).bytes["activations"], name
+        assert on.stage(name).flops_per_token > off.stage(name).flops_per_token, name
+    assert on.stage("cache").bytes == off.stage("cache").bytes
+
+
+def test_70b_headline_every_stackwise_stage_fits_an_h200_and_end_to_end_does_not():
+    p = plan(load_recipe(B70), GPUS["h200"])
+    for name in STACKWISE:
+        assert p.stage(name).fits, (name, p.stage(name).total_bytes)
+    e2e = p.stage("end-to-end")
+    assert not e2e.fits
+    # not even with checkpointing and 8-bit AdamW: the states alone are several H200s
+    frugal = plan(load_recipe(B70), GPUS["h200"], PlanOptions(activation_checkpointing=True, optimizer="adamw8bit"))
+    assert not frugal.stage("end-to-end").fits
+    # only one stack's optimizer state is ever live
+    stack = p.stage("train-stack-l2r")
+    assert stack.bytes["optimizer"] < e2e.bytes["optimizer"] / 10
+    assert stack.params_trainable < param_counts(load_recipe(B70))["total"] / 10
+
+
+def test_flops_and_cache_disk():
+    r = load_recipe(B70)
+    p = plan(r, BIG, PlanOptions(tflops=400))
+    m, L, T = r.model, 80, r.data.seq_len
+    matmul = L * (m.block_params() - 2 * m.d_model) + m.vocab_size * m.d_model
+    # 6 N per token for the matmuls, and 6 L T d for causal attention scores and weighted sums, fwd + bwd
+    e2e = p.stage("end-to-end")
+    assert e2e.flops_per_token == pytest.approx(6 * matmul + 6 * L * T * m.d_model)
+    assert e2e.tokens_per_day == pytest.approx(400e12 * 86400 / e2e.flops_per_token)
+    assert p.stage("train-stack-l2r").flops_per_token < e2e.flops_per_token / 10
+    assert p.stage("train-stack-r2l").flops_per_token > p.stage("train-stack-l2r").flops_per_token
+    assert p.cache_disk_bytes_per_billion_tokens == {"bf16": 16_384 * 10**9, "fp32": 32_768 * 10**9, "fp8": 8196e9}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"precision": "fp64"},
+        {"optimizer": "sgd"},
+        {"frozen_dtype": "int3"},
+        {"batch_size": -1},
+        {"seq_len": 0},
+        {"lora_rank": 0},
+        {"tflops": -5.0},
+    ],
+)
+def test_bad_options_name_the_valid_values(options):
+    with pytest.raises(StackwiseError) as e:
+        PlanOptions(**options)
+    name = next(iter(options))
+    if name in ("precision", "optimizer", "frozen_dtype"):
+        valid = {"precision": "fp8", "optimizer": "adamw8bit", "frozen_dtype": "nf4"}[name]
+        assert valid in str(e.value)
+
+
+def test_every_kind_in_every_stage_and_json_round_trip():
+    p = plan(load_recipe(TINY), GPUS["h100"], replace(PlanOptions(), precision="fp8"))
+    data = json.loads(json.dumps(p.to_data()))
+    assert [s["name"] for s in data["stages"]] == [s.name for s in p.stages]
+    for s in data["stages"]:
+        assert set(s["bytes"]) == set(KINDS)
+        assert s["total_bytes"] == sum(s["bytes"].values())
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, ["bench", "plan", *args], env=ENV)
+
+
+def test_cli_json():
+    result = cli("--recipe", B70, "--gpu", "h200", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["device_bytes"] == GPUS["h200"]
+    fits = {s["name"]: s["fits"] for s in data["stages"]}
+    assert all(fits[n] for n in STACKWISE) and not fits["end-to-end"]
+
+
+def test_cli_table_and_bytes_gpu():
+    result = cli("--recipe", TINY, "--gpu", "4e9", "--precision", "fp32", "--set", "train.batch_size=4")
+    assert result.exit_code == 0, result.output
+    assert "train-stack-r2l" in result.stdout and "optimizer state" in result.stdout and "3.73" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--gpu", "a100"], ["h100", "h200"]),
+        (["--gpu", "-3"], ["h100"]),
+        (["--precision", "fp64"], ["fp32", "bf16", "fp16", "fp8"]),
+        (["--batch-size", "-2"], ["batch size"]),
+    ],
+)
+def test_cli_bad_input_is_one_error_line(args, words):
+    result = cli("--recipe", TINY, *args)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert result.output.count("error:") == 1
+    for w in words:
+        assert w in result.output
