@@ -11,7 +11,7 @@ from collections.abc import Callable
 import typer
 
 from stackwise_cli import __version__
-from stackwise_cli.commands import bench, build, cache, eval, fuse, grow, prepare, status, train_stack
+from stackwise_cli.commands import bench, build, cache, eval, fuse, generate, grow, prepare, status, train_stack
 from stackwise_cli.errors import EXIT_INTERRUPTED, StackwiseError
 
 app = typer.Typer(
@@ -55,9 +55,11 @@ app.command("eval")(handled(eval.eval_))
 app.command("status")(handled(status.status))
 app.command("verify")(handled(status.verify))
 app.command("build")(handled(build.build))
+app.command("generate")(handled(generate.generate))
 bench_app.command("step")(handled(bench.step))
 bench_app.command("attention")(handled(bench.attention))
 bench_app.command("kernels")(handled(bench.kernels))
+bench_app.command("plan")(handled(bench.plan))
 app.add_typer(bench_app, name="bench")
 
 

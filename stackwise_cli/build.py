@@ -14,7 +14,7 @@ from stackwise_cli.errors import ProjectError
 from stackwise_cli.evaluate.eval import EvalResult, evaluate
 from stackwise_cli.model.hf import export_problem
 from stackwise_cli.progress import QUIET, Reporter
-from stackwise_cli.recipe import load_recipe
+from stackwise_cli.recipe import Recipe, load_recipe
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache, is_fresh
 from stackwise_cli.train.fuse import fuse, is_fused
@@ -54,22 +54,11 @@ def build(
                 hint="drop --recipe to continue it, or build into a new folder",
             )
     project.sweep()
-    planned = project.load().recipe.rack.stacks
-    for i in range(planned):
-        m = project.load()
-        if len(m.rack) <= i:
-            entry = grow(project, "right")
-            result.ran.append(f"grow -> {entry.id}")
-            m = project.load()
-        entry = m.rack[i]
-        if entry.state == "trained":  # however many steps: a stack trained by hand is the user's choice
-            continue
-        if i > 0 and not is_fresh(project, m, entry.id, "train"):
-            build_cache(project, entry.id, "train", device=device, reporter=reporter)
-            result.ran.append(f"cache {entry.id}")
-        train_stack(project, entry.id, device=device, reporter=reporter)
-        result.ran.append(f"train-stack {entry.id}")
-    problem = export_problem(project.load().recipe.attention)
+    recipe = project.load().recipe
+    {"left-to-right": _left_to_right, "right-to-left": _right_to_left, "end-to-end": _end_to_end}[recipe.curriculum](
+        project, recipe.rack.stacks, device, reporter, result.ran
+    )
+    problem = export_problem_for(project.load().recipe)
     if problem:
         result.fused = problem
     elif not is_fused(project):
@@ -77,3 +66,51 @@ def build(
         result.ran.append("fuse")
     result.eval = evaluate(project, device=device, reporter=reporter)
     return result
+
+
+def export_problem_for(recipe: Recipe) -> str | None:
+    """Why ``fused/`` cannot hold this recipe's model, or None."""
+    return export_problem(recipe.attention, recipe.model, bidirectional=recipe.bidirectional)
+
+
+def _left_to_right(project: Project, planned: int, device: str, reporter: Reporter, ran: list[str]) -> None:
+    """Grow on the right; each stack trains on the cache of the trained stacks to its left."""
+    for i in range(planned):
+        m = project.load()
+        if len(m.rack) <= i:
+            entry = grow(project, "right")
+            ran.append(f"grow -> {entry.id}")
+            m = project.load()
+        entry = m.rack[i]
+        if entry.state == "trained":  # however many steps: a stack trained by hand is the user's choice
+            continue
+        if i > 0 and not is_fresh(project, m, entry.id, "train"):
+            build_cache(project, entry.id, "train", device=device, reporter=reporter)
+            ran.append(f"cache {entry.id}")
+        train_stack(project, entry.id, device=device, reporter=reporter)
+        ran.append(f"train-stack {entry.id}")
+
+
+def _right_to_left(project: Project, planned: int, device: str, reporter: Reporter, ran: list[str]) -> None:
+    """Grow on the left; each new stack trains through the frozen, trained suffix to its right."""
+    for i in range(planned):
+        m = project.load()
+        if len(m.rack) <= i:
+            entry = grow(project, "left")
+            ran.append(f"grow --side left -> {entry.id}")
+            m = project.load()
+        entry = m.rack[len(m.rack) - 1 - i]  # the i-th stack grown is i places from the right
+        if entry.state == "trained":
+            continue
+        train_stack(project, entry.id, device=device, reporter=reporter)
+        ran.append(f"train-stack {entry.id}")
+
+
+def _end_to_end(project: Project, planned: int, device: str, reporter: Reporter, ran: list[str]) -> None:
+    """Grow the whole planned rack, then train it at once: the baseline."""
+    while len(project.load().rack) < planned:
+        entry = grow(project, "right")
+        ran.append(f"grow -> {entry.id}")
+    if any(s.state != "trained" for s in project.load().rack):
+        train_stack(project, "all", device=device, reporter=reporter)
+        ran.append("train-stack all")

@@ -6,6 +6,7 @@ written into the manifest, so a run can be reproduced from the manifest alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,10 +17,12 @@ from stackwise_cli.errors import RecipeError
 from stackwise_cli.model.config import AttentionConfig, ModelConfig
 from stackwise_cli.schema import SchemaError, check, from_data, to_data
 
-Objective = Literal["clm"]
-Curriculum = Literal["left-to-right"]
+Objective = Literal["clm", "mlm", "diffusion"]
+Curriculum = Literal["left-to-right", "right-to-left", "end-to-end"]
 Init = Literal["random", "copy", "identity"]
 CacheDtype = Literal["bf16", "fp32"]
+FrozenDtype = Literal["fp32", "bf16", "fp8", "nf4", "fp4"]
+Schedule = Literal["linear", "cosine"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +70,81 @@ class DataRecipe:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MaskRecipe:
+    """``objective: mlm``: BERT masking. Each position is selected with probability ``ratio``; a selected position
+    becomes ``[MASK]`` with probability ``mask_token``, a random token with ``random_token``, and stays as it is
+    otherwise. The loss is on the selected positions only."""
+
+    ratio: float = 0.15
+    mask_token: float = 0.8
+    random_token: float = 0.1
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if not 0 < self.ratio < 1:
+            out.append(("ratio", f"must be between 0 and 1 (exclusive), got {self.ratio}"))
+        for name in ("mask_token", "random_token"):
+            if not 0 <= getattr(self, name) <= 1:
+                out.append((name, f"must be between 0 and 1, got {getattr(self, name)}"))
+        if self.mask_token + self.random_token > 1:
+            out.append(
+                ("random_token", f"mask_token + random_token must be <= 1, got {self.mask_token + self.random_token}")
+            )
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionRecipe:
+    """``objective: diffusion`` (masked diffusion): each token becomes ``[MASK]`` with probability t; the loss is the
+    cross-entropy on the masked tokens.
+
+    ``time: depth``: stack i of the planned rack owns the mask ratio ``t_i`` of ``schedule`` (``linear`` or ``cosine``
+    from ``t_max`` at the left to ``t_min`` at the right, or an explicit list, one ratio per planned stack).
+    ``time: input``: t is drawn per sequence, uniform in [t_min, t_max], and fed to every stack through its time
+    embedding (``model.time_embedding: true``)."""
+
+    time: Literal["depth", "input"] = "depth"
+    schedule: Schedule | list[float] = "linear"
+    t_max: float = 0.9
+    t_min: float = 0.15
+    eval_points: int = 8  # t grid (midpoints of equal bins of (0, 1]) for the ELBO in eval
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if not 0 < self.t_min <= self.t_max < 1:
+            out.append(("t_min", f"need 0 < t_min <= t_max < 1, got t_min {self.t_min}, t_max {self.t_max}"))
+        if isinstance(self.schedule, list):
+            if not self.schedule:
+                out.append(("schedule", "an explicit schedule needs one ratio per planned stack, got []"))
+            if any(not 0 < t < 1 for t in self.schedule):
+                out.append(("schedule", f"every ratio must be between 0 and 1 (exclusive), got {self.schedule}"))
+            elif any(a < b for a, b in zip(self.schedule, self.schedule[1:])):
+                out.append(("schedule", f"ratios must not increase from left to right, got {self.schedule}"))
+        if self.eval_points < 1:
+            out.append(("eval_points", f"must be >= 1, got {self.eval_points}"))
+        return out
+
+    def ratios(self, stacks: int) -> list[float]:
+        """The mask ratio of each planned stack, left to right (highest first)."""
+        if isinstance(self.schedule, list):
+            return list(self.schedule)
+        if stacks == 1:
+            return [self.t_max]
+        out = []
+        for i in range(stacks):
+            x = i / (stacks - 1)  # 0 at the left, 1 at the right
+            w = x if self.schedule == "linear" else 0.5 * (1 - math.cos(math.pi * x))
+            out.append(round(self.t_max + (self.t_min - self.t_max) * w, 6))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainRecipe:
     steps: int = 300  # optimizer steps per stack
     batch_size: int = 16  # sequences per step
@@ -77,6 +155,11 @@ class TrainRecipe:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     head: Literal["train", "frozen"] = "train"  # final norm + LM head trained with each stack, or frozen
+    embedding: Literal["train", "frozen"] = "train"  # the embedding trains with the leftmost stack, or stays at init
+    frozen_dtype: FrozenDtype = "bf16"  # right-to-left: storage precision of the frozen suffix
+    suffix_checkpointing: bool = True  # right-to-left: recompute the suffix in backward instead of keeping it
+    activation_checkpointing: bool = False  # recompute each trained block in backward (keeps only block inputs)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes 8-bit states (paged on CUDA)
     checkpoint_every: int = 100  # steps between checkpoints; 0 = off
     checkpoint_every_min: float = 0.0  # minutes of wall time between checkpoints; 0 = off
     keep_checkpoints: int = 2
@@ -155,6 +238,8 @@ class Recipe:
     train: TrainRecipe = field(default_factory=TrainRecipe)
     cache: CacheRecipe = field(default_factory=CacheRecipe)
     eval: EvalRecipe = field(default_factory=EvalRecipe)
+    mask: MaskRecipe = field(default_factory=MaskRecipe)
+    diffusion: DiffusionRecipe = field(default_factory=DiffusionRecipe)
 
     def __post_init__(self) -> None:
         check(self)
@@ -166,7 +251,29 @@ class Recipe:
                 ("data.seq_len", f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}")
             )
         out.extend(self.attention.model_problems(self.model))
+        d = self.diffusion
+        if isinstance(d.schedule, list) and self.objective == "diffusion" and len(d.schedule) != self.rack.stacks:
+            out.append(
+                (
+                    "diffusion.schedule",
+                    f"needs one ratio per planned stack (rack.stacks = {self.rack.stacks}), got {len(d.schedule)}",
+                )
+            )
+        time_input = self.objective == "diffusion" and d.time == "input"
+        if time_input != getattr(self.model, "time_embedding", False):
+            out.append(
+                (
+                    "model.time_embedding",
+                    "must be true exactly when objective is diffusion with diffusion.time 'input' "
+                    f"(objective {self.objective!r}, diffusion.time {d.time!r})",
+                )
+            )
         return out
+
+    @property
+    def bidirectional(self) -> bool:
+        """mlm and diffusion attend both ways; clm is causal."""
+        return self.objective != "clm"
 
     def to_data(self) -> dict[str, Any]:
         return to_data(self)

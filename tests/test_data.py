@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from stackwise_cli.data.corpus import BUILTIN, Document, describe_inputs, iter_documents
 from stackwise_cli.data.pack import ShardInfo, pack_corpus, split_of
-from stackwise_cli.data.tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer
+from stackwise_cli.data.tokenizer import EOS, MASK, MIN_VOCAB_SIZE, eos_id, load_tokenizer, mask_id, train_tokenizer
 from stackwise_cli.errors import DataError
 from stackwise_cli.store.files import sha256_file
 from stackwise_cli.store.shards import read_token_shard
@@ -223,10 +223,28 @@ def test_tokenizer_is_deterministic(tok: Tokenizer):
 def test_tokenizer_has_eos_and_round_trips_any_text(tok: Tokenizer):
     assert eos_id(tok) == tok.token_to_id(EOS)
     assert tok.get_vocab_size() <= 400
-    assert tok.get_vocab_size() > 257  # it learned merges
+    assert tok.get_vocab_size() > MIN_VOCAB_SIZE  # it learned merges
     text = "unseen ünïcödé 日本語 🙂\ttabs"
     assert tok.decode(tok.encode(text).ids) == text  # byte-level: nothing is unknown
     assert tok.encode(f"a{EOS}b").ids.count(eos_id(tok)) == 1
+
+
+def test_mask_token_is_special_and_never_produced_by_text(tok: Tokenizer, tmp_path: Path):
+    m = mask_id(tok)
+    assert m not in (eos_id(tok), None)
+    # Text that spells the token is encoded as ordinary bytes only if the token is not matched as special;
+    # ordinary text never yields it.
+    assert m not in tok.encode(" ".join(CORPUS)).ids
+    assert tok.decode([m], skip_special_tokens=True) == ""
+
+    # A tokenizer from elsewhere without [MASK] gets it appended, after every existing id.
+    plain = Tokenizer(models.BPE())
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain.add_special_tokens([EOS])
+    path = tmp_path / "plain.json"
+    plain.save(str(path))
+    loaded = load_tokenizer(path, vocab_size=512)
+    assert loaded.token_to_id(MASK) == max(plain.get_vocab(with_added_tokens=True).values()) + 1
 
 
 def test_tokenizer_vocab_size_too_small():

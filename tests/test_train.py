@@ -238,18 +238,18 @@ def test_steps_must_leave_room_after_warmup(project):
 
 def test_divergence_stops_training_before_any_checkpoint_holds_it(project, monkeypatch):
     """A loss that turns NaN stops the run at once; the newest checkpoint predates it and is finite."""
-    import stackwise_cli.train.loop as loop
+    from stackwise_cli.train.objectives import Objective
 
     grow(project)
-    real = loop.causal_lm_loss
+    real = Objective.loss
     calls = {"n": 0}
 
-    def diverging(logits, tokens, reduction="mean"):
+    def diverging(self, logits, c, reduction="mean"):
         calls["n"] += 1
-        loss = real(logits, tokens, reduction)
+        loss = real(self, logits, c, reduction)
         return loss * float("nan") if calls["n"] == 7 else loss
 
-    monkeypatch.setattr(loop, "causal_lm_loss", diverging)
+    monkeypatch.setattr(Objective, "loss", diverging)
     _set_recipe(project, checkpoint_every=5)
     with pytest.raises(StackwiseError, match="non-finite at step 7"):
         train_stack(project, 0, steps=20)

@@ -141,3 +141,86 @@ def kernels(
     notes = {r["note"] for r in timed if r.get("note")}
     for note in notes:
         out.print(note)
+
+
+def plan(
+    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe YAML whose model is planned.")],
+    set_: SetOpt = None,
+    gpu: Annotated[str, typer.Option("--gpu", help="h100, h200, or the device's bytes (e.g. 150e9).")] = "h200",
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Sequences per micro-batch.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence.")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, fp16 or fp8.")] = "bf16",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or adamw8bit (bitsandbytes).")] = "adamw",
+    activation_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--activation-checkpointing/--no-activation-checkpointing",
+            help="Checkpoint every trained block. Default: off for train-stack and end-to-end, on for fuse.",
+            show_default=False,
+        ),
+    ] = None,
+    frozen_dtype: Annotated[
+        str, typer.Option("--frozen-dtype", help="Right-to-left frozen suffix: fp32, bf16, fp8, nf4 or fp4.")
+    ] = "nf4",
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank of fuse-lora and fuse-qlora.")] = 16,
+    tflops: Annotated[float, typer.Option("--tflops", help="Sustained TFLOP/s, for tokens per day.")] = 400.0,
+    json_: JsonOpt = False,
+) -> None:
+    """Memory each stage needs on one GPU, by kind, against end-to-end training (docs/memory.md). Nothing runs."""
+    from stackwise_cli.bench.plan import KIND_LABELS, KINDS, PlanOptions, gpu_bytes
+    from stackwise_cli.bench.plan import plan as make_plan
+    from stackwise_cli.recipe import load_recipe
+
+    options = PlanOptions(
+        batch_size=batch_size,
+        seq_len=seq_len,
+        precision=precision,
+        optimizer=optimizer,
+        activation_checkpointing=activation_checkpointing,
+        frozen_dtype=frozen_dtype,
+        lora_rank=lora_rank,
+        tflops=tflops,
+    )
+    device = gpu_bytes(gpu)
+    p = make_plan(load_recipe(recipe, set_), device, options)
+    if json_:
+        print_json(p.to_data())
+        return
+
+    def gib(n: float) -> str:
+        return f"{n / 2**30:,.2f}"
+
+    for s in p.stages:
+        rows = [[KIND_LABELS[k], gib(s.bytes[k])] for k in KINDS]
+        rows += [["total", gib(s.total_bytes)], [f"device ({gpu})", gib(s.device_bytes)]]
+        rows.append(["fits", "yes" if s.fits else f"NO, short by {gib(s.total_bytes - s.device_bytes)}"])
+        print_table(
+            f"{s.name}: {s.what}; batch {s.batch_size} x {s.seq_len} tokens, activation checkpointing "
+            f"{'on' if s.activation_checkpointing else 'off'}",
+            ["what", "GiB"],
+            rows,
+        )
+        for note in s.notes:
+            out.print(f"  {note}")
+    print_table(
+        f"{p.recipe} on {gpu} ({gib(device)} GiB), precision {options.precision}, optimizer {options.optimizer}, "
+        f"{options.tflops:g} TFLOP/s sustained",
+        ["stage", "total GiB", "fits", "trainable params", "frozen params", "GFLOP/token", "tokens/day"],
+        [
+            [
+                s.name,
+                gib(s.total_bytes),
+                "yes" if s.fits else "NO",
+                f"{s.params_trainable:,}",
+                f"{s.params_frozen:,}",
+                f"{s.flops_per_token / 1e9:,.2f}",
+                f"{s.tokens_per_day:,.3g}",
+            ]
+            for s in p.stages
+        ],
+    )
+    disk = p.cache_disk_bytes_per_billion_tokens
+    out.print(
+        "activation cache on disk per 1e9 tokens (one stack boundary): "
+        + ", ".join(f"{k} {v / 1e12:,.2f} TB" + (" (recipe)" if k == p.cache_dtype else "") for k, v in disk.items())
+    )

@@ -6,16 +6,29 @@ from typing import Annotated
 import typer
 
 from stackwise_cli.commands.options import DeviceOpt, JsonOpt, ProjectOpt
-from stackwise_cli.console import CliReporter, print_json, print_table
+from stackwise_cli.console import CliReporter, out, print_json, print_table
 
 
 def render_eval(result) -> None:
-    rows = [[r.id, r.blocks, r.loss, r.perplexity] for r in result.per_stack]
+    what = {"clm": "next-token loss", "mlm": "masked-token loss", "diffusion": "masked loss at the stack's t"}
+    rows = [
+        [r.id, r.blocks, r.mask_ratio if r.mask_ratio is not None else "-", r.loss, r.perplexity]
+        for r in result.per_stack
+    ]
     print_table(
-        f"{result.split}: loss after each stack ({result.tokens:,} tokens)",
-        ["stack id", "blocks", "loss", "perplexity"],
+        f"{result.split} ({result.objective}, {result.attention}): {what[result.objective]} after each stack",
+        ["stack id", "blocks", "mask ratio", "loss", "perplexity"],
         rows,
     )
+    if result.per_t:
+        print_table(
+            "diffusion: the whole rack at each noise level t",
+            ["t", "masked loss", "accuracy", "ELBO term"],
+            [[p.t, p.masked_loss, p.accuracy, p.elbo_term] for p in result.per_t],
+        )
+    headline = "ELBO bound" if result.objective == "diffusion" else "loss"
+    acc = f", accuracy {result.accuracy:.4f}" if result.accuracy is not None else ""
+    out.print(f"{headline} {result.loss:.4f} nats/token (perplexity {result.perplexity:.2f}){acc}")
 
 
 def eval_(
@@ -23,15 +36,19 @@ def eval_(
     max_sequences: Annotated[
         int | None, typer.Option("--max-sequences", min=1, help="Score at most this many sequences.")
     ] = None,
+    causal: Annotated[
+        bool, typer.Option("--causal", help="Score a bidirectionally trained rack as a causal LM (next-token loss).")
+    ] = False,
     device: DeviceOpt = "auto",
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
 ) -> None:
-    """Validation loss and perplexity of the rack, and the readout after each stack."""
+    """Validation loss by the recipe's objective (next-token, masked-token, diffusion ELBO), and the readout after
+    each stack."""
     from stackwise_cli.evaluate.eval import evaluate
     from stackwise_cli.store.project import Project
 
-    result = evaluate(Project(project), split, max_sequences, device, CliReporter(quiet=json_))
+    result = evaluate(Project(project), split, max_sequences, device, CliReporter(quiet=json_), causal)
     if json_:
         print_json(result.to_data())
     else:

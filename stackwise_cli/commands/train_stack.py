@@ -10,11 +10,19 @@ from stackwise_cli.console import CliReporter, out, print_json
 
 
 def train_stack(
-    stack_id: Annotated[int, typer.Argument(metavar="ID", help="Stack id to train.")],
+    stack_id: Annotated[
+        str, typer.Argument(metavar="ID", help="Stack id to train, or `all`: the whole rack end to end (baseline).")
+    ],
     steps: Annotated[
         int | None, typer.Option("--steps", min=1, help="Optimizer steps (default: the recipe's train.steps).")
     ] = None,
-    precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (mixed, fp32 master weights).")] = "fp32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="fp32; bf16 or fp16 (mixed, fp32 master weights; fp16 with loss scaling); fp8 (scaled e4m3 matmuls).",
+        ),
+    ] = "fp32",
     resume: Annotated[
         str, typer.Option("--resume", help="auto: continue from the newest checkpoint; never: start over.")
     ] = "auto",
@@ -28,10 +36,16 @@ def train_stack(
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
 ) -> None:
-    """Train one stack (left-to-right causal). SIGTERM/SIGUSR1 checkpoint and exit 75: rerun to resume."""
+    """Train one stack by the recipe's objective and curriculum, or `all` end to end. SIGTERM/SIGUSR1 checkpoint
+    and exit 75: rerun to resume."""
+    from stackwise_cli.errors import StackwiseError
     from stackwise_cli.store.project import Project
+    from stackwise_cli.train.loop import ALL
     from stackwise_cli.train.loop import train_stack as run
 
+    if stack_id != ALL and not stack_id.lstrip("-").isdigit():
+        raise StackwiseError(f"ID must be a stack id or `all`, got {stack_id!r}", hint="see `stackwise status`")
+    stack_id = stack_id if stack_id == ALL else int(stack_id)
     reporter = CliReporter(quiet=json_)
     result = run(Project(project), stack_id, steps, precision, resume, device, reporter, None, checkpoint_every_min)
     data = {"id": stack_id, "trained": result is not None}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stackwise_cli.data.corpus import describe_inputs, iter_documents
 from stackwise_cli.data.pack import pack_corpus, split_of
-from stackwise_cli.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
+from stackwise_cli.data.tokenizer import eos_id, load_tokenizer, mask_id, train_tokenizer
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import Recipe
@@ -81,6 +81,7 @@ def prepare(
             sha256=sha256_file(project.root / "tokenizer.json"),
             vocab_size=tok.get_vocab_size(),
             eos_id=eos_id(tok),
+            mask_id=mask_id(tok),
             trained=tokenizer is None,
         ),
         data=DataEntry(source=describe_inputs(inputs), seq_len=data.seq_len, documents=documents, splits=entries),

@@ -10,12 +10,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from stackwise_cli.errors import DataError
 
 EOS = "<|endoftext|>"
-# 256 byte tokens + EOS: the smallest vocabulary a byte-level BPE can have, with no merges at all.
-MIN_VOCAB_SIZE = 257
+MASK = "[MASK]"  # the masked-objective token (mlm, diffusion); never produced by encoding text
+# 256 byte tokens + EOS + MASK: the smallest vocabulary a byte-level BPE can have, with no merges at all.
+MIN_VOCAB_SIZE = 258
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Train a byte-level BPE (GPT-2 style) with ``EOS`` as its only special token.
+    """Train a byte-level BPE (GPT-2 style) with ``EOS`` (id 0) and ``MASK`` (id 1) as its special tokens.
 
     The full byte alphabet is seeded, so any input, in any script, encodes without an unknown token. Training is
     deterministic: the same texts give the same tokenizer file.
@@ -32,7 +33,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[EOS],
+        special_tokens=[EOS, MASK],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -41,7 +42,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
 
 def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
-    """Load a tokenizers-library JSON file and check that it fits a model with ``vocab_size`` embeddings."""
+    """Load a tokenizers-library JSON file and check that it fits a model with ``vocab_size`` embeddings.
+
+    A tokenizer without ``MASK`` gets it added as a special token (a new id after the existing ones), so every
+    project can train a masked objective."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"tokenizer file {path} does not exist")
@@ -54,6 +58,8 @@ def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
         raise DataError(
             f"{path} has no {EOS} token; stackwise separates documents with it", hint=f"add {EOS} as a special token"
         )
+    if tok.token_to_id(MASK) is None:
+        tok.add_special_tokens([MASK])
     # Ids, not the count, are what index the embedding, and a hand-edited vocabulary can have gaps.
     needed = max(tok.get_vocab(with_added_tokens=True).values()) + 1
     if needed > vocab_size:
@@ -69,4 +75,12 @@ def eos_id(tok: Tokenizer) -> int:
     i = tok.token_to_id(EOS)
     if i is None:
         raise DataError(f"the tokenizer has no {EOS} token")
+    return i
+
+
+def mask_id(tok: Tokenizer) -> int:
+    """The id of the ``[MASK]`` token of the masked objectives."""
+    i = tok.token_to_id(MASK)
+    if i is None:
+        raise DataError(f"the tokenizer has no {MASK} token")
     return i

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from stackwise_cli.errors import ProjectError
-from stackwise_cli.model.model import causal_lm_loss
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.manifest import Manifest
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_token_shard
 from stackwise_cli.store.weights import load_current_rack
+from stackwise_cli.train.objectives import Objective, objective_for
 from stackwise_cli.train.precision import pick_device
 
 
@@ -24,16 +25,31 @@ class Readout:
     blocks: int
     loss: float
     perplexity: float
+    mask_ratio: float | None = None  # the corruption this readout was scored at (mlm, diffusion)
+
+
+@dataclass
+class TimePoint:
+    """Diffusion: the rack at one noise level t."""
+
+    t: float
+    masked_loss: float  # mean cross-entropy over the masked positions
+    accuracy: float  # share of masked positions predicted exactly (argmax)
+    elbo_term: float  # (1/t) * (cross-entropy summed over masked positions) / (all positions): the ELBO integrand
 
 
 @dataclass
 class EvalResult:
     split: str
-    loss: float  # after the whole rack
-    perplexity: float
-    tokens: int  # predicted tokens scored
+    loss: float  # the headline: clm next-token loss, mlm masked loss, diffusion ELBO bound (nats per token)
+    perplexity: float  # exp(loss); for diffusion an upper bound on the perplexity
+    tokens: int  # positions scored by the headline loss
     sequences: int
     per_stack: list[Readout]
+    objective: str = "clm"
+    accuracy: float | None = None  # mlm / diffusion: share of scored positions predicted exactly
+    per_t: list[TimePoint] = field(default_factory=list)  # diffusion: the rack at each t of the ELBO grid
+    attention: str = "causal"
 
     def to_data(self) -> dict:
         return asdict(self)
@@ -41,15 +57,50 @@ class EvalResult:
 
 def val_tokens(project: Project, m: Manifest, split: str, max_sequences: int | None) -> np.ndarray:
     """The first ``max_sequences`` sequences of a split (deterministic), as one (N, T) array."""
-    parts, n = [], 0
+    return val_sequences(project, m, split, max_sequences)[0]
+
+
+def val_sequences(
+    project: Project, m: Manifest, split: str, max_sequences: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``max_sequences`` sequences of a split (deterministic): tokens (N, T) and their ids (N,)."""
+    parts, ids, n = [], [], 0
     for s in m.data.splits[split].shards:
         shard = read_token_shard(project.path(s.file), expect_seq_len=m.data.seq_len)
         take = len(shard.seq_ids) if max_sequences is None else min(len(shard.seq_ids), max_sequences - n)
         parts.append(np.asarray(shard.tokens[:take]))
+        ids.append(np.asarray(shard.seq_ids[:take]))
         n += take
         if max_sequences is not None and n >= max_sequences:
             break
-    return np.concatenate(parts)
+    return np.concatenate(parts), np.concatenate(ids)
+
+
+def elbo_grid(points: int) -> list[float]:
+    """Midpoints of ``points`` equal bins of (0, 1]: the t at which the ELBO integral over t is estimated."""
+    return [(i + 0.5) / points for i in range(points)]
+
+
+class _Scores:
+    """Running sums of one readout: loss, correct predictions, counted positions."""
+
+    def __init__(self) -> None:
+        self.loss, self.correct, self.count = 0.0, 0, 0
+
+    def add(self, obj: Objective, logits: torch.Tensor, c) -> None:
+        self.loss += float(obj.loss(logits, c, reduction="sum").double())
+        if c.weight is None:
+            pred, target = logits[:, :-1].argmax(-1), c.targets[:, 1:]
+        else:
+            pred, target = logits[c.weight].argmax(-1), c.targets[c.weight]
+        self.correct += int((pred == target).sum())
+        self.count += obj.counted(c)
+
+    def mean(self) -> float:
+        return self.loss / max(self.count, 1)
+
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1)
 
 
 @torch.inference_mode()
@@ -59,8 +110,15 @@ def evaluate(
     max_sequences: int | None = None,
     device: str = "auto",
     reporter: Reporter = QUIET,
+    causal: bool = False,
 ) -> EvalResult:
-    """Causal LM loss of the rack on a split, with the readout after each stack."""
+    """The rack's validation loss by its objective, with the readout after each stack.
+
+    clm: next-token loss. mlm: loss and accuracy on the selected positions at ``mask.ratio``. diffusion: the masked
+    loss, accuracy and ELBO term at each t of a grid, and the ELBO bound (their mean) as the headline. Masks are
+    those of epoch 0 of each validation sequence: every eval of every project scores the same corruption.
+    ``causal``: score a bidirectionally trained rack as a causal LM (next-token loss, causal attention).
+    """
     m = project.load()
     if not m.rack:
         raise ProjectError("the rack is empty: nothing to evaluate", hint="run `stackwise grow --side right`")
@@ -71,22 +129,74 @@ def evaluate(
     dev = pick_device(device)
     m, rack = load_current_rack(project)
     rack = rack.to(dev).eval()
-    max_sequences = max_sequences if max_sequences is not None else m.recipe.eval.max_sequences
-    tokens = val_tokens(project, m, split, max_sequences)
-    batch = m.recipe.eval.batch_size
-    sums = torch.zeros(len(rack.stacks), dtype=torch.float64)
-    count = 0
+    recipe = m.recipe
+    if causal and recipe.model.time_embedding:
+        raise ProjectError("--causal scores a next-token model; this rack needs a diffusion time t as input")
+    kind = "clm" if causal else recipe.objective
+    max_sequences = max_sequences if max_sequences is not None else recipe.eval.max_sequences
+    tokens, seq_ids = val_sequences(project, m, split, max_sequences)
+    batch = recipe.eval.batch_size
+    mask_id, vocab = m.tokenizer.mask_id, m.tokenizer.vocab_size
+
+    # The readout after each stack: clm uncorrupted, mlm at its ratio, diffusion at each stack's own ratio
+    # (time-as-depth: the objective the stack was given) or t = 0.5 (t drawn per sequence).
+    def at(ratio: float | None) -> Objective:
+        r = dataclasses.replace(recipe, objective=kind)
+        return objective_for(r, mask_id, vocab, ratio)
+
+    if kind == "diffusion":
+        readout = [at(e.mask_ratio if e.mask_ratio is not None else 0.5) for e in m.rack]
+    else:
+        readout = [at(e.mask_ratio) for e in m.rack]
+    grid = elbo_grid(recipe.diffusion.eval_points) if kind == "diffusion" else []
+    per_stack = [_Scores() for _ in m.rack]
+    per_t = [_Scores() for _ in grid]
+    attn_causal = kind == "clm"
     with reporter.task(f"eval {split}", total=len(tokens)) as advance:
         for lo in range(0, len(tokens), batch):
             t = torch.from_numpy(tokens[lo : lo + batch].astype(np.int64)).to(dev)
-            states = rack.hidden_states(t)[1:]  # after each stack
-            for i, h in enumerate(states):
-                sums[i] += causal_lm_loss(rack.ends.logits(h), t, reduction="sum").double().cpu()
-            count += t.shape[0] * (t.shape[1] - 1)
+            ids = seq_ids[lo : lo + batch]
+            for i, obj in enumerate(readout):
+                c = obj.corrupt(t, ids, 0)
+                h = rack.ends.embed_tokens(c.inputs)
+                for stack in rack.stacks[: i + 1]:
+                    h = stack(h, attn_causal, c.t)
+                per_stack[i].add(obj, rack.ends.logits(h), c)
+            for j, ratio in enumerate(grid):
+                obj = at(ratio)
+                c = obj.corrupt(t, ids, 0)
+                if c.t is not None:
+                    c.t = torch.full_like(c.t, ratio)
+                per_t[j].add(obj, rack(c.inputs, False, c.t), c)
             advance(len(t))
-    losses = (sums / count).tolist()
-    per_stack = [Readout(e.id, e.blocks, loss, math.exp(loss)) for e, loss in zip(m.rack, losses)]
-    return EvalResult(split, losses[-1], math.exp(losses[-1]), count, len(tokens), per_stack)
+
+    positions = tokens.shape[0] * tokens.shape[1]
+    points = [TimePoint(ratio, s.mean(), s.accuracy(), s.loss / ratio / positions) for ratio, s in zip(grid, per_t)]
+    readouts = [
+        Readout(e.id, e.blocks, s.mean(), math.exp(min(s.mean(), 700.0)), obj.ratio)
+        for e, s, obj in zip(m.rack, per_stack, readout)
+    ]
+    if kind == "diffusion":
+        loss = sum(p.elbo_term for p in points) / len(points)
+        scored, accuracy = (
+            sum(s.count for s in per_t),
+            sum(s.correct for s in per_t) / max(sum(s.count for s in per_t), 1),
+        )
+    else:
+        loss, scored = per_stack[-1].mean(), per_stack[-1].count
+        accuracy = per_stack[-1].accuracy()
+    return EvalResult(
+        split,
+        loss,
+        math.exp(min(loss, 700.0)),
+        scored,
+        len(tokens),
+        readouts,
+        objective=kind,
+        accuracy=accuracy,
+        per_t=points,
+        attention="causal" if attn_causal else "bidirectional",
+    )
 
 
 def unigram_entropy(project: Project, split: str = "val") -> float:

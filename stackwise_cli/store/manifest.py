@@ -39,6 +39,7 @@ class TokenizerEntry:
     vocab_size: int  # tokens the tokenizer defines (<= model.vocab_size)
     eos_id: int
     trained: bool  # trained by prepare, or loaded from --tokenizer
+    mask_id: int | None = None  # [MASK], the input of masked positions (mlm, diffusion)
 
 
 @dataclass(kw_only=True)
@@ -68,6 +69,8 @@ class StackEntry:
     tokens: int = 0
     last_loss: float | None = None
     precision: str | None = None
+    mask_ratio: float | None = None  # mlm: the recipe's ratio; diffusion time-as-depth: this stack's t
+    trained_by: str | None = None  # the curriculum that trained it: left-to-right, right-to-left, end-to-end
 
 
 @dataclass(kw_only=True)
@@ -83,6 +86,7 @@ class Upstream:
     data: str  # digest of the split's token shards
     ends_input: str
     stacks: list[StackRef]
+    inputs: str = "tokens"  # how the tokens are corrupted before the embedding (objective, mask ratio, seed)
 
 
 @dataclass(kw_only=True)
@@ -110,6 +114,12 @@ class FusedEntry:
     sha256: str  # of model.safetensors
     ends: str  # sha256 of the ends file it was built from
     stacks: list[StackRef]
+    # End-to-end fine-tuning at fuse time (docs/finetune.md); None = the rack fused as trained.
+    finetune: Literal["full", "lora", "qlora"] | None = None
+    finetune_steps: int = 0
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    finetune_loss: float | None = None  # the mean training loss of the last logged steps
 
 
 @dataclass(kw_only=True)

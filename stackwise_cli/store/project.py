@@ -124,11 +124,14 @@ class Project:
 
     def upstream_for(self, manifest: Manifest, stack_id: int, split: str) -> Upstream:
         """What the cache entering ``stack_id`` depends on: the split's tokens, the embedding, the stacks left of it."""
+        from stackwise_cli.train.objectives import stack_objective  # the store stays importable without torch
+
         pos = manifest.position(stack_id)
         return Upstream(
             data=self.split_digest(manifest, split),
             ends_input=manifest.require_ends().input_sha256,
             stacks=[StackRef(id=s.id, sha256=s.sha256) for s in manifest.rack[:pos]],
+            inputs=stack_objective(manifest, stack_id).key(),
         )
 
     def stale_reasons(self, manifest: Manifest, cache: CacheEntry) -> list[str]:
@@ -140,6 +143,8 @@ class Project:
             reasons.append(f"the {cache.split} token shards changed")
         if have.ends_input != want.ends_input:
             reasons.append("the embedding changed")
+        if have.inputs != want.inputs:
+            reasons.append(f"the stack's input corruption changed (was {have.inputs!r}, now {want.inputs!r})")
         have_stacks = {s.id: s.sha256 for s in have.stacks}
         want_stacks = {s.id: s.sha256 for s in want.stacks}
         if [s.id for s in have.stacks] != [s.id for s in want.stacks]:

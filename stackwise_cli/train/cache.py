@@ -23,6 +23,7 @@ from stackwise_cli.store.project import Project, record
 from stackwise_cli.store.shards import read_hidden_shard, read_token_shard, write_hidden_shard
 from stackwise_cli.store.weights import load_ends, load_stack
 from stackwise_cli.train.loop import check_left_to_right
+from stackwise_cli.train.objectives import CACHE_EPOCH, stack_objective
 from stackwise_cli.train.precision import pick_device
 
 
@@ -75,12 +76,16 @@ def is_fresh(project: Project, m: Manifest, stack_id: int, split: str) -> bool:
 
 
 def _fresh_left_cache(project: Project, m: Manifest, stack_id: int, split: str) -> CacheEntry | None:
-    """The left neighbour's complete, fresh cache of this split, if there is one (for the incremental path)."""
+    """The left neighbour's complete, fresh cache of this split, if there is one and it was computed from the same
+    corrupted inputs (for the incremental path; diffusion time-as-depth masks each stack's input differently)."""
     pos = m.position(stack_id)
     if pos == 0:
         return None
     left = m.rack[pos - 1].id
-    return m.cache(left, split) if is_fresh(project, m, left, split) else None
+    if not is_fresh(project, m, left, split):
+        return None
+    cache = m.cache(left, split)
+    return cache if cache.upstream.inputs == project.upstream_for(m, stack_id, split).inputs else None
 
 
 @torch.inference_mode()
@@ -101,6 +106,12 @@ def _intact(path: Path, sha256: str) -> bool:
 
 
 def _build_cache(project: Project, stack_id: int, split: str, dev: torch.device, reporter: Reporter) -> CacheEntry:
+    curriculum = project.load().recipe.curriculum
+    if curriculum != "left-to-right":
+        raise ProjectError(
+            f"the recipe's curriculum is {curriculum}: stacks train from the tokens, so no cache is read",
+            hint="caches serve left-to-right training; run `stackwise train-stack` directly",
+        )
     check_left_to_right(project.load(), stack_id, right=False)
     entry, complete = _start_entry(project, stack_id, split)
     # Shards already recorded are kept only if their bytes are still the ones recorded: a shard truncated or
@@ -116,6 +127,15 @@ def _build_cache(project: Project, stack_id: int, split: str, dev: torch.device,
             m.cache(stack_id, split).complete = False
     m = project.load()
     token_shards = m.data.splits[split].shards
+    # The stack's own objective corrupts the tokens (its mask ratio, the cache epoch's masks); the stacks to the
+    # left then see exactly what they will see in front of it.
+    obj = stack_objective(m, stack_id)
+    causal = obj.causal
+
+    def corrupt(rows: slice, tokens):
+        ids = torch.from_numpy(np.asarray(tokens.tokens[rows], dtype=np.int64)).to(dev)
+        return obj.corrupt(ids, np.asarray(tokens.seq_ids[rows]), CACHE_EPOCH)
+
     prev = _fresh_left_cache(project, m, stack_id, split)
     if prev is not None:
         # Incremental: the cache entering k+1 is the cache entering k passed through stack k.
@@ -123,16 +143,17 @@ def _build_cache(project: Project, stack_id: int, split: str, dev: torch.device,
         reporter.info(f"cache {stack_id}/{split}: from the cache of stack {prev.stack}, through stack {prev.stack}")
 
         def run(rows: slice, tokens, src) -> torch.Tensor:
-            return left(src.hidden[rows].to(dev, torch.float32))
+            return left(src.hidden[rows].to(dev, torch.float32), causal, corrupt(rows, tokens).t)
     else:
         ends = load_ends(project, m).to(dev).eval()
         stacks = [load_stack(project, m, s.id).to(dev).eval() for s in m.rack[: m.position(stack_id)]]
         reporter.info(f"cache {stack_id}/{split}: from the tokens, through the embedding and {len(stacks)} stack(s)")
 
         def run(rows: slice, tokens, src) -> torch.Tensor:
-            h = ends.embed_tokens(torch.from_numpy(np.asarray(tokens.tokens[rows], dtype=np.int64)).to(dev))
+            c = corrupt(rows, tokens)
+            h = ends.embed_tokens(c.inputs)
             for s in stacks:
-                h = s(h)
+                h = s(h, causal, c.t)
             return h
 
     batch = m.recipe.cache.batch_size

@@ -11,6 +11,7 @@ from stackwise_cli.model.model import Ends, Stack
 from stackwise_cli.store.manifest import EndsEntry, StackEntry
 from stackwise_cli.store.project import Project, record
 from stackwise_cli.store.weights import load_stack, save_ends, save_stack
+from stackwise_cli.train.objectives import planned_ratio
 
 Side = Literal["right", "left"]
 
@@ -31,6 +32,11 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
     with project.update() as m:
         recipe = m.recipe
         init = init or recipe.rack.init
+        if recipe.curriculum == "right-to-left" and side == "right" and m.rack:
+            raise ProjectError(
+                "the recipe's curriculum is right-to-left: new stacks go on the left, in front of the trained ones",
+                hint="run `stackwise grow --side left`",
+            )
         if init not in ("random", "copy", "identity"):
             raise ProjectError(f"--init must be random, copy or identity, got {init!r}")
         stack_id = m.next_id
@@ -61,12 +67,17 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
             planned = max(recipe.rack.stacks * recipe.rack.blocks_per_stack, sum(s.blocks for s in m.rack) + blocks)
             stack.init_weights(init, total_blocks=planned, generator=_generator(recipe.train.seed, stack_id))
 
+        # Its place in the planned rack: stacks grown on the right fill it from the left, stacks grown on the left
+        # (right-to-left) from the right. That place fixes its mask ratio (diffusion: depth is reverse time).
+        index = len(m.rack) if side == "right" else recipe.rack.stacks - 1 - len(m.rack)
+        ratio = planned_ratio(recipe, index)
         entry = StackEntry(
             id=stack_id,
             blocks=blocks,
             file=project.stack_file(stack_id),
             sha256=save_stack(project, stack, stack_id),
             init=init,
+            mask_ratio=ratio,
         )
         if side == "right":
             m.rack.append(entry)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from stackwise_cli.errors import ProjectError, StackwiseError, Stopped
-from stackwise_cli.model.model import Ends, Stack, causal_lm_loss
+from stackwise_cli.model.model import Ends, Stack
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import TrainRecipe
 from stackwise_cli.store.manifest import Manifest
@@ -35,7 +35,8 @@ from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.shards import HiddenShard, TokenShard, read_hidden_shard, read_token_shard
 from stackwise_cli.store.weights import load_ends, load_stack, save_ends, save_stack
 from stackwise_cli.train import checkpoint as ckpt
-from stackwise_cli.train.precision import autocast, pick_device
+from stackwise_cli.train.objectives import CACHE_EPOCH, stack_objective
+from stackwise_cli.train.precision import autocast, grad_scaler, pick_device
 
 RESUME = ("auto", "never")
 
@@ -47,6 +48,8 @@ RESUME = ("auto", "never")
 class Batch:
     tokens: torch.Tensor  # (B, T) int64
     hidden: torch.Tensor | None  # (B, T, d_model) float32: the cached states entering the stack, if any
+    seq_ids: np.ndarray  # (B,) the sequences' stable ids: masks are a function of them
+    epochs: np.ndarray  # (B,) the epoch each row was drawn in: a new epoch, new masks
 
 
 class Sequences:
@@ -63,17 +66,19 @@ class Sequences:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def get(self, rows: np.ndarray, device: torch.device) -> Batch:
+    def get(self, rows: np.ndarray, device: torch.device, epochs: np.ndarray | None = None) -> Batch:
         shard_of = np.searchsorted(self.starts, rows, side="right") - 1
-        toks, hids = [], []
+        toks, hids, ids = [], [], []
         for r, s in zip(rows, shard_of):
             local = int(r - self.starts[s])
             toks.append(np.asarray(self.tokens[s].tokens[local]))
+            ids.append(int(self.tokens[s].seq_ids[local]))
             if self.hidden is not None:
                 hids.append(self.hidden[s].hidden[local])
         tokens = torch.from_numpy(np.stack(toks).astype(np.int64)).to(device)
         hidden = torch.stack(hids).to(device, torch.float32) if hids else None
-        return Batch(tokens, hidden)
+        epochs = np.zeros(len(rows), dtype=np.int64) if epochs is None else epochs
+        return Batch(tokens, hidden, np.asarray(ids, dtype=np.int64), epochs)
 
 
 class Sampler:
@@ -88,19 +93,22 @@ class Sampler:
             )
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.epoch, self.offset = 0, 0
+        self.last_epochs = np.zeros(0, dtype=np.int64)  # the epoch of each row of the last batch
 
     def _perm(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
 
     def next(self) -> np.ndarray:
-        perm, out = self._perm(), []
+        perm, out, epochs = self._perm(), [], []
         while len(out) < self.batch_size:
             take = min(self.batch_size - len(out), self.n - self.offset)
             out.extend(perm[self.offset : self.offset + take])
+            epochs.extend([self.epoch] * take)
             self.offset += take
             if self.offset == self.n:
                 self.epoch, self.offset = self.epoch + 1, 0
                 perm = self._perm()
+        self.last_epochs = np.asarray(epochs, dtype=np.int64)
         return np.asarray(out)
 
     def state(self) -> dict[str, int]:
@@ -123,10 +131,18 @@ def lr_at(step: int, tr: TrainRecipe, steps: int) -> float:
 
 
 def make_optimizer(params: dict[str, nn.Parameter], tr: TrainRecipe) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (norm gains are left alone)."""
+    """AdamW (``train.optimizer: adamw``, two fp32 states per parameter) or bitsandbytes' 8-bit AdamW (``adamw8bit``:
+    two 8-bit states with blockwise scales, paged to host memory under pressure on CUDA); weight decay on matrices
+    only (norm gains and biases are left alone)."""
     decay = [p for p in params.values() if p.ndim >= 2]
     other = [p for p in params.values() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    if tr.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        on_cuda = any(p.is_cuda for p in params.values())
+        cls = bnb.optim.PagedAdamW8bit if on_cuda else bnb.optim.AdamW8bit
+        return cls(groups, lr=tr.lr, betas=tr.betas, eps=1e-8)
     return torch.optim.AdamW(groups, lr=tr.lr, betas=tr.betas, eps=1e-8)
 
 
@@ -205,6 +221,7 @@ def run(
     """Train ``job`` to ``steps`` optimizer steps, checkpointing every ``train.checkpoint_every`` steps and every
     ``checkpoint_every_min`` minutes of wall time (0 = off). ``stop_at`` (tests) stops as a signal would."""
     opt = make_optimizer(job.trainable, tr)
+    scaler = grad_scaler(precision, device)
     names = {p: n for n, p in job.trainable.items()}
     sampler = Sampler(len(job.data), tr.batch_size, tr.seed)
     step, tokens, last_loss, resumed_from = 0, 0, None, None
@@ -234,6 +251,8 @@ def run(
         step, tokens, last_loss = state["step"], state["tokens"], state["last_loss"]
         window = [torch.tensor(x) for x in state["window"]]
         job.extra.update(state["extra"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         resumed_from = step
         reporter.info(f"{job.name}: resuming from step {step} ({existing[-1].name})")
 
@@ -248,6 +267,7 @@ def run(
             "extra": job.extra,
             "fingerprint": job.fingerprint,
             "precision": precision,
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "time": time.time(),
         }
         ckpt.save_checkpoint(
@@ -274,20 +294,31 @@ def run(
             lr = lr_at(step, tr, steps)
             for g in opt.param_groups:
                 g["lr"] = lr
-            batch = job.data.get(sampler.next(), device)
+            rows = sampler.next()
+            batch = job.data.get(rows, device, sampler.last_epochs)
             with autocast(precision, device):
                 loss = job.loss(batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is not None:  # fp16: scale the loss up so small gradients survive, unscale before clipping
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(list(job.trainable.values()), tr.grad_clip or float("inf"))
-            # Checked every step, before the update: no checkpoint may ever hold diverged weights.
-            if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            # Checked every step, before the update: no checkpoint may ever hold diverged weights. With fp16 an
+            # overflowing gradient is the scaler's signal to skip the step and lower the scale, not a divergence.
+            overflow = scaler is not None and torch.isfinite(loss) and not torch.isfinite(norm)
+            if not overflow and not (torch.isfinite(loss) and torch.isfinite(norm)):
                 raise StackwiseError(
                     f"{job.name}: the loss or the gradient became non-finite at step {step + 1} "
                     f"(loss {loss.item()}, gradient norm {norm.item()})",
                     hint="lower train.lr in stackwise.yaml, then rerun: it resumes from the last checkpoint",
                 )
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                opt.step()
             step += 1
             tokens += batch.tokens.numel()
             window.append(loss.detach())
@@ -321,7 +352,7 @@ def run(
     return Result(step, tokens, last_loss, elapsed, (tokens - tokens0) / max(elapsed, 1e-9), resumed_from)
 
 
-# --- one stack, left to right ------------------------------------------------------------------------------
+# --- curricula -------------------------------------------------------------------------------------------
 
 
 def check_left_to_right(m: Manifest, stack_id: int, right: bool = True) -> int:
@@ -345,9 +376,55 @@ def check_left_to_right(m: Manifest, stack_id: int, right: bool = True) -> int:
     return pos
 
 
+def check_right_to_left(m: Manifest, stack_id: int) -> int:
+    """Right to left, only the leftmost stack trains, against a suffix that is all trained. Returns 0."""
+    pos = m.position(stack_id)
+    if pos != 0:
+        raise ProjectError(
+            f"right-to-left: stack {stack_id} is at rack position {pos}; only the leftmost stack "
+            f"({m.rack[0].id}) trains, in front of the trained suffix",
+            hint="grow a new stack on the left (`stackwise grow --side left`) and train that",
+        )
+    untrained = [s.id for s in m.rack[1:] if s.state not in ("trained", "frozen")]
+    if untrained:
+        raise ProjectError(
+            f"right-to-left: stack {stack_id} would learn against stack(s) {', '.join(map(str, untrained))}, "
+            "which are not trained yet",
+            hint=f"run `stackwise train-stack {untrained[-1]}` first (`stackwise build` runs every stage in order)",
+        )
+    return pos
+
+
+def check_curriculum(m: Manifest, stack_id: int | None) -> int | None:
+    """The rack position the curriculum lets ``stack_id`` train at (None: the whole rack, end to end)."""
+    curriculum = m.recipe.curriculum
+    if curriculum == "end-to-end":
+        if stack_id is not None:
+            raise ProjectError(
+                f"the recipe's curriculum is end-to-end: the whole rack trains at once, not stack {stack_id}",
+                hint="run `stackwise train-stack all`",
+            )
+        if not m.rack:
+            raise ProjectError("the rack is empty: nothing to train", hint="run `stackwise grow` once per stack")
+        return None
+    if stack_id is None:
+        raise ProjectError(
+            f"`train-stack all` trains the whole rack end to end; this recipe's curriculum is {curriculum}",
+            hint="train one stack at a time, or make a project with `curriculum: end-to-end` as the baseline",
+        )
+    if curriculum == "right-to-left":
+        return check_right_to_left(m, stack_id)
+    return check_left_to_right(m, stack_id)
+
+
+# --- train-stack -------------------------------------------------------------------------------------------
+
+ALL = "all"
+
+
 def train_stack(
     project: Project,
-    stack_id: int,
+    stack_id: int | str,
     steps: int | None = None,
     precision: str = "fp32",
     resume: str = "auto",
@@ -356,21 +433,145 @@ def train_stack(
     stop_at: int | None = None,
     checkpoint_every_min: float | None = None,
 ) -> Result | None:
-    """Train one stack left-to-right. Returns None when it is already trained to ``steps``.
+    """Train one stack by the recipe's curriculum, or (``stack_id`` = "all", curriculum end-to-end) the whole
+    rack. Returns None when it is already trained to ``steps``.
 
-    Holds the stack's training lock throughout: a second process asked to train the same stack fails at once,
-    naming the holder; a killed holder's lock is free again.
+    Holds the training lock throughout: a second process asked to train the same thing fails at once, naming the
+    holder; a killed holder's lock is free again.
     """
-    project.load().position(stack_id)  # an unknown id is a clear error before any lock file is made
-    with project.job_lock(f"train-stack-{stack_id}", f"training of stack {stack_id}"):
-        return _train_stack(
-            project, stack_id, steps, precision, resume, device, reporter, stop_at, checkpoint_every_min
-        )
+    target = None if stack_id == ALL else int(stack_id)
+    if target is not None:
+        project.load().position(target)  # an unknown id is a clear error before any lock file is made
+    name = "all" if target is None else str(target)
+    what = "end-to-end training of the rack" if target is None else f"training of stack {target}"
+    with project.job_lock(f"train-stack-{name}", what):
+        return _train(project, target, steps, precision, resume, device, reporter, stop_at, checkpoint_every_min)
 
 
-def _train_stack(
+@dataclass
+class Setup:
+    """What one curriculum trains, on what, and with which loss."""
+
+    modules: dict[str, nn.Module]
+    trainable: dict[str, nn.Parameter]
+    loss: Callable[[Batch], torch.Tensor]
+    data: Sequences
+    fingerprint: str
+
+
+def _freeze(modules: list[nn.Module]) -> None:
+    for mod in modules:
+        for p in mod.parameters():
+            p.requires_grad_(False)
+
+
+def _token_data(project: Project, m: Manifest) -> list[TokenShard]:
+    return [
+        read_token_shard(project.path(s.file), expect_seq_len=m.data.seq_len) for s in m.data.splits["train"].shards
+    ]
+
+
+def _setup_one(
+    project: Project, m: Manifest, stack_id: int, pos: int, stack: Stack, ends: Ends, dev: torch.device
+) -> Setup:
+    """One stack, left to right (from its cache, or from the tokens when leftmost) or right to left (from the
+    tokens, through the frozen suffix)."""
+    recipe, tr = m.recipe, m.recipe.train
+    obj = stack_objective(m, stack_id)
+    causal = obj.causal
+    forward = _forward_for(tr)
+    right_to_left = recipe.curriculum == "right-to-left"
+    suffix = m.rack[pos + 1 :] if right_to_left else []
+    trainable = {f"stack.{n}": p for n, p in stack.named_parameters()}
+    # The embedding trains with the leftmost stack. Right to left with tied embeddings it is also the head that the
+    # trained suffix reads out through, so it trains only with the first stack.
+    tied_head_in_use = right_to_left and ends.head is None and suffix
+    if pos == 0 and tr.embedding == "train" and not tied_head_in_use:
+        trainable.update({f"ends.{n}": p for n, p in zip(_names(ends), ends.input_parameters())})
+    # The first stack trained always trains the final norm and head (a random head makes every readout useless);
+    # left to right the later ones do too with `train.head: train`. Right to left the head stays frozen: the
+    # trained suffix was fitted to it.
+    first = not suffix if right_to_left else pos == 0
+    if first or (tr.head == "train" and ends.head is not None and not right_to_left):
+        inputs = {id(p) for p in ends.input_parameters()}
+        trainable.update({f"ends.{n}": p for n, p in ends.named_parameters() if id(p) not in inputs})
+    tokens = _token_data(project, m)
+
+    if pos == 0 or right_to_left:
+        frozen = []
+        if suffix:
+            from stackwise_cli.train.frozen import freeze, run_checkpointed
+
+            frozen = [freeze(load_stack(project, m, s.id), tr.frozen_dtype).to(dev) for s in suffix]
+        checkpointing = tr.suffix_checkpointing
+
+        def loss_fn(b: Batch) -> torch.Tensor:
+            c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
+            h = forward(stack, ends.embed_tokens(c.inputs), causal, c.t)
+            for s in frozen:
+                h = run_checkpointed(s, h, causal, c.t) if checkpointing else s(h, causal, c.t)
+            return obj.loss(ends.logits(h), c)
+
+        parts = ["tokens", project.split_digest(m, "train"), obj.key()]
+        if suffix:  # the frozen inputs: a checkpoint made against another suffix or head is not this run
+            parts += [m.ends.sha256, *[f"{s.id}:{s.sha256}" for s in suffix], tr.frozen_dtype]
+        return Setup({"stack": stack, "ends": ends}, trainable, loss_fn, Sequences(tokens), digest(parts))
+
+    cache = project.fresh_cache(m, stack_id, "train")
+    hidden = [
+        read_hidden_shard(project.path(s.file), expect_shape=(m.data.seq_len, recipe.model.d_model))
+        for s in cache.shards
+    ]
+
+    def cached_loss(b: Batch) -> torch.Tensor:
+        c = obj.corrupt(b.tokens, b.seq_ids, CACHE_EPOCH)  # the masks the cache was computed with
+        return obj.loss(ends.logits(forward(stack, b.hidden, causal, c.t)), c)
+
+    fingerprint = digest(["cache", *[s.sha256 for s in cache.shards]])
+    return Setup({"stack": stack, "ends": ends}, trainable, cached_loss, Sequences(tokens, hidden), fingerprint)
+
+
+def _forward_for(tr: TrainRecipe) -> Callable:
+    """How a trained stack runs: whole, or (``train.activation_checkpointing``) block by block under checkpoint,
+    keeping only each block's input for backward and recomputing the rest."""
+    if tr.activation_checkpointing:
+        from stackwise_cli.train.frozen import run_checkpointed
+
+        return run_checkpointed
+    return lambda stack, h, causal, t: stack(h, causal, t)
+
+
+def _names(ends: Ends) -> list[str]:
+    """The names of ``ends.input_parameters()``, in the same order."""
+    by_id = {id(p): n for n, p in ends.named_parameters()}
+    return [by_id[id(p)] for p in ends.input_parameters()]
+
+
+def _setup_all(project: Project, m: Manifest, stacks: list[Stack], ends: Ends) -> Setup:
+    """The whole rack end to end: the embedding, every stack and the head train together."""
+    obj = stack_objective(m, None)
+    causal = obj.causal
+    forward = _forward_for(m.recipe.train)
+    modules: dict[str, nn.Module] = {"ends": ends} | {f"stack{e.id}": s for e, s in zip(m.rack, stacks)}
+    trainable = {f"{k}.{n}": p for k, mod in modules.items() for n, p in mod.named_parameters()}
+    if m.recipe.train.embedding == "frozen":
+        for n in _names(ends):
+            trainable.pop(f"ends.{n}")
+
+    def loss_fn(b: Batch) -> torch.Tensor:
+        c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
+        h = ends.embed_tokens(c.inputs)
+        for s in stacks:
+            h = forward(s, h, causal, c.t)
+        return obj.loss(ends.logits(h), c)
+
+    fingerprint = digest(["tokens", project.split_digest(m, "train"), obj.key(), "end-to-end"])
+    return Setup(modules, trainable, loss_fn, Sequences(_token_data(project, m)), fingerprint)
+
+
+def _train(
     project: Project,
-    stack_id: int,
+    stack_id: int | None,
     steps: int | None,
     precision: str,
     resume: str,
@@ -380,8 +581,11 @@ def _train_stack(
     checkpoint_every_min: float | None,
 ) -> Result | None:
     m = project.load()
-    recipe, tr = m.recipe, m.recipe.train
-    steps = steps if steps is not None else tr.steps
+    tr = m.recipe.train
+    pos = check_curriculum(m, stack_id)
+    ids = m.ids() if stack_id is None else [stack_id]
+    if steps is None:  # end to end: the same token budget as training every stack for train.steps
+        steps = tr.steps * (len(ids) if stack_id is None else 1)
     if steps <= tr.warmup_steps:
         raise StackwiseError(
             f"--steps {steps} leaves no room for the schedule: train.warmup_steps is {tr.warmup_steps}",
@@ -391,68 +595,57 @@ def _train_stack(
         raise StackwiseError(f"--resume must be one of {', '.join(RESUME)}, got {resume!r}")
     dev = pick_device(device)
     autocast(precision, dev)  # an impossible precision fails here, before the manifest is touched
-    pos = check_left_to_right(m, stack_id)
-    entry = m.stack(stack_id)
-    if entry.state == "trained" and resume == "auto":
-        if entry.steps >= steps:
-            reporter.info(f"stack {stack_id} is already trained ({entry.steps} steps): nothing to do")
+    label = "all" if stack_id is None else str(stack_id)
+    entries = [m.stack(i) for i in ids]
+    states = {e.state for e in entries}
+    if states == {"trained"} and resume == "auto":
+        done = min(e.steps for e in entries)
+        if done >= steps:
+            reporter.info(f"stack {label} is already trained ({done} steps): nothing to do")
             return None
         raise StackwiseError(
-            f"stack {stack_id} is already trained ({entry.steps} steps); {steps} steps would be a second run with a "
+            f"stack {label} is already trained ({done} steps); {steps} steps would be a second run with a "
             "new schedule, not a continuation",
             hint="pass --resume never to train it further from its weights (its steps and tokens add up)",
         )
+    if stack_id is None and "trained" in states and states != {"trained"}:
+        raise ProjectError(
+            "end to end trains every stack together, and some are trained already: "
+            f"{', '.join(str(e.id) for e in entries if e.state == 'trained')}",
+            hint="make a new project for the baseline (`stackwise build` with `curriculum: end-to-end`)",
+        )
     # Training a trained stack again (--resume never) continues from its weights: the counts add up.
-    prior_steps, prior_tokens = (entry.steps, entry.tokens) if entry.state == "trained" else (0, 0)
-    ckpt_dir = project.ckpt_dir(stack_id)
+    prior_steps, prior_tokens = (entries[0].steps, entries[0].tokens) if states == {"trained"} else (0, 0)
+    ckpt_dir = project.ckpt_dir(label)
     have_ckpt = resume == "auto" and bool(ckpt.list_checkpoints(ckpt_dir))
 
-    # With a checkpoint to resume from, the weights come from it: the stack file may be one step ahead or behind.
-    stack = load_stack(project, m, stack_id, verify=not have_ckpt).to(dev)
+    # With a checkpoint to resume from, the weights come from it: the files may be one step ahead or behind.
+    stacks = [load_stack(project, m, i, verify=not have_ckpt).to(dev) for i in ids]
     ends = load_ends(project, m, verify=not have_ckpt).to(dev)
-    for p in [*stack.parameters(), *ends.parameters()]:
-        p.requires_grad_(False)
+    _freeze([*stacks, ends])
+    if precision == "fp8":  # the trained stacks' linear layers become scaled fp8 matmuls, same parameters
+        from stackwise_cli.train.fp8 import to_fp8
 
-    trainable = {f"stack.{n}": p for n, p in stack.named_parameters()}
-    if pos == 0:
-        trainable["ends.embed.weight"] = ends.embed.weight
-    # The leftmost stack always trains the final norm and head: a random head would make every readout useless.
-    if pos == 0 or (tr.head == "train" and ends.head is not None):
-        trainable.update({f"ends.{n}": p for n, p in ends.named_parameters() if not n.startswith("embed")})
-    for p in trainable.values():
+        for stack in stacks:
+            to_fp8(stack)
+    if stack_id is None:
+        setup = _setup_all(project, m, stacks, ends)
+    else:
+        setup = _setup_one(project, m, stack_id, pos, stacks[0], ends, dev)
+    for p in setup.trainable.values():
         p.requires_grad_(True)
 
-    token_shards = [
-        read_token_shard(project.path(s.file), expect_seq_len=m.data.seq_len) for s in m.data.splits["train"].shards
-    ]
-    if pos == 0:
-        data = Sequences(token_shards)
-        fingerprint = digest(["tokens", project.split_digest(m, "train")])
-
-        def loss_fn(b: Batch) -> torch.Tensor:
-            return causal_lm_loss(ends.logits(stack(ends.embed_tokens(b.tokens))), b.tokens)
-    else:
-        cache = project.fresh_cache(m, stack_id, "train")
-        hidden = [
-            read_hidden_shard(project.path(s.file), expect_shape=(m.data.seq_len, recipe.model.d_model))
-            for s in cache.shards
-        ]
-        data = Sequences(token_shards, hidden)
-        fingerprint = digest(["cache", *[s.sha256 for s in cache.shards]])
-
-        def loss_fn(b: Batch) -> torch.Tensor:
-            return causal_lm_loss(ends.logits(stack(b.hidden)), b.tokens)
-
-    with project.update(f"train-stack {stack_id} --steps {steps} --precision {precision}") as mm:
-        mm.stack(stack_id).state = "training"
+    with project.update(f"train-stack {label} --steps {steps} --precision {precision}") as mm:
+        for i in ids:
+            mm.stack(i).state = "training"
 
     job = Job(
-        f"train-stack {stack_id}",
-        {"stack": stack, "ends": ends},
-        trainable,
-        loss_fn,
-        data,
-        fingerprint,
+        f"train-stack {label}",
+        setup.modules,
+        setup.trainable,
+        setup.loss,
+        setup.data,
+        setup.fingerprint,
         {"prior_steps": prior_steps, "prior_tokens": prior_tokens},
     )
     try:
@@ -464,7 +657,7 @@ def _train_stack(
             precision,
             ckpt_dir,
             resume,
-            project.log_path(f"train-stack-{stack_id}"),
+            project.log_path(f"train-stack-{label}"),
             reporter,
             stop_at,
             tr.checkpoint_every_min if checkpoint_every_min is None else checkpoint_every_min,
@@ -472,27 +665,38 @@ def _train_stack(
     except Stopped:
         state = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())
         with project.update() as mm:
-            e = mm.stack(stack_id)
-            e.steps = state["extra"]["prior_steps"] + state["step"]
-            e.tokens = state["extra"]["prior_tokens"] + state["tokens"]
-            e.last_loss, e.precision = state["last_loss"], precision
+            for i in ids:
+                e = mm.stack(i)
+                e.steps = state["extra"]["prior_steps"] + state["step"]
+                e.tokens = state["extra"]["prior_tokens"] + state["tokens"]
+                e.last_loss, e.precision = state["last_loss"], precision
         raise
 
-    trained_ends = ends if any(n.startswith("ends.") for n in trainable) else None
-    _finish(project, stack_id, stack, trained_ends, result, precision, job.extra)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the stack file and the manifest now hold the result
+    trained_ends = ends if any(n.startswith("ends.") for n in setup.trainable) else None
+    curriculum = m.recipe.curriculum
+    _finish(project, dict(zip(ids, stacks)), trained_ends, result, precision, job.extra, curriculum)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the stack files and the manifest now hold the result
     return result
 
 
 def _finish(
-    project: Project, stack_id: int, stack: Stack, ends: Ends | None, result: Result, precision: str, prior: dict
+    project: Project,
+    stacks: dict[int, Stack],
+    ends: Ends | None,
+    result: Result,
+    precision: str,
+    prior: dict,
+    curriculum: str,
 ) -> None:
-    sha = save_stack(project, stack.cpu(), stack_id)
+    shas = {i: save_stack(project, stack.cpu(), i) for i, stack in stacks.items()}
     ends_sha = save_ends(project, ends.cpu()) if ends is not None else None
-    with project.update(f"train-stack {stack_id}: trained to step {result.steps}, loss {result.last_loss}") as m:
-        e = m.stack(stack_id)
-        e.sha256, e.state, e.last_loss, e.precision = sha, "trained", result.last_loss, precision
-        e.steps = prior["prior_steps"] + result.steps
-        e.tokens = prior["prior_tokens"] + result.tokens
+    label = "all" if len(stacks) > 1 else str(next(iter(stacks)))
+    with project.update(f"train-stack {label}: trained to step {result.steps}, loss {result.last_loss}") as m:
+        for i, sha in shas.items():
+            e = m.stack(i)
+            e.sha256, e.state, e.last_loss, e.precision = sha, "trained", result.last_loss, precision
+            e.steps = prior["prior_steps"] + result.steps
+            e.tokens = prior["prior_tokens"] + result.tokens
+            e.trained_by = curriculum
         if ends_sha is not None:
             m.ends.sha256, m.ends.input_sha256 = ends_sha
