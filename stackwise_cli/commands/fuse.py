@@ -1,20 +1,71 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from stackwise_cli.commands.options import JsonOpt, ProjectOpt
-from stackwise_cli.console import out, print_json
+import typer
+
+from stackwise_cli.commands.options import DeviceOpt, JsonOpt, ProjectOpt
+from stackwise_cli.console import CliReporter, out, print_json
 
 
-def fuse(project: ProjectOpt = Path("."), json_: JsonOpt = False) -> None:
-    """Assemble ends + rack into one model in fused/ (Hugging Face format: LlamaForCausalLM)."""
+def fuse(
+    finetune_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--finetune-steps", help="Fine-tune the assembled model end to end for N optimizer steps before export."
+        ),
+    ] = None,
+    finetune: Annotated[
+        str | None,
+        typer.Option(
+            "--finetune", help="full (every weight; default), lora (bf16 base) or qlora (NF4 base): what trains."
+        ),
+    ] = None,
+    lora_rank: Annotated[
+        int | None, typer.Option("--lora-rank", help="LoRA rank r, lora and qlora only (default 16).")
+    ] = None,
+    lora_alpha: Annotated[
+        float | None, typer.Option("--lora-alpha", help="LoRA alpha; the update is scaled by alpha/r (default r).")
+    ] = None,
+    precision: Annotated[
+        str, typer.Option("--precision", help="Fine-tune compute: fp32, or bf16 (autocast, fp32 master weights).")
+    ] = "fp32",
+    resume: Annotated[
+        str, typer.Option("--resume", help="auto: continue an interrupted fine-tune; never: start it over.")
+    ] = "auto",
+    device: DeviceOpt = "auto",
+    project: ProjectOpt = Path("."),
+    json_: JsonOpt = False,
+) -> None:
+    """Assemble ends + rack into one model in fused/ (Hugging Face format), optionally fine-tuned end to end first.
+    The fine-tune checkpoints in ckpt/finetune; SIGTERM/SIGUSR1 checkpoint and exit 75: rerun to resume."""
     from stackwise_cli.store.project import Project
+    from stackwise_cli.train.finetune import finetune_spec
     from stackwise_cli.train.fuse import fuse as run
 
-    entry = run(Project(project))
+    spec = finetune_spec(finetune_steps, finetune, lora_rank, lora_alpha)
+    entry = run(Project(project), spec, device, precision, resume, CliReporter(quiet=json_))
+    tuned = None
+    if entry.finetune is not None:
+        tuned = {
+            "mode": entry.finetune,
+            "steps": entry.finetune_steps,
+            "lora_rank": entry.lora_rank,
+            "lora_alpha": entry.lora_alpha,
+            "loss": entry.finetune_loss,
+        }
     if json_:
         print_json(
-            {"dir": str(Path(project) / entry.dir), "sha256": entry.sha256, "stacks": [s.id for s in entry.stacks]}
+            {
+                "dir": str(Path(project) / entry.dir),
+                "sha256": entry.sha256,
+                "stacks": [s.id for s in entry.stacks],
+                "finetune": tuned,
+            }
         )
     else:
-        out.print(f"fused {len(entry.stacks)} stack(s) into {Path(project) / entry.dir} (loads with transformers)")
+        how = ""
+        if tuned is not None:
+            how = f", fine-tuned ({tuned['mode']}, {tuned['steps']} steps, loss {tuned['loss']:.4f})"
+        out.print(f"fused {len(entry.stacks)} stack(s) into {Path(project) / entry.dir}{how} (loads with transformers)")

@@ -1,29 +1,93 @@
-"""``fuse``: ends + rack assembled into one model and written to ``fused/`` in Hugging Face format."""
+"""``fuse``: ends + rack assembled into one model, optionally fine-tuned end to end (``train/finetune.py``), and
+written to ``fused/`` in Hugging Face format."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from stackwise_cli.data.tokenizer import EOS
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.model.hf import write_fused
-from stackwise_cli.store.manifest import FusedEntry, StackRef
+from stackwise_cli.progress import QUIET, Reporter
+from stackwise_cli.store.manifest import FusedEntry, Manifest, StackRef
 from stackwise_cli.store.project import Project
-from stackwise_cli.store.weights import load_current_rack
+
+if TYPE_CHECKING:
+    from stackwise_cli.model.model import Rack
+    from stackwise_cli.train.finetune import FinetuneSpec
 
 
-def is_fused(project: Project) -> bool:
-    """Is ``fused/`` present and built from exactly the current ends and rack?"""
+def _finetune_fields(spec: FinetuneSpec | None) -> dict:
+    """The manifest fields of ``FusedEntry`` that say which fine-tune (if any) made fused/, loss aside."""
+    if spec is None:
+        return {"finetune": None, "finetune_steps": 0, "lora_rank": None, "lora_alpha": None}
+    return {"finetune": spec.mode, "finetune_steps": spec.steps, "lora_rank": spec.rank, "lora_alpha": spec.alpha}
+
+
+def fused_for_rack(project: Project) -> bool:
+    """Is ``fused/`` present and built from exactly the current ends and rack (fine-tuned or not)?"""
     m = project.load()
     return m.fused_is_current() and project.path(f"{m.fused.dir}/model.safetensors").exists()
 
 
-def fuse(project: Project) -> FusedEntry:
+def is_fused(project: Project, finetune: FinetuneSpec | None = None) -> bool:
+    """Is ``fused/`` present, built from exactly the current ends and rack, and fine-tuned as ``finetune`` says
+    (None: not fine-tuned)? A fused/ made with other fine-tune settings is not current."""
+    if not fused_for_rack(project):
+        return False
+    m = project.load()
+    return all(getattr(m.fused, k) == v for k, v in _finetune_fields(finetune).items())
+
+
+def fuse(
+    project: Project,
+    finetune: FinetuneSpec | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    resume: str = "auto",
+    reporter: Reporter = QUIET,
+    stop_at: int | None = None,
+) -> FusedEntry:
+    """Write ``fused/`` from the current ends and rack; with ``finetune``, first fine-tune the assembled model end to
+    end (see ``train/finetune.py``; ``device``, ``precision``, ``resume`` and ``stop_at`` apply to it). The
+    project's stack and ends files are never changed."""
     if not project.load().rack:
         raise ProjectError("the rack is empty: nothing to fuse", hint="run `stackwise build`")
-    m, rack = load_current_rack(project)
-    sha = write_fused(project.path("fused"), rack, project.path(m.tokenizer.file), EOS, m.tokenizer.eos_id)
-    entry = FusedEntry(
-        dir="fused", sha256=sha, ends=m.ends.sha256, stacks=[StackRef(id=s.id, sha256=s.sha256) for s in m.rack]
+    if finetune is None:
+        from stackwise_cli.store.weights import load_current_rack
+
+        m, rack = load_current_rack(project)
+        return _write(project, m, rack, None, None, "")
+
+    from stackwise_cli.train.finetune import clear_checkpoints
+    from stackwise_cli.train.finetune import finetune as run
+
+    with project.job_lock("fuse-finetune", "the fine-tune of the fused model"):
+        m, done = run(project, finetune, device, precision, resume, reporter, stop_at)
+        entry = _write(project, m, done.merged, finetune, done.result.last_loss, f" {finetune.label()}")
+        clear_checkpoints(project)  # fused/ and the manifest now hold the result
+    return entry
+
+
+def _write(
+    project: Project, m: Manifest, rack: Rack, spec: FinetuneSpec | None, loss: float | None, label: str
+) -> FusedEntry:
+    sha = write_fused(
+        project.path("fused"),
+        rack,
+        project.path(m.tokenizer.file),
+        EOS,
+        m.tokenizer.eos_id,
+        bidirectional=m.recipe.bidirectional,
     )
-    with project.update(f"fuse -> fused/ ({sum(s.blocks for s in m.rack)} blocks)") as mm:
+    entry = FusedEntry(
+        dir="fused",
+        sha256=sha,
+        ends=m.ends.sha256,
+        stacks=[StackRef(id=s.id, sha256=s.sha256) for s in m.rack],
+        **_finetune_fields(spec),
+        finetune_loss=loss,
+    )
+    with project.update(f"fuse{label} -> fused/ ({sum(s.blocks for s in m.rack)} blocks)") as mm:
         mm.fused = entry
     return entry

@@ -1,0 +1,234 @@
+"""End-to-end fine-tuning of the assembled model at fuse time: full, LoRA, or QLoRA on a 4-bit base (docs/finetune.md).
+
+The rack is read from the project's files, trained as one model for ``steps`` optimizer steps on the train split
+with the recipe's objective (the same loss as end-to-end training, ``loop._setup_all``), through ``loop.run``:
+checkpoints in ``ckpt/finetune``, resume after SIGTERM/SIGUSR1 (exit 75), the NaN check. The result exists only in
+``fused/``: the stack and ends files are never written.
+
+- ``full``: every weight trains (embedding, every stack, final norm, head); AdamW as the recipe says.
+- ``lora``: each stack frozen with its linear weights in bf16 storage (``frozen.freeze(stack, "bf16")``; compute
+  in the input's dtype, fp32 on the CPU), a LoRA adapter on every linear layer of every block; the ends frozen in
+  fp32. Only the adapters train.
+- ``qlora``: as lora, with the stacks' linear weights in 4-bit NF4 (bitsandbytes).
+
+LoRA and QLoRA end with the merge W' = W + (alpha / r) * B @ A, computed in fp32 from the weights in the stack
+files, not from the bf16 or NF4 copy the adapters trained against.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stackwise_cli.errors import StackwiseError
+from stackwise_cli.model.hf import check_exportable
+from stackwise_cli.model.model import Rack
+from stackwise_cli.progress import QUIET, Reporter
+from stackwise_cli.store.manifest import Manifest
+from stackwise_cli.store.project import Project, digest
+from stackwise_cli.store.weights import load_current_rack, load_ends, load_stack
+from stackwise_cli.train import checkpoint as ckpt
+from stackwise_cli.train.loop import RESUME, Batch, Job, Result, Sequences, _forward_for, _token_data, run
+from stackwise_cli.train.lora import Adapters, add_lora, merge_lora
+from stackwise_cli.train.objectives import stack_objective
+from stackwise_cli.train.precision import autocast, pick_device
+
+MODES = ("full", "lora", "qlora")
+BASE_STORAGE = {"lora": "bf16", "qlora": "nf4"}  # how the frozen base's linear weights are held
+PRECISIONS = ("fp32", "bf16")  # fine-tuning computes in fp32, or under bf16 autocast (fp32 master weights)
+DEFAULT_MODE = "full"
+DEFAULT_RANK = 16
+CKPT_NAME = "finetune"  # ckpt/finetune: its own checkpoint folder, beside the stacks' ckpt/<id>
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneSpec:
+    """What to fine-tune and how long; ``rank`` and ``alpha`` only for lora and qlora. Build it with
+    ``finetune_spec`` (which validates user input and fills the defaults)."""
+
+    mode: str
+    steps: int
+    rank: int | None = None
+    alpha: float | None = None
+
+    def label(self) -> str:
+        lora = f" --lora-rank {self.rank} --lora-alpha {self.alpha:g}" if self.rank is not None else ""
+        return f"--finetune {self.mode} --finetune-steps {self.steps}{lora}"
+
+
+def finetune_spec(
+    steps: int | None, mode: str | None = None, rank: int | None = None, alpha: float | None = None
+) -> FinetuneSpec | None:
+    """The fine-tune the options ask for (None: none, fuse the rack as trained), or a StackwiseError naming the
+    option. Defaults: mode full; for lora and qlora rank 16 and alpha = rank (scale 1)."""
+    if steps is None:
+        given = [f for f, v in (("--finetune", mode), ("--lora-rank", rank), ("--lora-alpha", alpha)) if v is not None]
+        if given:
+            raise StackwiseError(
+                f"{', '.join(given)} set without --finetune-steps: there is no fine-tune to apply them to",
+                hint="add --finetune-steps N (optimizer steps), or drop them to fuse the rack as trained",
+            )
+        return None
+    if steps < 1:
+        raise StackwiseError(
+            f"--finetune-steps must be >= 1, got {steps}",
+            hint="leave --finetune-steps out to fuse the rack as trained",
+        )
+    mode = DEFAULT_MODE if mode is None else mode
+    if mode not in MODES:
+        raise StackwiseError(f"--finetune must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "full":
+        given = [f for f, v in (("--lora-rank", rank), ("--lora-alpha", alpha)) if v is not None]
+        if given:
+            raise StackwiseError(
+                f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --finetune lora or qlora; "
+                "this fine-tune is full "
+                "(every weight trains)",
+                hint="add --finetune lora (or qlora), or drop " + " and ".join(given),
+            )
+        return FinetuneSpec(mode=mode, steps=steps)
+    rank = DEFAULT_RANK if rank is None else rank
+    if rank < 1:
+        raise StackwiseError(f"--lora-rank must be >= 1, got {rank}", hint=f"the default is {DEFAULT_RANK}")
+    alpha = float(rank) if alpha is None else float(alpha)
+    if alpha <= 0:
+        raise StackwiseError(f"--lora-alpha must be > 0, got {alpha:g}", hint="the default is the rank (scale 1)")
+    return FinetuneSpec(mode=mode, steps=steps, rank=rank, alpha=alpha)
+
+
+@dataclass
+class Finetuned:
+    """What a fine-tune produced: the training result, the model as it trained (adapters in place for lora and
+    qlora, on the device), and the merged fp32 rack on the CPU that was written to ``fused/``."""
+
+    result: Result
+    model: Rack
+    merged: Rack
+
+
+def _fingerprint(project: Project, m: Manifest, spec: FinetuneSpec, objective_key: str) -> str:
+    """The inputs of this fine-tune: a checkpoint made from another rack, data or setting is not this run."""
+    parts = ["finetune", spec.mode, str(spec.rank), str(spec.alpha), project.split_digest(m, "train"), objective_key]
+    parts += [m.require_ends().sha256, *[f"{s.id}:{s.sha256}" for s in m.rack]]
+    return digest(parts)
+
+
+def _check_checkpoint(project: Project, spec: FinetuneSpec, fingerprint: str, resume: str) -> None:
+    """A checkpoint in ckpt/finetune from another fine-tune is refused here, in fuse's own words."""
+    existing = ckpt.list_checkpoints(project.ckpt_dir(CKPT_NAME))
+    if resume != "auto" or not existing:
+        return
+    state = json.loads((existing[-1] / "state.json").read_text())
+    if state.get("fingerprint") != fingerprint or state.get("steps_total") != spec.steps:
+        raise StackwiseError(
+            f"{existing[-1]} holds an interrupted fine-tune with other settings or of another rack "
+            f"({state.get('steps_total')} steps) than `fuse {spec.label()}` asks for",
+            hint="rerun the interrupted command to finish it, or pass --resume never to start this one over",
+        )
+
+
+def finetune(
+    project: Project,
+    spec: FinetuneSpec,
+    device: str = "auto",
+    precision: str = "fp32",
+    resume: str = "auto",
+    reporter: Reporter = QUIET,
+    stop_at: int | None = None,
+) -> tuple[Manifest, Finetuned]:
+    """Fine-tune the current rack end to end as ``spec`` says and return the manifest it was read from and the
+    merged rack (nothing is written here but the checkpoints; ``fuse`` writes ``fused/``). Raises ``Stopped``
+    (exit 75) after checkpointing on SIGTERM/SIGUSR1 or at ``stop_at`` (tests): rerun to resume."""
+    if spec.mode not in MODES:
+        raise StackwiseError(f"--finetune must be one of {', '.join(MODES)}, got {spec.mode!r}")
+    if precision not in PRECISIONS:
+        raise StackwiseError(f"--precision for a fine-tune must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if resume not in RESUME:
+        raise StackwiseError(f"--resume must be one of {', '.join(RESUME)}, got {resume!r}")
+    m, rack = load_current_rack(project)  # fp32, checked against the manifest's checksums
+    tr = m.recipe.train
+    check_exportable(rack, m.recipe.bidirectional)  # refuse before training what fused/ cannot hold
+    if spec.steps <= tr.warmup_steps:
+        raise StackwiseError(
+            f"--finetune-steps {spec.steps} leaves no room for the schedule: train.warmup_steps is {tr.warmup_steps}",
+            hint=f"pass --finetune-steps greater than {tr.warmup_steps}, or lower train.warmup_steps in the recipe",
+        )
+    dev = pick_device(device)
+    autocast(precision, dev)  # a precision the device cannot do fails here, before any work
+    obj = stack_objective(m, None)
+    fingerprint = _fingerprint(project, m, spec, obj.key())
+    _check_checkpoint(project, spec, fingerprint, resume)
+
+    ends, stacks = rack.ends, list(rack.stacks)
+    if spec.mode == "full":
+        modules: dict[str, nn.Module] = {"ends": ends} | {f"stack{e.id}": s for e, s in zip(m.rack, stacks)}
+        trainable = {f"{k}.{n}": p for k, mod in modules.items() for n, p in mod.named_parameters()}
+    else:
+        from stackwise_cli.train.frozen import freeze
+
+        for p in rack.parameters():
+            p.requires_grad_(False)
+        # One generator for every A, seeded by the recipe: the same project gives the same initial adapters.
+        gen = torch.Generator().manual_seed(tr.seed)
+        layers = {}
+        for e, s in zip(m.rack, stacks):
+            freeze(s, BASE_STORAGE[spec.mode])
+            layers.update({f"{e.id}.{path}": layer for path, layer in add_lora(s, spec.rank, spec.alpha, gen).items()})
+        adapters = Adapters(layers)
+        modules = {"lora": adapters}
+        trainable = {f"lora.{n}": p for n, p in adapters.named_parameters()}
+    rack.to(dev)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    forward = _forward_for(tr)
+    causal = obj.causal
+
+    def loss_fn(b: Batch) -> torch.Tensor:  # as _setup_all: corrupt, embed, every stack, head, objective
+        c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
+        h = ends.embed_tokens(c.inputs)
+        for s in stacks:
+            h = forward(s, h, causal, c.t)
+        return obj.loss(ends.logits(h), c)
+
+    data = Sequences(_token_data(project, m))
+    job = Job(f"fuse {spec.mode} fine-tune", modules, trainable, loss_fn, data, fingerprint)
+    ckpt_dir = project.ckpt_dir(CKPT_NAME)
+    result = run(
+        job,
+        tr,
+        spec.steps,
+        dev,
+        precision,
+        ckpt_dir,
+        resume,
+        project.log_path(f"fuse-finetune-{spec.mode}"),
+        reporter,
+        stop_at,
+        tr.checkpoint_every_min,
+    )
+    rack.eval()
+    return m, Finetuned(result, rack, _merged(project, m, spec, rack))
+
+
+@torch.no_grad()
+def _merged(project: Project, m: Manifest, spec: FinetuneSpec, model: Rack) -> Rack:
+    """The fine-tuned model as plain fp32 weights on the CPU: full = the trained weights themselves; lora, qlora =
+    each stack read again from its file (fp32, checksum-checked) with its adapters added."""
+    if spec.mode == "full":
+        ends = model.ends.cpu()
+        stacks = [s.cpu() for s in model.stacks]
+    else:
+        ends = load_ends(project, m)  # frozen during the fine-tune: the file's weights are its weights
+        stacks = [merge_lora(load_stack(project, m, e.id), s) for e, s in zip(m.rack, model.stacks)]
+    for p in [*ends.parameters(), *(p for s in stacks for p in s.parameters())]:
+        p.requires_grad_(False)
+    return Rack(m.recipe.model, ends, stacks, [e.id for e in m.rack]).eval()
+
+
+def clear_checkpoints(project: Project) -> None:
+    """The fine-tune is in fused/ and the manifest: its checkpoints are no longer needed."""
+    shutil.rmtree(project.ckpt_dir(CKPT_NAME), ignore_errors=True)
