@@ -20,7 +20,7 @@ from stackwise_cli.schema import SchemaError, check, from_data, to_data
 Objective = Literal["clm", "mlm", "diffusion"]
 Curriculum = Literal["left-to-right", "right-to-left", "end-to-end"]
 Init = Literal["random", "copy", "identity"]
-CacheDtype = Literal["bf16", "fp32"]
+CacheDtype = Literal["bf16", "fp32", "fp8"]  # fp8: e4m3 codes with one fp32 scale per token
 FrozenDtype = Literal["fp32", "bf16", "fp8", "nf4", "fp4"]
 Schedule = Literal["linear", "cosine"]
 

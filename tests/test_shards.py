@@ -108,6 +108,29 @@ def test_hidden_fp32_roundtrip_is_exact(tmp_path: Path):
     assert torch.equal(shard.hidden.view(torch.int32), h.view(torch.int32))
 
 
+def test_hidden_fp8_roundtrip_within_the_e4m3_bound_per_token(tmp_path: Path):
+    torch.manual_seed(0)
+    h = torch.randn(6, 8, 64) * torch.logspace(-3, 3, 8)[None, :, None]  # tokens of very different scales
+    h[2, 3] = 0.0  # an all-zero token
+    path = tmp_path / "h.arrow"
+    write_hidden_shard(path, h, np.arange(6), "fp8")
+    shard = read_hidden_shard(path, expect_shape=(8, 64))
+    back = shard.hidden[:]
+    assert back.dtype == torch.float32 and back.shape == h.shape
+    amax = h.abs().amax(-1, keepdim=True)
+    # e4m3 keeps 3 mantissa bits: the error is at most half an ulp of the token's largest value, 2^-4 * amax,
+    # relative to each token's own amax however small it is (per-token scales).
+    assert bool(((back - h).abs() <= amax * 2**-4 + 1e-30).all())
+    assert torch.equal(back[2, 3], torch.zeros(64))
+    assert torch.equal(shard.hidden[4], back[4])  # one row, dequantised on its own, is the same
+    assert shard.dtype == "fp8"
+    # 1 byte per value plus 4 per token (1.004 at D = 1024), against 2 for bf16.
+    wide = torch.randn(6, 8, 1024)
+    write_hidden_shard(tmp_path / "w8.arrow", wide, np.arange(6), "fp8")
+    write_hidden_shard(tmp_path / "w16.arrow", wide, np.arange(6), "bf16")
+    assert 0.49 < os.path.getsize(tmp_path / "w8.arrow") / os.path.getsize(tmp_path / "w16.arrow") < 0.52
+
+
 def test_hidden_writer_accepts_bf16_input_and_rejects_bad_shapes(tmp_path: Path):
     h = _hidden().to(torch.bfloat16)
     write_hidden_shard(tmp_path / "h.arrow", h, np.arange(5), "bf16")

@@ -7,9 +7,11 @@ which is what lets a training loop sample from a cache larger than RAM.
 Layouts (``T`` = sequence length, ``D`` = hidden size):
 
 - tokens: ``seq_id: int64``, ``tokens: fixed_size_list<int32>[T]``; schema metadata ``kind=tokens, seq_len=T``.
-- hidden: ``seq_id: int64``, ``hidden: fixed_size_list<uint16 | float32>[T*D]``; schema metadata ``kind=hidden``;
-  the ``hidden`` field's metadata ``dtype=bf16|fp32, shape=[T, D]``. bf16 is stored as its raw bits in uint16
-  because Arrow has no bfloat16 type; the bits round-trip exactly.
+- hidden: ``seq_id: int64``, ``hidden: fixed_size_list<uint16 | float32 | uint8>[T*D]``; schema metadata
+  ``kind=hidden``; the ``hidden`` field's metadata ``dtype=bf16|fp32|fp8, shape=[T, D]``. bf16 is stored as its raw
+  bits in uint16 because Arrow has no bfloat16 type; the bits round-trip exactly. fp8 is e4m3 (raw bits in uint8)
+  with one fp32 scale per token in a ``scale: fixed_size_list<float32>[T]`` column: value = code * scale, with
+  scale = amax over the token's D values / 448, so each token uses the whole e4m3 range (1 + 4/D bytes a value).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from stackwise_cli.store.files import atomic_write
 if TYPE_CHECKING:
     import torch
 
-HiddenDtype = Literal["bf16", "fp32"]
+HiddenDtype = Literal["bf16", "fp32", "fp8"]
 
 _VERIFY_HINT = "run `stackwise verify`"
-# Storage type of each cache dtype. Both are 2- or 4-byte types, so torch can view the mapped bytes directly.
-_STORAGE = {"bf16": pa.uint16(), "fp32": pa.float32()}
+# Storage type of each cache dtype: types of the same width, so torch can view the mapped bytes directly.
+_STORAGE = {"bf16": pa.uint16(), "fp32": pa.float32(), "fp8": pa.uint8()}
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,25 @@ class TokenShard:
         return self.tokens.shape[1]
 
 
+class Fp8Hidden:
+    """An fp8 cache's (N, T, D) states as codes and per-token scales, views of the file; indexing dequantises
+    just the rows asked for, to float32."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        self.codes, self.scales = codes, scales  # (N, T, D) float8_e4m3fn, (N, T) float32
+        self.shape = codes.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return self.codes[rows].float() * self.scales[rows].unsqueeze(-1)
+
+
 @dataclass(frozen=True)
 class HiddenShard:
     seq_ids: np.ndarray  # (N,) int64, read-only view of the file
-    hidden: torch.Tensor  # (N, T, D) bfloat16 or float32, a view of the file: never write to it
+    hidden: torch.Tensor | Fp8Hidden  # (N, T, D) bfloat16 or float32 (a view of the file: never write to it), or fp8
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -62,6 +79,8 @@ class HiddenShard:
     def dtype(self) -> HiddenDtype:
         import torch
 
+        if isinstance(self.hidden, Fp8Hidden):
+            return "fp8"
         return "bf16" if self.hidden.dtype == torch.bfloat16 else "fp32"
 
 
@@ -148,16 +167,27 @@ def write_hidden_shard(path: Path, hidden: torch.Tensor, seq_ids: np.ndarray, dt
         raise ValueError(f"seq_ids must be ({n},) to match hidden, got shape {seq_ids.shape}")
 
     h = hidden.detach()
+    columns = []
     if dtype == "bf16":
         # The raw bits, reinterpreted (not converted): int16 because torch's uint16 has no numpy bridge on every
         # version; numpy then relabels the same bytes as uint16.
         flat = h.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    elif dtype == "fp8":
+        from stackwise_cli.kernels.reference import fp8_quantize_reference
+
+        codes, scales = fp8_quantize_reference(h.to(device="cpu", dtype=torch.float32))  # (N, T, D), (N, T)
+        flat = codes.contiguous().view(torch.uint8).numpy()
+        scale_values = pa.array(scales.contiguous().numpy().reshape(-1))
+        columns.append(
+            (pa.field("scale", pa.list_(pa.float32(), t)), pa.FixedSizeListArray.from_arrays(scale_values, t))
+        )
     else:
         flat = h.to(device="cpu", dtype=torch.float32).contiguous().numpy()
     values = pa.array(flat.reshape(-1))
     field = pa.field("hidden", pa.list_(_STORAGE[dtype], t * d), metadata={"dtype": dtype, "shape": json.dumps([t, d])})
-    schema = pa.schema([pa.field("seq_id", pa.int64()), field], metadata={"kind": "hidden"})
-    batch = pa.record_batch([pa.array(seq_ids), pa.FixedSizeListArray.from_arrays(values, t * d)], schema=schema)
+    fields = [pa.field("seq_id", pa.int64()), field] + [f for f, _ in columns]
+    arrays = [pa.array(seq_ids), pa.FixedSizeListArray.from_arrays(values, t * d)] + [a for _, a in columns]
+    batch = pa.record_batch(arrays, schema=pa.schema(fields, metadata={"kind": "hidden"}))
     return _write_batch(Path(path), batch)
 
 
@@ -266,13 +296,19 @@ def read_hidden_shard(path: Path, *, expect_shape: tuple[int, int] | None = None
     flat = _values(path, rows, "hidden")
     if dtype == "bf16":
         flat = flat.view(np.int16)  # same bits; torch reinterprets them as bfloat16 below
+    if dtype == "fp8":
+        _check_column(path, schema, "scale", pa.list_(pa.float32(), t))
     with warnings.catch_warnings():
         # The view is read-only because the file is mapped read-only; torch warns that it cannot express that.
         # Nothing in stackwise writes to a cache tensor, so the warning would only be noise.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
         hidden = torch.from_numpy(flat)
+        scales = torch.from_numpy(_values(path, rows, "scale")) if dtype == "fp8" else None
     if dtype == "bf16":
         hidden = hidden.view(torch.bfloat16)
+    if dtype == "fp8":
+        codes = hidden.view(torch.float8_e4m3fn).view(len(seq_ids), t, d)
+        return HiddenShard(seq_ids=seq_ids, hidden=Fp8Hidden(codes, scales.view(len(seq_ids), t)))
     return HiddenShard(seq_ids=seq_ids, hidden=hidden.view(len(seq_ids), t, d))  # (N, T, D)
 
 
