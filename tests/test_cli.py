@@ -408,7 +408,8 @@ def test_manifest_unknown_key_names_its_path(two_stacks: Project):
 
 
 @pytest.mark.parametrize(
-    "option, value, valid", [("--precision", "fp8", ["fp32", "bf16"]), ("--resume", "sometimes", ["auto", "never"])]
+    "option, value, valid",
+    [("--precision", "int4", ["fp32", "bf16", "fp16", "fp8"]), ("--resume", "sometimes", ["auto", "never"])],
 )
 def test_invalid_choice_lists_the_valid_values(two_stacks: Project, option: str, value: str, valid: list[str]):
     before = snapshot(two_stacks.root)

@@ -269,3 +269,89 @@ def test_readers_reload_the_manifest_when_a_training_run_finishes_under_them(pro
     monkeypatch.setattr(project, "load", lambda: next(loads))  # the reader read the manifest just before
     m, rack = load_current_rack(project)
     assert m == fresh and len(rack.stacks) == 1
+
+
+# --- precision, optimizer and memory switches ------------------------------------------------------------------
+
+
+def _trained_copy(project: Project, name: str, steps: int, stop_at: int | None = None, **kwargs) -> Project:
+    """A copy of the project, stack 0 trained ``steps`` steps (after a stop at ``stop_at``, if given)."""
+    other = Project(project.root.parent / name)
+    shutil.copytree(project.root, other.root)
+    if stop_at is not None:
+        with pytest.raises(Stopped):
+            train_stack(other, 0, steps=steps, stop_at=stop_at, **kwargs)
+    train_stack(other, 0, steps=steps, **kwargs)
+    return other
+
+
+def test_activation_checkpointing_trains_exactly_the_same_weights(project):
+    grow(project)
+    plain = _trained_copy(project, "plain", 6)
+    _set_recipe(project, activation_checkpointing=True)
+    ckpt_run = _trained_copy(project, "ckpt", 6)
+    assert plain.load().stack(0).sha256 == ckpt_run.load().stack(0).sha256  # recompute in fp32 is exact
+
+
+def test_adamw8bit_trains_and_resumes_bit_identically(project):
+    grow(project)
+    _set_recipe(project, optimizer="adamw8bit")
+    straight = _trained_copy(project, "straight", 12)
+    resumed = _trained_copy(project, "resumed", 12, stop_at=5)
+    assert straight.load().stack(0).sha256 == resumed.load().stack(0).sha256
+    newest = straight.load().stack(0)
+    assert newest.last_loss < 6.2  # ln(512) = 6.24: it learned something
+    _set_recipe(project, optimizer="adamw")
+    assert straight.load().stack(0).sha256 != _trained_copy(project, "adamw", 12).load().stack(0).sha256
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp8"])
+def test_low_precisions_train_with_fp32_master_weights(project, precision):
+    grow(project)
+    other = _trained_copy(project, precision, 4, precision=precision)
+    m = other.load()
+    assert m.stack(0).state == "trained" and m.stack(0).precision == precision and m.stack(0).last_loss < 7
+    stack = load_stack(other, m, 0)
+    assert all(p.dtype == torch.float32 for p in stack.parameters())  # the file holds the fp32 master weights
+    fp32 = _trained_copy(project, f"{precision}-ref", 4)
+    assert m.stack(0).sha256 != fp32.load().stack(0).sha256  # the precision really changed the arithmetic
+
+
+def test_fp16_checkpoint_keeps_the_loss_scale(project):
+    grow(project)
+    other = Project(project.root.parent / "fp16")
+    shutil.copytree(project.root, other.root)
+    with pytest.raises(Stopped):
+        train_stack(other, 0, steps=6, precision="fp16", stop_at=3)
+    import json
+
+    state = json.loads((ckpt.list_checkpoints(other.ckpt_dir(0))[-1] / "state.json").read_text())
+    assert state["scaler"]["scale"] > 1  # dynamic loss scaling is on, and resumes from where it was
+
+
+def test_fp8_cache_trains_the_next_stack(project):
+    import dataclasses
+
+    import numpy as np
+
+    from stackwise_cli.store.shards import read_hidden_shard, read_token_shard
+    from stackwise_cli.train.cache import build_cache
+
+    with project.update() as m:
+        m.recipe = dataclasses.replace(m.recipe, cache=dataclasses.replace(m.recipe.cache, dtype="fp8"))
+    grow(project)
+    grow(project)
+    train_stack(project, 0, steps=4)
+    entry = build_cache(project, 1, "train")
+    assert entry.dtype == "fp8"
+    shard = read_hidden_shard(project.path(entry.shards[0].file))
+    h = shard.hidden[:8]
+    m = project.load()
+    tok = read_token_shard(project.path(m.data.splits["train"].shards[0].file))
+    tokens = torch.from_numpy(np.asarray(tok.tokens[:8], dtype=np.int64))
+    with torch.no_grad():
+        want = load_stack(project, m, 0)(load_ends(project, m).embed_tokens(tokens))
+    amax = want.abs().amax(-1, keepdim=True)
+    assert bool(((h - want).abs() <= amax * 2**-4 + 1e-5).all())
+    result = train_stack(project, 1, steps=4)
+    assert result.last_loss is not None

@@ -35,12 +35,14 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state keyed by parameter name (no pickles: plain tensors)."""
+    """The optimizer's per-parameter state keyed by parameter name (no pickles: plain tensors). Each tensor is its
+    own copy: bitsandbytes' 8-bit AdamW shares its quantisation maps between parameters, which safetensors refuses
+    to store as two names of one buffer."""
     out = {}
     for p, state in opt.state.items():
         for key, value in state.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
-            out[f"{names[p]}::{key}"] = t.detach().cpu().contiguous()
+            out[f"{names[p]}::{key}"] = t.detach().cpu().clone()
     return out
 
 
