@@ -103,3 +103,40 @@ def test_build_of_a_rack_llama_cannot_hold_skips_fuse_and_says_why(tmp_path, tin
     out = json.loads(result.stdout)
     assert "fuse" not in out["ran"] and "'mla'" in out["no_fuse"]
     assert len(out["eval"]["per_stack"]) == 2 and not (tmp_path / "mla" / "fused").exists()
+
+
+EXPECTED_STAGES = {
+    "left-to-right": ["prepare", "grow -> 0", "train-stack 0", "grow -> 1", "cache 1", "train-stack 1"],
+    "right-to-left": ["prepare", "grow --side left -> 0", "train-stack 0", "grow --side left -> 1", "train-stack 1"],
+    "end-to-end": ["prepare", "grow -> 0", "grow -> 1", "train-stack all"],
+}
+
+
+@pytest.mark.parametrize("curriculum", list(EXPECTED_STAGES))
+@pytest.mark.parametrize("objective", ["clm", "mlm", "diffusion"])
+def test_build_runs_every_objective_and_curriculum(objective, curriculum, _prepared, tiny_recipe_path, tmp_path):
+    """Each pair through `stackwise build`, from a copy of the prepared tiny project with the recipe changed."""
+    import dataclasses
+
+    root = tmp_path / "proj"
+    shutil.copytree(_prepared, root)
+    project = Project(root)
+    with project.update() as m:
+        m.recipe = dataclasses.replace(m.recipe, objective=objective, curriculum=curriculum)
+    args = ["build", "-p", str(root), "--json"]
+    result = CliRunner().invoke(app, args, env=ENV)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    expected = EXPECTED_STAGES[curriculum][1:]  # prepared already
+    assert out["ran"][: len(expected)] == expected
+    assert ("fuse" in out["ran"]) == (objective == "clm")  # llama exports only a causal model
+    ev = out["eval"]
+    assert ev["objective"] == objective and ev["attention"] == ("causal" if objective == "clm" else "bidirectional")
+    assert 0 < ev["loss"] < 10 and 0 <= ev["accuracy"] <= 1
+    assert len(ev["per_t"]) == (project.load().recipe.diffusion.eval_points if objective == "diffusion" else 0)
+    m = project.load()
+    assert all(s.state == "trained" and s.trained_by == curriculum for s in m.rack)
+    ratios = [s.mask_ratio for s in m.rack]
+    assert ratios == {"clm": [None, None], "mlm": [0.15, 0.15], "diffusion": [0.9, 0.15]}[objective]
+    again = CliRunner().invoke(app, args, env=ENV)
+    assert json.loads(again.stdout)["ran"] == []  # idempotent

@@ -10,11 +10,24 @@ from stackwise_cli.console import out, print_json, print_table
 
 def _render(report, verb: str) -> None:
     rows = [
-        [r["position"], r["id"], r["blocks"], r["state"], r["steps"], r["tokens"], r["last_loss"], r["precision"]]
+        [
+            r["position"],
+            r["id"],
+            r["blocks"],
+            r["state"],
+            "-" if r["mask_ratio"] is None else r["mask_ratio"],
+            r["steps"],
+            r["tokens"],
+            r["last_loss"],
+            r["precision"],
+            r["trained_by"] or "-",
+        ]
         for r in report.rack
     ]
     print_table(
-        "rack (left = input side)", ["pos", "id", "blocks", "state", "steps", "tokens", "last loss", "precision"], rows
+        "rack (left = input side)",
+        ["pos", "id", "blocks", "state", "mask ratio", "steps", "tokens", "last loss", "precision", "trained by"],
+        rows,
     )
     if report.caches:
         rows = [
