@@ -60,6 +60,7 @@ bench_app.command("step")(handled(bench.step))
 bench_app.command("attention")(handled(bench.attention))
 bench_app.command("kernels")(handled(bench.kernels))
 bench_app.command("plan")(handled(bench.plan))
+bench_app.command("memory")(handled(bench.memory))
 app.add_typer(bench_app, name="bench")
 
 

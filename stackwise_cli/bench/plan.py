@@ -15,7 +15,10 @@ Conventions (one place, used everywhere below):
   and keeps for backward; gradients are fp32. The residual stream stays fp32 (fp32 + bf16 promotes), norms
   compute in fp32, and every linear layer saves its own 2-byte cast of its input.
 - ``fp8``: as bf16, with the block linears computing on e4m3 (1 byte) casts of their inputs and weights (per-tensor
-  scales, a few bytes per layer, not counted); the head stays bf16.
+  scales, a few bytes per layer, not counted); the head stays bf16. On the CPU (``PlanOptions.device``) fp8 is an
+  emulation without autocast: matmul outputs and the head stay fp32, and the head has no low-precision copy.
+- ``device``: ``cuda`` (the default) adds the CUDA context + allocator headroom row; ``cpu`` does not, and follows
+  what the CPU paths compute in (fp8 above; bitsandbytes' 4-bit layers dequantise to fp32 there).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ HEADROOM_BYTES = 2 * 2**30
 DEFAULT_TFLOPS = 400.0  # sustained dense bf16 on an H100/H200: ~40% of the 989 TFLOP/s peak
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+DEVICES = ("cuda", "cpu")
 OPTIMIZERS = ("adamw", "adamw8bit")
 FROZEN_DTYPES = ("fp32", "bf16", "fp8", "nf4", "fp4")
 CACHE_DTYPES = ("bf16", "fp32", "fp8")
@@ -93,11 +97,15 @@ class PlanOptions:
     frozen_dtype: str = "nf4"  # right-to-left: storage of the frozen suffix
     lora_rank: int = 16
     tflops: float = DEFAULT_TFLOPS  # sustained TFLOP/s, for tokens per day
-    headroom_bytes: int = HEADROOM_BYTES
+    headroom_bytes: int | None = None  # None: HEADROOM_BYTES on cuda, 0 on cpu
+    device: str = "cuda"  # what the plan is for: "cpu" has no CUDA context row and the CPU's compute dtypes
 
     def __post_init__(self) -> None:
+        if self.headroom_bytes is None:
+            object.__setattr__(self, "headroom_bytes", HEADROOM_BYTES if self.device == "cuda" else 0)
         problems = []
         for name, value, valid in (
+            ("device", self.device, DEVICES),
             ("precision", self.precision, PRECISIONS),
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("frozen dtype", self.frozen_dtype, FROZEN_DTYPES),
@@ -236,6 +244,18 @@ def optimizer_bytes(p: Params, optimizer: str) -> float:
     return total
 
 
+def optimizer_step_bytes(p: Params, optimizer: str, device: str) -> float:
+    """Temporaries the optimizer step allocates, measured on the CPU (docs/memory.md, "Measured against the plan").
+    torch's foreach AdamW: the larger of 8 B per value of the largest tensor and 3 B per parameter. bitsandbytes'
+    8-bit AdamW: on the CPU it dequantises both states of one tensor at a time, 20 B (five fp32 values) per value of
+    the largest tensor; on a GPU its blockwise kernel updates in place (not measured here: counted as 0)."""
+    if not p.tensors:
+        return 0.0
+    if optimizer == "adamw":
+        return max(8.0 * p.largest, 3.0 * p.count)
+    return 20.0 * p.largest if device == "cpu" else 0.0
+
+
 def frozen_bytes(p: Params, dtype: str) -> float:
     """Storage of frozen tensors. Linear weights: fp32 4 B, bf16 2 B, fp8 1 B + one fp32 scale per output row,
     nf4/fp4 0.5 B + the bitsandbytes double-quantised absmax (1 B per 64 weights + 4 B per 64 * 256 weights).
@@ -253,15 +273,15 @@ def frozen_bytes(p: Params, dtype: str) -> float:
     return total
 
 
-def trainable_bytes(p: Params, head: Params, precision: str, optimizer: str) -> dict[str, float]:
+def trainable_bytes(p: Params, head: Params, precision: str, optimizer: str, device: str = "cuda") -> dict[str, float]:
     """weights, gradients, optimizer state and master weights of trainable ``p`` (``head``: the part of ``p``
-    that is the LM head, which fp8 training keeps in bf16)."""
+    that is the LM head, which fp8 training keeps in bf16 on a GPU and in fp32, uncast, on the CPU)."""
     grads = 4.0 * p.count
     opt = optimizer_bytes(p, optimizer)
     if precision == "fp32":
         return {"weights": 4.0 * p.count, "gradients": grads, "optimizer": opt, "master": 0.0}
     if precision == "fp8":
-        copies = 1.0 * (p.matmul - head.matmul) + 2.0 * head.matmul
+        copies = 1.0 * (p.matmul - head.matmul) + (2.0 * head.matmul if device == "cuda" else 0.0)
     else:
         copies = 2.0 * p.matmul  # autocast's cached cast of each weight, kept for backward
     return {"weights": copies, "gradients": grads, "optimizer": opt, "master": 4.0 * p.count}
@@ -280,12 +300,17 @@ class ActDtypes:
     compute: int
     linear_in: int
     shared: bool
+    head_in: int | None = None  # what the LM head saves of its input (None: linear_in); fp8 leaves the head alone
 
     @staticmethod
-    def of(precision: str) -> ActDtypes:
+    def of(precision: str, device: str = "cuda") -> ActDtypes:
         if precision == "fp32":
             return ActDtypes(4, 4, 4, True)
-        return ActDtypes(4, 2, 1 if precision == "fp8" else 2, False)
+        if precision == "fp8":
+            # GPU: bf16 autocast around fp8 block linears, the head a bf16 matmul. CPU: the emulation runs without
+            # autocast, so matmul outputs are fp32 and the head an fp32 matmul reading its fp32 input.
+            return ActDtypes(4, 2, 1, False, 2) if device == "cuda" else ActDtypes(4, 4, 1, False, 4)
+        return ActDtypes(4, 2, 2, False)
 
 
 LORA_ACT = ActDtypes(2, 2, 2, True)  # a bf16 base run in bf16: the residual is bf16, no casts
@@ -340,7 +365,8 @@ def head_bytes_per_token(model: ModelConfig, dt: ActDtypes) -> float:
     """The final norm (input, normalised value), the head's input, and the loss: the (B, T, vocab) logits, their
     fp32 log-softmax (kept for backward) and its gradient are live together, 12 B per logit whatever the
     precision (fp32: 3 x 4 B; bf16: 2 B logits + a 2 B shifted copy + 4 B fp32 copy + 4 B log-softmax)."""
-    return 2 * dt.residual * model.d_model + dt.linear_in * model.d_model + LOSS_BYTES_PER_LOGIT * model.vocab_size
+    head_in = dt.linear_in if dt.head_in is None else dt.head_in
+    return 2 * dt.residual * model.d_model + head_in * model.d_model + LOSS_BYTES_PER_LOGIT * model.vocab_size
 
 
 def inference_bytes_per_token(model: ModelConfig, attn: AttentionConfig, seq_len: int, c: int = 4) -> float:
@@ -464,7 +490,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     head_mm = m.vocab_size * m.d_model  # the logits matmul, tied or not
     train_head = recipe.train.head == "train"
 
-    dt = ActDtypes.of(o.precision)
+    dt = ActDtypes.of(o.precision, o.device)
     a_block = block_bytes_per_token(m, at, T, dt) * n_tok
     a_in = dt.residual * m.d_model * n_tok  # what a checkpointed block keeps: its input
     a_head = head_bytes_per_token(m, dt) * n_tok
@@ -474,10 +500,14 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     def ckpt(name: str) -> bool:
         return o.activation_checkpointing if o.activation_checkpointing is not None else ckpt_default.get(name, False)
 
-    def trained_blocks_act(n: int, on: bool, a_blk: float, a_inp: float) -> float:
-        # Without checkpointing every block keeps everything; with it each keeps its input and one block at a
-        # time is recomputed in full during backward.
-        return n * a_blk if not on else n * a_inp + (a_blk - a_inp)
+    def blocks_and_head_act(n: int, on: bool, a_blk: float, a_inp: float, a_hd: float, frozen_ckpt: int = 0) -> float:
+        # Without checkpointing every block keeps everything, and all of it is still live at the loss, with the
+        # head's. With it each block keeps its input, and one block at a time is recomputed during backward, after
+        # the head and the loss have freed theirs: the peak is the larger of the two moments, not their sum
+        # (measured, docs/memory.md "Measured against the plan"). ``frozen_ckpt`` blocks are always checkpointed.
+        if not on and not frozen_ckpt:
+            return n * a_blk + a_hd
+        return (n * a_inp if on else n * a_blk) + frozen_ckpt * a_inp + max(a_hd, a_blk - a_inp)
 
     def make(
         name: str,
@@ -495,7 +525,9 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         precision: str = o.precision,
         notes: list[str] | tuple[str, ...] = (),
     ) -> Stage:
-        rows = trainable_bytes(trainable, head_part, precision, o.optimizer)
+        rows = trainable_bytes(trainable, head_part, precision, o.optimizer, o.device)
+        # The step runs after backward has freed the activations: its temporaries count only beyond them.
+        rows["optimizer"] += max(0.0, optimizer_step_bytes(trainable, o.optimizer, o.device) - act)
         rows.update(activations=act, frozen=frozen_rows, cache_buffers=buffers, headroom=o.headroom_bytes)
         return Stage(
             name=name,
@@ -521,7 +553,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     on = ckpt(name)
     head_train = out_ends if train_head else Params()
     head_frozen = Params() if train_head else out_ends
-    stack_act = trained_blocks_act(k, on, a_block, a_in)
+    stack_act = blocks_and_head_act(k, on, a_block, a_in, a_head)
     head_flops = (6 if train_head else 4) * head_mm
     flops = 6 * stack.matmul + (2 * stack.matmul if on else 0) + k * att_f * (4 if on else 3) + head_flops
     first = make(
@@ -531,7 +563,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         "trainable, input from the tokens",
         stack + embed + head_train,
         frozen_bytes(head_frozen, "fp32"),
-        stack_act + a_head,
+        stack_act,
         0.0,
         flops,
         frozen_count=head_frozen.count,
@@ -546,7 +578,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         "input read from its cache",
         later_train,
         frozen_bytes(later_frozen, "fp32"),
-        stack_act - a_in + a_head,  # block 0's input is the cache buffer
+        stack_act - a_in,  # block 0's input is the cache buffer
         4.0 * m.d_model * n_tok,  # the cached batch on the device, in fp32 (loop.Sequences.get)
         flops,
         frozen_count=later_frozen.count,
@@ -556,41 +588,50 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     stages.append(max(variants, key=lambda s: s.total_bytes))
 
     # --- train-stack, right to left: the new leftmost stack + embedding trainable, the other stacks frozen in
-    # --frozen-dtype, the gradient passing through them, each suffix block checkpointed.
+    # --frozen-dtype, the gradient passing through them, each suffix block checkpointed. As train/loop.py does: with
+    # a suffix the final norm and head stay frozen (the trained suffix reads out through them) and a tied embedding,
+    # being that head, too; only a one-stack rack trains them.
     name = "train-stack-r2l"
     on = ckpt(name)
     suffix_blocks = L - k
     suffix = Params.of([s for s, _ in block.tensors], suffix_blocks)
-    r2l_train = stack + embed + (norm if train_head else Params()) + (head if train_head else Params())
-    r2l_frozen_ends = Params() if train_head else out_ends
-    dequant = 0.0
-    if o.frozen_dtype in ("fp8", "nf4", "fp4") and suffix_blocks:
-        dequant = dt.compute * block.largest  # one layer dequantised at a time
-    if suffix_blocks:
-        act = trained_blocks_act(k, on, a_block, a_in) + suffix_blocks * a_in + (a_block - a_in)
-    else:
-        act = trained_blocks_act(k, on, a_block, a_in)
+    embed_trains = recipe.train.embedding == "train" and not (m.tie_embeddings and suffix_blocks)
+    r2l_train = stack + (embed if embed_trains else Params()) + (Params() if suffix_blocks else out_ends)
+    r2l_frozen_ends = (Params() if embed_trains else embed) + (out_ends if suffix_blocks else Params())
+    dequant, dequant_note = 0.0, ""
+    if suffix_blocks and o.frozen_dtype in ("nf4", "fp4"):
+        # bitsandbytes keeps the 4-bit weight for backward and dequantises one layer at a time: to the autocast
+        # dtype on a GPU, to fp32 on the CPU.
+        dequant = (4 if o.device == "cpu" else dt.compute) * block.largest
+        dequant_note = f"includes one dequantised {o.frozen_dtype} layer"
+    elif suffix_blocks and o.frozen_dtype in ("bf16", "fp8"):
+        # FrozenLinear dequantises to the input's dtype (fp32) and F.linear keeps that weight (or autocast's
+        # 2-byte cast of it) for backward: a whole block's weights while it is recomputed.
+        dequant = dt.compute * block.matmul
+        dequant_note = f"includes one block's {o.frozen_dtype} weights dequantised for its backward"
+    act = blocks_and_head_act(k, on, a_block, a_in, a_head, suffix_blocks)
     flops = (
         6 * stack.matmul
         + (2 * stack.matmul if on else 0)
         + 6 * suffix.matmul  # forward, backward to the input, and the recomputed forward
         + (k * (4 if on else 3) + suffix_blocks * 4) * att_f
-        + (6 if train_head else 4) * head_mm
+        + (4 if suffix_blocks else 6) * head_mm
     )
     stages.append(
         make(
             name,
             "suffix",
-            f"new leftmost stack ({k} block(s)) + embedding trainable; {suffix_blocks} suffix block(s) frozen in "
+            f"new leftmost stack ({k} block(s)){' + embedding' if embed_trains else ''}"
+            f"{'' if suffix_blocks else ' + final norm + head'} trainable; {suffix_blocks} suffix block(s) frozen in "
             f"{o.frozen_dtype}, checkpointed",
             r2l_train,
             frozen_bytes(suffix, o.frozen_dtype) + frozen_bytes(r2l_frozen_ends, "fp32") + dequant,
-            act + a_head,
+            act,
             0.0,
             flops,
             frozen_count=suffix.count + r2l_frozen_ends.count,
             on=on,
-            notes=[f"includes one dequantised {o.frozen_dtype} layer in compute precision"] if dequant else [],
+            notes=[dequant_note] if dequant else [],
         )
     )
 
@@ -649,7 +690,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
                 what,
                 every,
                 0.0,
-                trained_blocks_act(L, on, a_block, a_in) + a_head,
+                blocks_and_head_act(L, on, a_block, a_in, a_head),
                 0.0,
                 flops,
                 frozen_count=0,
@@ -686,7 +727,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
                 f"LoRA rank {r} on every linear layer; base frozen in {base_dtype} (ends bf16)",
                 adapters,
                 base_bytes,
-                trained_blocks_act(L, on, la_block, la_in) + la_head,
+                blocks_and_head_act(L, on, la_block, la_in, la_head),
                 0.0,
                 flops,
                 frozen_count=every.count,

@@ -224,3 +224,72 @@ def plan(
         "activation cache on disk per 1e9 tokens (one stack boundary): "
         + ", ".join(f"{k} {v / 1e12:,.2f} TB" + (" (recipe)" if k == p.cache_dtype else "") for k, v in disk.items())
     )
+
+
+def memory(
+    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe YAML whose model is measured.")],
+    set_: SetOpt = None,
+    stage: Annotated[
+        str, typer.Option("--stage", help="train-stack-l2r, train-stack-r2l or end-to-end.")
+    ] = "train-stack-l2r",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, fp16 or fp8.")] = "fp32",
+    optimizer: Annotated[
+        str | None, typer.Option("--optimizer", help="adamw or adamw8bit (default: the recipe's).")
+    ] = None,
+    activation_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--activation-checkpointing/--no-activation-checkpointing",
+            help="Checkpoint every trained block (default: the recipe's).",
+            show_default=False,
+        ),
+    ] = None,
+    frozen_dtype: Annotated[
+        str | None,
+        typer.Option("--frozen-dtype", help="Right-to-left suffix: fp32, bf16, fp8, nf4 or fp4 (default: recipe's)."),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Sequences per step.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence.")] = None,
+    blocks: Annotated[int | None, typer.Option("--blocks", help="Blocks per stack (default: the recipe's).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps to run (>= 2).")] = 3,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    json_: JsonOpt = False,
+) -> None:
+    """Run real optimizer steps of a stage on random data; its measured peak memory against the plan's figure."""
+    from stackwise_cli.bench.memory import bench_memory, with_options
+    from stackwise_cli.errors import StackwiseError
+    from stackwise_cli.recipe import load_recipe
+
+    for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len), ("--blocks", blocks)):
+        if value is not None and value < 1:
+            raise StackwiseError(f"{name} must be >= 1, got {value}")
+    r = with_options(
+        load_recipe(recipe, set_),
+        optimizer=optimizer,
+        activation_checkpointing=activation_checkpointing,
+        frozen_dtype=frozen_dtype,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        blocks=blocks,
+    )
+    res = bench_memory(r, stage, precision, steps, device)
+    if json_:
+        print_json(res.to_data())
+        return
+
+    def mib(n: float) -> str:
+        return f"{n / 2**20:,.1f}"
+
+    print_table(
+        f"{res.recipe} {res.stage} ({res.variant}: {res.what}) on {res.device}, {res.precision}, {res.optimizer}, "
+        f"activation checkpointing {'on' if res.activation_checkpointing else 'off'}, "
+        f"batch {res.batch_size} x {res.seq_len}, {res.steps} steps",
+        ["what", "planned MiB", "measured MiB"],
+        [[k.label, mib(k.planned_bytes), mib(k.measured_bytes)] for k in res.kinds]
+        + [["peak", mib(res.planned_bytes), mib(res.peak_bytes)]],
+    )
+    out.print(f"measured / plan: {res.ratio:.3f}")
+    out.print("loss by step: " + ", ".join(f"{x:.4f}" for x in res.losses))
+    if not res.loss_decreased:
+        out.print("the loss did not go down over the steps")
+    out.print(f"measured as: {res.memory_how}; {res.wall_s:.1f} s")

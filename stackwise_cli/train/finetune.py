@@ -32,7 +32,7 @@ from stackwise_cli.store.manifest import Manifest
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.weights import load_current_rack, load_ends, load_stack
 from stackwise_cli.train import checkpoint as ckpt
-from stackwise_cli.train.loop import RESUME, Batch, Job, Result, Sequences, _forward_for, _token_data, run
+from stackwise_cli.train.loop import RESUME, Batch, Job, Result, Sequences, forward_for, run, token_data
 from stackwise_cli.train.lora import Adapters, add_lora, merge_lora
 from stackwise_cli.train.objectives import stack_objective
 from stackwise_cli.train.precision import autocast, pick_device
@@ -184,7 +184,7 @@ def finetune(
     rack.to(dev)
     for p in trainable.values():
         p.requires_grad_(True)
-    forward = _forward_for(tr)
+    forward = forward_for(tr)
     causal = obj.causal
 
     def loss_fn(b: Batch) -> torch.Tensor:  # as _setup_all: corrupt, embed, every stack, head, objective
@@ -194,7 +194,7 @@ def finetune(
             h = forward(s, h, causal, c.t)
         return obj.loss(ends.logits(h), c)
 
-    data = Sequences(_token_data(project, m))
+    data = Sequences(token_data(project, m))
     job = Job(f"fuse {spec.mode} fine-tune", modules, trainable, loss_fn, data, fingerprint)
     ckpt_dir = project.ckpt_dir(CKPT_NAME)
     result = run(

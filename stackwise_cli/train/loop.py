@@ -465,7 +465,7 @@ def _freeze(modules: list[nn.Module]) -> None:
             p.requires_grad_(False)
 
 
-def _token_data(project: Project, m: Manifest) -> list[TokenShard]:
+def token_data(project: Project, m: Manifest) -> list[TokenShard]:
     return [
         read_token_shard(project.path(s.file), expect_seq_len=m.data.seq_len) for s in m.data.splits["train"].shards
     ]
@@ -479,7 +479,7 @@ def _setup_one(
     recipe, tr = m.recipe, m.recipe.train
     obj = stack_objective(m, stack_id)
     causal = obj.causal
-    forward = _forward_for(tr)
+    forward = forward_for(tr)
     right_to_left = recipe.curriculum == "right-to-left"
     suffix = m.rack[pos + 1 :] if right_to_left else []
     trainable = {f"stack.{n}": p for n, p in stack.named_parameters()}
@@ -495,7 +495,7 @@ def _setup_one(
     if first or (tr.head == "train" and ends.head is not None and not right_to_left):
         inputs = {id(p) for p in ends.input_parameters()}
         trainable.update({f"ends.{n}": p for n, p in ends.named_parameters() if id(p) not in inputs})
-    tokens = _token_data(project, m)
+    tokens = token_data(project, m)
 
     if pos == 0 or right_to_left:
         frozen = []
@@ -531,7 +531,7 @@ def _setup_one(
     return Setup({"stack": stack, "ends": ends}, trainable, cached_loss, Sequences(tokens, hidden), fingerprint)
 
 
-def _forward_for(tr: TrainRecipe) -> Callable:
+def forward_for(tr: TrainRecipe) -> Callable:
     """How a trained stack runs: whole, or (``train.activation_checkpointing``) block by block under checkpoint,
     keeping only each block's input for backward and recomputing the rest."""
     if tr.activation_checkpointing:
@@ -551,7 +551,7 @@ def _setup_all(project: Project, m: Manifest, stacks: list[Stack], ends: Ends) -
     """The whole rack end to end: the embedding, every stack and the head train together."""
     obj = stack_objective(m, None)
     causal = obj.causal
-    forward = _forward_for(m.recipe.train)
+    forward = forward_for(m.recipe.train)
     modules: dict[str, nn.Module] = {"ends": ends} | {f"stack{e.id}": s for e, s in zip(m.rack, stacks)}
     trainable = {f"{k}.{n}": p for k, mod in modules.items() for n, p in mod.named_parameters()}
     if m.recipe.train.embedding == "frozen":
@@ -566,7 +566,7 @@ def _setup_all(project: Project, m: Manifest, stacks: list[Stack], ends: Ends) -
         return obj.loss(ends.logits(h), c)
 
     fingerprint = digest(["tokens", project.split_digest(m, "train"), obj.key(), "end-to-end"])
-    return Setup(modules, trainable, loss_fn, Sequences(_token_data(project, m)), fingerprint)
+    return Setup(modules, trainable, loss_fn, Sequences(token_data(project, m)), fingerprint)
 
 
 def _train(
