@@ -27,23 +27,30 @@ DETECT = 0.1  # a mapping mistake must move some logit by at least this much (10
 SENTENCE = "The quick brown fox jumps over the lazy dog, twice!"
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A byte-level BPE tokenizer with < 300 tokens, trained in a few milliseconds."""
+def _tiny_bpe(folder: Path, specials: list[str]) -> Path:
+    """A byte-level BPE tokenizer with < 300 tokens and these special tokens (ids 0, 1, ...), trained in ms."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=290, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=290,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     text = ["the quick brown fox jumps over the lazy dog", "a stack of blocks, trained one at a time"] * 20
     tok.train_from_iterator(text, trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    path = folder / "tokenizer.json"
     tok.save(str(path))
-    assert tok.token_to_id(EOS) == 0 and tok.get_vocab_size() <= 300
+    assert [tok.token_to_id(t) for t in specials] == list(range(len(specials))) and tok.get_vocab_size() <= 300
     return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_bpe(tmp_path_factory.mktemp("tok"), [EOS])
 
 
 def make_rack(tie: bool, n_kv_heads: int, seed: int = 0) -> Rack:
@@ -222,22 +229,7 @@ MASK = "[MASK]"
 @pytest.fixture(scope="module")
 def mask_tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """As ``tokenizer_file``, with the masked-LM objective's [MASK] special token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=290,
-        special_tokens=[EOS, MASK],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    path = tmp_path_factory.mktemp("tokm") / "tokenizer.json"
-    tok.save(str(path))
-    assert tok.token_to_id(MASK) == 1
-    return path
+    return _tiny_bpe(tmp_path_factory.mktemp("tokm"), [EOS, MASK])
 
 
 def make_family_rack(family: str, tie: bool, seed: int = 0) -> Rack:
