@@ -259,6 +259,14 @@ class Recipe:
                     f"needs one ratio per planned stack (rack.stacks = {self.rack.stacks}), got {len(d.schedule)}",
                 )
             )
+        if self.model.tie_embeddings and self.train.embedding == "frozen":
+            out.append(
+                (
+                    "train.embedding",
+                    "must be 'train' with model.tie_embeddings: the tied head is the embedding, and the first stack "
+                    "must train its head",
+                )
+            )
         time_input = self.objective == "diffusion" and d.time == "input"
         if time_input != getattr(self.model, "time_embedding", False):
             out.append(

@@ -308,8 +308,9 @@ def test_iterative_passes_the_masked_share_as_time():
         return forward(tokens, causal, t)
 
     rack.forward = spy
-    unmask_iterative(rack, masked_ids([1, 2, 3], 16), MASK, 5, time_input=True)
-    want = [13 / 13, 10 / 13, 7 / 13, 4 / 13, 2 / 13]
+    unmask_iterative(rack, masked_ids([1, 2, 3], 16), MASK, 5, time_input=True, t_range=(0.15, 0.7))
+    # The share of the whole sequence (16) still masked, as in training, clamped to the trained range.
+    want = [min(max(r / 16, 0.15), 0.7) for r in (13, 10, 7, 4, 2)]
     assert [t.tolist() for t in seen] == [[pytest.approx(w)] * 2 for w in want]
 
 
@@ -367,6 +368,15 @@ def test_single_pass_ratio_rounding_and_checks():
 )
 def test_mode_for_each_objective(objective, time, causal, single_pass, mode):
     assert resolve_mode(objective, time, causal, single_pass) == mode
+
+
+def test_single_pass_only_for_racks_grown_left_to_right():
+    """Right to left and end to end the head was fitted to the last stack only: its readout after an earlier stack
+    is untrained, so the single pass would commit tokens from it."""
+    for curriculum in ("right-to-left", "end-to-end"):
+        assert resolve_mode("diffusion", "depth", False, None, curriculum) == "iterative"
+        with pytest.raises(StackwiseError, match="head was fitted"):
+            resolve_mode("diffusion", "depth", False, True, curriculum)
 
 
 @pytest.mark.parametrize(

@@ -162,6 +162,28 @@ def test_time_as_depth_ratios_are_in_the_manifest_by_planned_place(project):
     assert "mask_ratio: 0.9" in project.manifest_path.read_text()
 
 
+def test_ratio_follows_the_curriculum_not_the_side_of_the_first_grow(project):
+    _set(project, objective="diffusion", curriculum="right-to-left")
+    grow(project, "right")  # the first stack may be grown with the default side: it is still the rightmost
+    grow(project, "left")
+    assert [s.mask_ratio for s in project.load().rack] == [0.9, 0.15]
+
+
+def test_left_growth_of_a_diffusion_rack_grown_left_to_right_is_refused(project):
+    _set(project, objective="diffusion")
+    grow(project)
+    with pytest.raises(ProjectError, match="fills from the left"):
+        grow(project, "left")
+
+
+def test_a_tied_head_cannot_be_frozen_with_the_embedding():
+    from stackwise_cli.errors import RecipeError
+    from stackwise_cli.recipe import recipe_from_data
+
+    with pytest.raises(RecipeError, match="train.embedding: must be 'train' with model.tie_embeddings"):
+        recipe_from_data({"name": "x", "model": {"tie_embeddings": True}, "train": {"embedding": "frozen"}}, "r.yaml")
+
+
 def test_training_reads_masked_inputs_with_new_masks_each_batch(project, monkeypatch):
     _set(project, objective="diffusion", train={"batch_size": 8})
     grow(project)

@@ -355,3 +355,16 @@ def test_fp8_cache_trains_the_next_stack(project):
     assert bool(((h - want).abs() <= amax * 2**-4 + 1e-5).all())
     result = train_stack(project, 1, steps=4)
     assert result.last_loss is not None
+
+
+def test_an_interrupted_retraining_started_over_counts_from_the_weights_on_disk(project):
+    """Retraining a 6-step stack with --resume never, stopped at 3, then started over: the file still holds the
+    6-step weights, so the fresh 5-step run ends at 11 steps, not 5 (nor 14)."""
+    grow(project)
+    train_stack(project, 0, steps=6)
+    with pytest.raises(Stopped):
+        train_stack(project, 0, steps=5, resume="never", stop_at=3)
+    assert project.load().stack(0).steps == 9  # progress of the interrupted run, shown as such
+    train_stack(project, 0, steps=5, resume="never")
+    e = project.load().stack(0)
+    assert e.state == "trained" and e.steps == 11 and e.tokens == 11 * 8 * 32

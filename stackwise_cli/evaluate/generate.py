@@ -216,6 +216,7 @@ def unmask_iterative(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     time_input: bool = False,
+    t_range: tuple[float, float] = (0.0, 1.0),
     vocab_size: int | None = None,
     on_step: OnStep | None = None,
 ) -> Unmasked:
@@ -226,14 +227,13 @@ def unmask_iterative(
     still-masked positions; the others stay masked. After ``steps`` steps nothing is masked, and given tokens are
     never changed. Steps with nothing left to unmask (steps > masked count) are skipped.
 
-    ``time_input``: the model embeds the noise level, passed as ``t`` (B,) = the share of the originally masked
-    positions still masked.
+    ``time_input``: the model embeds the noise level, passed as ``t`` (B,) = the share of the whole sequence still
+    masked (what t means in training), clamped to ``t_range``, the range the model was trained on.
     """
     assert steps >= 1
     check_sampling(temperature, top_k, top_p)
     x = ids.clone()
     masked = x == mask_id  # (B, L)
-    total = masked.sum(dim=1)  # (B,)
     step_of = torch.full_like(x, -1)
     passes = 0
     for s in range(steps):
@@ -242,7 +242,7 @@ def unmask_iterative(
             break
         k = -(-remaining // (steps - s))  # ceil: spreads the remainder evenly over the steps left
         if time_input:
-            t = remaining.float() / total.clamp(min=1).float()  # (B,)
+            t = (remaining.float() / x.shape[1]).clamp(*t_range)  # (B,)
             logits = rack(x, causal=False, t=t)
         else:
             logits = rack(x, causal=False)  # (B, L, V)
@@ -296,8 +296,9 @@ def unmask_single_pass(
     round(ratios[i+1] * n) of the n originally masked positions stay masked (0 after the last stack). A committed
     position keeps the token predicted at that stack. The hidden state is *not* re-embedded: committed tokens do not
     re-enter as embeddings; later stacks see them only through h, which already carries the evidence that made
-    them confident. That is what makes it a single pass (len(rack) stacks of compute in all), and it matches how the
-    stacks were trained: stack i+1 learned on the hidden states stack i produces.
+    them confident. That is what makes it a single pass (len(rack) stacks of compute in all). It is a heuristic,
+    not the process training followed: stack i was trained on the prefix's states of tokens masked at ratios[i],
+    while here every stack sees the states of the fully masked input. ``--iterative`` re-embeds every commit.
     """
     check_ratios(ratios, len(rack.stacks))
     check_sampling(temperature, top_k, top_p)
@@ -326,10 +327,14 @@ def unmask_single_pass(
 # --- the project-level entry point ------------------------------------------------------------------------------
 
 
-def resolve_mode(objective: str, time: str | None, causal: bool, single_pass: bool | None) -> str:
+def resolve_mode(
+    objective: str, time: str | None, causal: bool, single_pass: bool | None, curriculum: str = "left-to-right"
+) -> str:
     """The generation mode for a recipe and the flags: ``--causal`` -> autoregressive on any model; clm ->
-    autoregressive; mlm -> iterative; diffusion time-as-depth -> single-pass (``--iterative`` for the other);
-    diffusion time-as-input -> iterative. Any other combination is an error naming what works."""
+    autoregressive; mlm -> iterative; diffusion time-as-depth grown left to right -> single-pass (``--iterative``
+    for the other); diffusion otherwise -> iterative. The single pass reads the head after every stack, which only
+    left-to-right training fits it to; right to left and end to end the head was fitted to the last stack alone.
+    Any other combination is an error naming what works."""
     flag = None if single_pass is None else ("--single-pass" if single_pass else "--iterative")
     if causal:
         if flag:
@@ -345,6 +350,14 @@ def resolve_mode(objective: str, time: str | None, causal: bool, single_pass: bo
             )
         return "autoregressive"
     if objective == "diffusion" and time == "depth":
+        if curriculum != "left-to-right":
+            if single_pass:
+                raise StackwiseError(
+                    f"--single-pass reads the head after every stack, but this rack was trained {curriculum}: the "
+                    "head was fitted to the last stack's output only",
+                    hint="drop --single-pass (iterative unmasking)",
+                )
+            return "iterative"
         return "iterative" if single_pass is False else "single-pass"
     if single_pass:
         what = "mlm" if objective == "mlm" else f"diffusion with diffusion.time {time!r}"
@@ -436,7 +449,7 @@ def generate(
         raise ProjectError("the rack is empty: nothing to generate with", hint="run `stackwise grow --side right`")
     recipe = m.recipe
     time = recipe.diffusion.time
-    mode = resolve_mode(recipe.objective, time, causal, single_pass)
+    mode = resolve_mode(recipe.objective, time, causal, single_pass, recipe.curriculum)
     if mode == "autoregressive" and recipe.model.time_embedding:
         raise StackwiseError(
             "a time-as-input diffusion model (model.time_embedding: true) needs the noise level t at every position, "
@@ -540,7 +553,10 @@ def generate(
             common = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             common.update(vocab_size=vocab, on_step=advance)
             if mode == "iterative":
-                res = unmask_iterative(rack, ids, mask_id, steps, time_input=settings["time_input"], **common)
+                t_range = (recipe.diffusion.t_min, recipe.diffusion.t_max)
+                res = unmask_iterative(
+                    rack, ids, mask_id, steps, time_input=settings["time_input"], t_range=t_range, **common
+                )
             else:
                 res = unmask_single_pass(rack, ids, mask_id, settings["ratios"], **common)
             rows = res.ids.tolist()  # [MASK] in the prompt was filled too (infilling)

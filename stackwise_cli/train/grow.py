@@ -32,10 +32,16 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
     with project.update() as m:
         recipe = m.recipe
         init = init or recipe.rack.init
-        if recipe.curriculum == "right-to-left" and side == "right" and m.rack:
+        if recipe.curriculum == "right-to-left" and side == "right" and m.rack:  # the first may go either way
             raise ProjectError(
                 "the recipe's curriculum is right-to-left: new stacks go on the left, in front of the trained ones",
                 hint="run `stackwise grow --side left`",
+            )
+        if recipe.curriculum != "right-to-left" and side == "left" and m.rack and recipe.objective == "diffusion":
+            raise ProjectError(
+                f"the recipe's curriculum is {recipe.curriculum}: a diffusion stack's mask ratio comes from its place "
+                "in the planned rack, which fills from the left",
+                hint="run `stackwise grow --side right`, or use `curriculum: right-to-left`",
             )
         if init not in ("random", "copy", "identity"):
             raise ProjectError(f"--init must be random, copy or identity, got {init!r}")
@@ -67,9 +73,11 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
             planned = max(recipe.rack.stacks * recipe.rack.blocks_per_stack, sum(s.blocks for s in m.rack) + blocks)
             stack.init_weights(init, total_blocks=planned, generator=_generator(recipe.train.seed, stack_id))
 
-        # Its place in the planned rack: stacks grown on the right fill it from the left, stacks grown on the left
-        # (right-to-left) from the right. That place fixes its mask ratio (diffusion: depth is reverse time).
-        index = len(m.rack) if side == "right" else recipe.rack.stacks - 1 - len(m.rack)
+        # Its place in the planned rack: left to right (and end to end) the rack fills from the left, right to left
+        # from the right, whichever side the first stack was grown on. That place fixes its mask ratio (diffusion:
+        # depth is reverse time).
+        right_to_left = recipe.curriculum == "right-to-left"
+        index = recipe.rack.stacks - 1 - len(m.rack) if right_to_left else len(m.rack)
         ratio = planned_ratio(recipe, index)
         entry = StackEntry(
             id=stack_id,

@@ -614,9 +614,14 @@ def _train(
             f"{', '.join(str(e.id) for e in entries if e.state == 'trained')}",
             hint="make a new project for the baseline (`stackwise build` with `curriculum: end-to-end`)",
         )
-    # Training a trained stack again (--resume never) continues from its weights: the counts add up.
-    prior_steps, prior_tokens = (entries[0].steps, entries[0].tokens) if states == {"trained"} else (0, 0)
+    # Training a trained stack again (--resume never) continues from its weights: the counts add up. The counts
+    # of the weights in the stack file are the entry's, unless an interrupted run already moved the entry on: then
+    # its checkpoints remember what the file held when that run began.
     ckpt_dir = project.ckpt_dir(label)
+    prior_steps, prior_tokens = entries[0].steps, entries[0].tokens
+    if states != {"trained"} and ckpt.list_checkpoints(ckpt_dir):
+        extra = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())["extra"]
+        prior_steps, prior_tokens = extra["prior_steps"], extra["prior_tokens"]
     have_ckpt = resume == "auto" and bool(ckpt.list_checkpoints(ckpt_dir))
 
     # With a checkpoint to resume from, the weights come from it: the files may be one step ahead or behind.
