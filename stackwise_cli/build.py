@@ -55,9 +55,11 @@ def build(
             )
     project.sweep()
     recipe = project.load().recipe
-    {"left-to-right": _left_to_right, "right-to-left": _right_to_left, "end-to-end": _end_to_end}[recipe.curriculum](
-        project, recipe.rack.stacks, device, reporter, result.ran
-    )
+    if recipe.curriculum == "end-to-end":
+        _end_to_end(project, recipe.rack.stacks, device, reporter, result.ran)
+    else:
+        side = "right" if recipe.curriculum == "left-to-right" else "left"
+        _stack_by_stack(project, recipe.rack.stacks, device, reporter, result.ran, side)
     problem = export_problem_for(project.load().recipe)
     if problem:
         result.fused = problem
@@ -73,35 +75,22 @@ def export_problem_for(recipe: Recipe) -> str | None:
     return export_problem(recipe.attention, recipe.model, bidirectional=recipe.bidirectional)
 
 
-def _left_to_right(project: Project, planned: int, device: str, reporter: Reporter, ran: list[str]) -> None:
-    """Grow on the right; each stack trains on the cache of the trained stacks to its left."""
+def _stack_by_stack(project: Project, planned: int, device: str, reporter: Reporter, ran: list[str], side: str) -> None:
+    """Grow one stack at a time on ``side`` and train it: left to right (side right) on the cache of the trained
+    stacks to its left; right to left (side left) through the frozen, trained suffix to its right."""
+    flag = "" if side == "right" else f" --side {side}"
     for i in range(planned):
         m = project.load()
         if len(m.rack) <= i:
-            entry = grow(project, "right")
-            ran.append(f"grow -> {entry.id}")
+            entry = grow(project, side)
+            ran.append(f"grow{flag} -> {entry.id}")
             m = project.load()
-        entry = m.rack[i]
+        entry = m.rack[i] if side == "right" else m.rack[len(m.rack) - 1 - i]  # the i-th grown, from its side
         if entry.state == "trained":  # however many steps: a stack trained by hand is the user's choice
             continue
-        if i > 0 and not is_fresh(project, m, entry.id, "train"):
+        if side == "right" and i > 0 and not is_fresh(project, m, entry.id, "train"):
             build_cache(project, entry.id, "train", device=device, reporter=reporter)
             ran.append(f"cache {entry.id}")
-        train_stack(project, entry.id, device=device, reporter=reporter)
-        ran.append(f"train-stack {entry.id}")
-
-
-def _right_to_left(project: Project, planned: int, device: str, reporter: Reporter, ran: list[str]) -> None:
-    """Grow on the left; each new stack trains through the frozen, trained suffix to its right."""
-    for i in range(planned):
-        m = project.load()
-        if len(m.rack) <= i:
-            entry = grow(project, "left")
-            ran.append(f"grow --side left -> {entry.id}")
-            m = project.load()
-        entry = m.rack[len(m.rack) - 1 - i]  # the i-th stack grown is i places from the right
-        if entry.state == "trained":
-            continue
         train_stack(project, entry.id, device=device, reporter=reporter)
         ran.append(f"train-stack {entry.id}")
 

@@ -53,6 +53,17 @@ def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _tiny_bpe(tmp_path_factory.mktemp("tok"), [EOS])
 
 
+def assert_every_mistake_shows(model, good: dict, mistakes: dict, diff) -> None:
+    """Each wrong state dict in ``mistakes`` moves some logit by more than DETECT; the right one stays within TOL."""
+    try:
+        for what, sd in mistakes.items():
+            model.load_state_dict(sd, strict=False)
+            assert diff() > DETECT, what
+    finally:
+        model.load_state_dict(good, strict=False)
+    assert diff() < TOL
+
+
 def make_rack(tie: bool, n_kv_heads: int, seed: int = 0) -> Rack:
     """Two stacks (1 and 2 blocks) so that global layer numbering crosses a stack boundary.
 
@@ -170,13 +181,7 @@ def test_swapped_mapping_is_detected(exported) -> None:
             key = f"model.layers.{g}.self_attn.{proj}_proj.weight"
             sd[key] = interleave_rows(good[key], heads)
         mistakes[f"interleaved rope, layer {g}"] = sd
-    try:
-        for what, sd in mistakes.items():
-            model.load_state_dict(sd, strict=False)
-            assert max_diff(model, rack, tokens) > DETECT, what
-    finally:
-        model.load_state_dict(good, strict=False)
-    assert max_diff(model, rack, tokens) < TOL
+    assert_every_mistake_shows(model, good, mistakes, lambda: max_diff(model, rack, tokens))
 
 
 def test_tokenizer_matches_the_tokenizers_file(exported, tokenizer_file: Path) -> None:
@@ -345,13 +350,7 @@ def test_family_swapped_mapping_is_detected(exported_family) -> None:
                 "bert.encoder.layer.0.output.dense.weight", "bert.encoder.layer.1.output.dense.weight"
             ),
         }
-    try:
-        for what, sd in mistakes.items():
-            model.load_state_dict(sd, strict=False)
-            assert family_diff(model, rack, tokens) > DETECT, what
-    finally:
-        model.load_state_dict(good, strict=False)
-    assert family_diff(model, rack, tokens) < TOL
+    assert_every_mistake_shows(model, good, mistakes, lambda: family_diff(model, rack, tokens))
 
 
 def test_family_tokenizer_and_special_tokens(exported_family, mask_tokenizer_file: Path) -> None:
