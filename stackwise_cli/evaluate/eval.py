@@ -140,15 +140,21 @@ def evaluate(
 
     # The readout after each stack: clm uncorrupted, mlm at its ratio, diffusion at each stack's own ratio
     # (time-as-depth: the objective the stack was given) or t = 0.5 (t drawn per sequence).
+    scored_as = dataclasses.replace(recipe, objective=kind)
+
     def at(ratio: float | None) -> Objective:
-        r = dataclasses.replace(recipe, objective=kind)
-        return objective_for(r, mask_id, vocab, ratio)
+        return objective_for(scored_as, mask_id, vocab, ratio)
 
     if kind == "diffusion":
         readout = [at(e.mask_ratio if e.mask_ratio is not None else 0.5) for e in m.rack]
     else:
         readout = [at(e.mask_ratio) for e in m.rack]
+    # Stacks read out at the same corruption share one pass through the rack (clm and mlm: all of them).
+    readers_of: dict[Objective, list[int]] = {}
+    for i, obj in enumerate(readout):
+        readers_of.setdefault(obj, []).append(i)
     grid = elbo_grid(recipe.diffusion.eval_points) if kind == "diffusion" else []
+    grid_objectives = [at(ratio) for ratio in grid]
     per_stack = [_Scores() for _ in m.rack]
     per_t = [_Scores() for _ in grid]
     attn_causal = kind == "clm"
@@ -156,14 +162,14 @@ def evaluate(
         for lo in range(0, len(tokens), batch):
             t = torch.from_numpy(tokens[lo : lo + batch].astype(np.int64)).to(dev)
             ids = seq_ids[lo : lo + batch]
-            for i, obj in enumerate(readout):
+            for obj, readers in readers_of.items():
                 c = obj.corrupt(t, ids, 0)
                 h = rack.ends.embed_tokens(c.inputs)
-                for stack in rack.stacks[: i + 1]:
+                for i, stack in enumerate(rack.stacks[: readers[-1] + 1]):
                     h = stack(h, attn_causal, c.t)
-                per_stack[i].add(obj, rack.ends.logits(h), c)
-            for j, ratio in enumerate(grid):
-                obj = at(ratio)
+                    if i in readers:
+                        per_stack[i].add(obj, rack.ends.logits(h), c)
+            for j, (ratio, obj) in enumerate(zip(grid, grid_objectives)):
                 c = obj.corrupt(t, ids, 0)
                 if c.t is not None:
                     c.t = torch.full_like(c.t, ratio)
