@@ -64,6 +64,16 @@ def assert_every_mistake_shows(model, good: dict, mistakes: dict, diff) -> None:
     assert diff() < TOL
 
 
+def random_rack(cfg: ModelConfig) -> Rack:
+    """Two stacks (1 and 2 blocks, ids 5 and 9) so that global layer numbering crosses a stack boundary."""
+    ends = Ends(cfg)
+    ends.init_weights()
+    stacks = [Stack(cfg, n) for n in (1, 2)]
+    for s in stacks:
+        s.init_weights("random", total_blocks=3)
+    return Rack(cfg, ends, stacks, [5, 9]).eval()
+
+
 def make_rack(tie: bool, n_kv_heads: int, seed: int = 0) -> Rack:
     """Two stacks (1 and 2 blocks) so that global layer numbering crosses a stack boundary.
 
@@ -81,12 +91,7 @@ def make_rack(tie: bool, n_kv_heads: int, seed: int = 0) -> Rack:
         tie_embeddings=tie,
         init_std=0.1,
     )
-    ends = Ends(cfg)
-    ends.init_weights()
-    stacks = [Stack(cfg, n) for n in (1, 2)]
-    for s in stacks:
-        s.init_weights("random", total_blocks=3)
-    rack = Rack(cfg, ends, stacks, [5, 9]).eval()
+    rack = random_rack(cfg)
     # Norms away from 1 and distinct per norm, so swapping the two norms of a layer (or the final norm) shows.
     with torch.no_grad():
         for name, p in rack.named_parameters():
@@ -252,12 +257,7 @@ def make_family_rack(family: str, tie: bool, seed: int = 0) -> Rack:
         init_std=0.1,
         norm_eps=1e-6 if family == "gpt2" else 1e-12,
     )
-    ends = Ends(cfg)
-    ends.init_weights()
-    stacks = [Stack(cfg, n) for n in (1, 2)]
-    for s in stacks:
-        s.init_weights("random", total_blocks=3)
-    rack = Rack(cfg, ends, stacks, [5, 9]).eval()
+    rack = random_rack(cfg)
     with torch.no_grad():
         for name, p in rack.named_parameters():
             if "norm" in name or "bias" in name:
