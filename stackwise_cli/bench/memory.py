@@ -244,13 +244,13 @@ def _tensor_bytes(tensors) -> int:
 
 def _build(recipe: Recipe, stage: str, precision: str, dev):
     """The modules, trainable parameters, frozen modules and loss of ``stage``, as ``train/loop.py`` sets them up
-    (``_train`` and ``_setup_one`` / ``_setup_all``), on random data."""
+    (``_train``, ``trainable_for`` and ``_setup_one`` / ``_setup_all``), on random data."""
     import numpy as np
     import torch
 
     from stackwise_cli.model.model import Ends, Stack
     from stackwise_cli.train.frozen import freeze, run_checkpointed
-    from stackwise_cli.train.loop import forward_for
+    from stackwise_cli.train.loop import forward_for, trainable_for
     from stackwise_cli.train.objectives import objective_for, planned_ratio
 
     cfg, tr, rk = recipe.model, recipe.train, recipe.rack
@@ -278,23 +278,19 @@ def _build(recipe: Recipe, stage: str, precision: str, dev):
             to_fp8(s)
     mask_id = cfg.vocab_size - 1 if recipe.objective != "clm" else None
     obj = objective_for(recipe, mask_id, cfg.vocab_size, planned_ratio(recipe, 0))
-    forward = forward_for(tr)
+    forward = forward_for(tr.activation_checkpointing)
     B, T = tr.batch_size, recipe.data.seq_len
     tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=gen).to(dev)
     c = obj.corrupt(tokens, np.arange(B), np.zeros(B, dtype=np.int64))
     stack = stacks[0]
-    trainable = {f"stack0.{n}": p for n, p in stack.named_parameters()}
-    inputs = {id(p) for p in ends.input_parameters()}
-    input_params = {f"ends.{n}": p for n, p in ends.named_parameters() if id(p) in inputs}
-    output_params = {f"ends.{n}": p for n, p in ends.named_parameters() if id(p) not in inputs}
     frozen: list = []
     buffers: list = []
 
     if stage == "end-to-end":
         trainable = {f"stack{i}.{n}": p for i, s in enumerate(stacks) for n, p in s.named_parameters()}
-        trainable.update(output_params)
+        trainable.update({f"ends.{n}": p for n, p in ends.named_output_parameters().items()})
         if tr.embedding == "train":
-            trainable.update(input_params)
+            trainable.update({f"ends.{n}": p for n, p in ends.named_input_parameters().items()})
 
         def loss_fn():
             h = ends.embed_tokens(c.inputs)
@@ -305,11 +301,7 @@ def _build(recipe: Recipe, stage: str, precision: str, dev):
     elif stage == "train-stack-r2l":
         suffix = [freeze(new_stack(), tr.frozen_dtype).to(dev) for _ in range(n_stacks - 1)]
         frozen = suffix
-        tied_head_in_use = ends.head is None and suffix
-        if tr.embedding == "train" and not tied_head_in_use:
-            trainable.update(input_params)
-        if not suffix:  # the first stack trained right to left trains the head; later ones read out through it
-            trainable.update(output_params)
+        trainable = trainable_for(stack, ends, tr, 0, right_to_left=True, has_suffix=bool(suffix))
 
         def loss_fn():
             h = forward(stack, ends.embed_tokens(c.inputs), obj.causal, c.t)
@@ -318,16 +310,13 @@ def _build(recipe: Recipe, stage: str, precision: str, dev):
             return obj.loss(ends.logits(h), c)
 
     elif n_stacks == 1:  # left to right, the leftmost stack: from the tokens, the embedding and head train
-        if tr.embedding == "train":
-            trainable.update(input_params)
-        trainable.update(output_params)
+        trainable = trainable_for(stack, ends, tr, 0, right_to_left=False, has_suffix=False)
 
         def loss_fn():
             return obj.loss(ends.logits(forward(stack, ends.embed_tokens(c.inputs), obj.causal, c.t)), c)
 
     else:  # left to right from a cache: a random hidden state enters the stack, in fp32 as Sequences.get loads it
-        if tr.head == "train" and ends.head is not None:
-            trainable.update(output_params)
+        trainable = trainable_for(stack, ends, tr, 1, right_to_left=False, has_suffix=False)
         hidden = torch.randn(B, T, cfg.d_model, generator=gen).to(dev)  # (B, T, d)
         buffers = [hidden]
 

@@ -29,17 +29,18 @@ import functools
 import importlib.util
 import math
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stackwise_cli.errors import StackwiseError
-from stackwise_cli.model.config import AttentionConfig, ModelConfig
+from stackwise_cli.model.config import AttentionConfig, AttentionKind, Backend, FeatureMap, ModelConfig
 
-KINDS = ("mha", "gqa", "mqa", "mla", "linear")
-BACKENDS = ("auto", "reference", "sdpa", "xformers", "kernels")
-FEATURE_MAPS = ("elu",)
+KINDS = get_args(AttentionKind)
+BACKENDS = get_args(Backend)
+FEATURE_MAPS = get_args(FeatureMap)
 LINEAR_EPS = 1e-6  # keeps the linear-attention normaliser away from 0 when every feature underflows
 LINEAR_CHUNK = 64  # tokens per chunk of causal linear attention: quadratic inside a chunk, running sums across
 
@@ -62,15 +63,16 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(
-    cfg: ModelConfig, seq_len: int, device: torch.device | None = None, dim: int | None = None
+    cfg: ModelConfig, seq_len: int, device: torch.device | None = None, dim: int | None = None, start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (T, dim), in the "rotate half" layout (frequencies repeated for both halves).
+    """cos and sin, each (T, dim), for positions start..start+T-1, in the "rotate half" layout (frequencies
+    repeated for both halves).
 
     ``dim`` is the number of rotated dims per head: ``head_dim`` (the default) or MLA's decoupled ``rope_dim``.
     """
     dim = dim or cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    t = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # (T, dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, dim)
     return emb.cos(), emb.sin()

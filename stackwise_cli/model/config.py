@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from stackwise_cli.schema import check
 
@@ -16,7 +16,7 @@ AttentionKind = Literal["mha", "gqa", "mqa", "mla", "linear"]
 Backend = Literal["auto", "reference", "sdpa", "xformers", "kernels"]
 FeatureMap = Literal["elu"]
 
-FAMILIES = ("llama", "gpt2", "bert", "modernbert")
+FAMILIES = get_args(Family)
 
 # Each family's defaults: the switches a recipe may override (``model.norm`` ...) and the parts that only the family
 # decides (GELU's approximation, the embedding norm, the final norm, BERT's MLM transform). One table, read once in
@@ -88,10 +88,10 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 SWITCHES = ("norm", "norm_position", "positions", "mlp", "bias", "token_types", "global_every", "local_window")
 CHOICES: dict[str, tuple[str, ...]] = {
     "family": FAMILIES,
-    "norm": ("rms", "layer"),
-    "norm_position": ("pre", "post"),
-    "positions": ("rope", "learned"),
-    "mlp": ("swiglu", "gelu", "geglu"),
+    "norm": get_args(Norm),
+    "norm_position": get_args(NormPosition),
+    "positions": get_args(Positions),
+    "mlp": get_args(MlpKind),
 }
 TIME_FREQS_MAX_PERIOD = 10000.0  # sinusoidal time features, as for positions in the Transformer paper
 
@@ -237,9 +237,9 @@ class ModelConfig:
         """Whether block ``index`` of a stack (counted from 0 within the stack) attends to every position."""
         return self.local_span is None or index % self.global_period == 0
 
-    def norm_params(self, dim: int | None = None) -> int:
-        dim = dim or self.d_model
-        return 2 * dim if self.norm_kind == "layer" and self.use_bias else dim
+    def norm_params(self) -> int:
+        d = self.d_model
+        return 2 * d if self.norm_kind == "layer" and self.use_bias else d
 
     def mlp_params(self) -> int:
         d, f = self.d_model, self.ffn_dim

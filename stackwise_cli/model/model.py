@@ -46,14 +46,12 @@ INIT_MODES = ("random", "identity")
 TIME_SCALE = 1000.0  # t in [0, 1] is spread over [0, 1000] before the sinusoids, as DDPM's integer steps are
 
 
-def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
-    """The model's norm: RMSNorm, or LayerNorm (with a bias iff the model has biases)."""
-    dim = dim or cfg.d_model
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The model's norm: RMSNorm, or LayerNorm (with a bias iff the model has biases); ``ModelConfig`` has
+    checked that ``norm`` is one of the two."""
     if cfg.norm_kind == "rms":
-        return RMSNorm(dim, cfg.norm_eps)
-    if cfg.norm_kind == "layer":
-        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.use_bias)
-    raise StackwiseError(f"model.norm must be one of rms, layer; got {cfg.norm_kind!r}")
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.use_bias)
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -65,8 +63,6 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.mlp_kind not in ("swiglu", "geglu", "gelu"):
-            raise StackwiseError(f"model.mlp must be one of swiglu, gelu, geglu; got {cfg.mlp_kind!r}")
         self.kind, self.approximate = cfg.mlp_kind, cfg.gelu_approximate
         if self.kind != "gelu":
             self.gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.use_bias)
@@ -165,10 +161,7 @@ class Stack(nn.Module):
     def __init__(self, cfg: ModelConfig, n_blocks: int, attn: AttentionConfig | None = None):
         super().__init__()
         self.cfg = cfg
-        self.attn = attn or AttentionConfig()
-        problems = self.attn.model_problems(cfg)
-        if problems:
-            raise StackwiseError("; ".join(f"{key}: {msg}" for key, msg in problems))
+        self.attn = attn or AttentionConfig()  # each block's make_attention checks it against cfg
         self.rope_dim = self.attn.rope_dim_for(cfg)  # head_dim, or MLA's decoupled rope dims
         self.blocks = nn.ModuleList(Block(cfg, self.block_attention(i)) for i in range(n_blocks))
         self.time = TimeEmbedding(cfg.d_model) if cfg.time_embedding else None
@@ -183,8 +176,7 @@ class Stack(nn.Module):
         """RoPE's cos and sin rows for positions start..start+n-1, (n, rope_dim) each; None, None for learned."""
         if self.cfg.position_kind != "rope":
             return None, None
-        cos, sin = rope_tables(self.cfg, start + n, device, self.rope_dim)
-        return cos[start:], sin[start:]
+        return rope_tables(self.cfg, n, device, self.rope_dim, start)
 
     def _time(self, t: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor | None:
         if self.time is None:
@@ -304,8 +296,17 @@ class Ends(nn.Module):
     def output_parameters(self) -> list[nn.Parameter]:
         """Every other parameter: the final norm, the MLM transform, the head and the output bias (with tied
         embeddings the head *is* the embedding, an input parameter)."""
+        return list(self.named_output_parameters().values())
+
+    def named_input_parameters(self) -> dict[str, nn.Parameter]:
+        """``input_parameters()`` by name."""
         inputs = {id(p) for p in self.input_parameters()}
-        return [p for p in self.parameters() if id(p) not in inputs]
+        return {n: p for n, p in self.named_parameters() if id(p) in inputs}
+
+    def named_output_parameters(self) -> dict[str, nn.Parameter]:
+        """``output_parameters()`` by name."""
+        inputs = {id(p) for p in self.input_parameters()}
+        return {n: p for n, p in self.named_parameters() if id(p) not in inputs}
 
     def embed_tokens(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """tokens (B, T) at positions start..start+T-1 -> (B, T, d_model): everything before the first stack."""

@@ -32,7 +32,7 @@ from stackwise_cli.store.manifest import Manifest
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.weights import load_current_rack, load_ends, load_stack
 from stackwise_cli.train import checkpoint as ckpt
-from stackwise_cli.train.loop import RESUME, Batch, Job, Result, Sequences, forward_for, run, token_data
+from stackwise_cli.train.loop import RESUME, Job, Result, Sequences, forward_for, run, token_data, whole_rack_loss
 from stackwise_cli.train.lora import Adapters, add_lora, merge_lora
 from stackwise_cli.train.objectives import stack_objective
 from stackwise_cli.train.precision import autocast, pick_device
@@ -184,15 +184,7 @@ def finetune(
     rack.to(dev)
     for p in trainable.values():
         p.requires_grad_(True)
-    forward = forward_for(tr)
-    causal = obj.causal
-
-    def loss_fn(b: Batch) -> torch.Tensor:  # as _setup_all: corrupt, embed, every stack, head, objective
-        c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
-        h = ends.embed_tokens(c.inputs)
-        for s in stacks:
-            h = forward(s, h, causal, c.t)
-        return obj.loss(ends.logits(h), c)
+    loss_fn = whole_rack_loss(obj, ends, stacks, forward_for(tr.activation_checkpointing))
 
     data = Sequences(token_data(project, m))
     job = Job(f"fuse {spec.mode} fine-tune", modules, trainable, loss_fn, data, fingerprint)

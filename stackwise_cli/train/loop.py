@@ -35,7 +35,7 @@ from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.shards import HiddenShard, TokenShard, read_hidden_shard, read_token_shard
 from stackwise_cli.store.weights import load_ends, load_stack, save_ends, save_stack
 from stackwise_cli.train import checkpoint as ckpt
-from stackwise_cli.train.objectives import CACHE_EPOCH, stack_objective
+from stackwise_cli.train.objectives import CACHE_EPOCH, Objective, stack_objective
 from stackwise_cli.train.precision import autocast, grad_scaler, pick_device
 
 RESUME = ("auto", "never")
@@ -479,37 +479,25 @@ def _setup_one(
     recipe, tr = m.recipe, m.recipe.train
     obj = stack_objective(m, stack_id)
     causal = obj.causal
-    forward = forward_for(tr)
+    forward = forward_for(tr.activation_checkpointing)
     right_to_left = recipe.curriculum == "right-to-left"
     suffix = m.rack[pos + 1 :] if right_to_left else []
-    trainable = {f"stack.{n}": p for n, p in stack.named_parameters()}
-    # The embedding trains with the leftmost stack. Right to left with tied embeddings it is also the head that the
-    # trained suffix reads out through, so it trains only with the first stack.
-    tied_head_in_use = right_to_left and ends.head is None and suffix
-    if pos == 0 and tr.embedding == "train" and not tied_head_in_use:
-        trainable.update({f"ends.{n}": p for n, p in zip(_names(ends), ends.input_parameters())})
-    # The first stack trained always trains the final norm and head (a random head makes every readout useless);
-    # left to right the later ones do too with `train.head: train`. Right to left the head stays frozen: the
-    # trained suffix was fitted to it.
-    first = not suffix if right_to_left else pos == 0
-    if first or (tr.head == "train" and ends.head is not None and not right_to_left):
-        inputs = {id(p) for p in ends.input_parameters()}
-        trainable.update({f"ends.{n}": p for n, p in ends.named_parameters() if id(p) not in inputs})
+    trainable = trainable_for(stack, ends, tr, pos, right_to_left, bool(suffix))
     tokens = token_data(project, m)
 
     if pos == 0 or right_to_left:
         frozen = []
         if suffix:
-            from stackwise_cli.train.frozen import freeze, run_checkpointed
+            from stackwise_cli.train.frozen import freeze
 
             frozen = [freeze(load_stack(project, m, s.id), tr.frozen_dtype).to(dev) for s in suffix]
-        checkpointing = tr.suffix_checkpointing
+        suffix_forward = forward_for(tr.suffix_checkpointing)
 
         def loss_fn(b: Batch) -> torch.Tensor:
             c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
             h = forward(stack, ends.embed_tokens(c.inputs), causal, c.t)
             for s in frozen:
-                h = run_checkpointed(s, h, causal, c.t) if checkpointing else s(h, causal, c.t)
+                h = suffix_forward(s, h, causal, c.t)
             return obj.loss(ends.logits(h), c)
 
         parts = ["tokens", project.split_digest(m, "train"), obj.key()]
@@ -531,40 +519,60 @@ def _setup_one(
     return Setup({"stack": stack, "ends": ends}, trainable, cached_loss, Sequences(tokens, hidden), fingerprint)
 
 
-def forward_for(tr: TrainRecipe) -> Callable:
-    """How a trained stack runs: whole, or (``train.activation_checkpointing``) block by block under checkpoint,
-    keeping only each block's input for backward and recomputing the rest."""
-    if tr.activation_checkpointing:
+def trainable_for(
+    stack: Stack, ends: Ends, tr: TrainRecipe, pos: int, right_to_left: bool, has_suffix: bool
+) -> dict[str, nn.Parameter]:
+    """What trains with one stack at rack position ``pos``, as ``stack.<name>`` / ``ends.<name>``.
+
+    The embedding trains with the leftmost stack. Right to left with tied embeddings it is also the head that the
+    trained suffix reads out through, so it trains only with the first stack. The first stack trained always trains
+    the final norm and head (a random head makes every readout useless); left to right the later ones do too with
+    `train.head: train`. Right to left the head stays frozen: the trained suffix was fitted to it."""
+    trainable = {f"stack.{n}": p for n, p in stack.named_parameters()}
+    tied_head_in_use = right_to_left and ends.head is None and has_suffix
+    if pos == 0 and tr.embedding == "train" and not tied_head_in_use:
+        trainable.update({f"ends.{n}": p for n, p in ends.named_input_parameters().items()})
+    first = not has_suffix if right_to_left else pos == 0
+    if first or (tr.head == "train" and ends.head is not None and not right_to_left):
+        trainable.update({f"ends.{n}": p for n, p in ends.named_output_parameters().items()})
+    return trainable
+
+
+def forward_for(checkpointed: bool) -> Callable:
+    """How a stack runs: whole, or (``checkpointed``: ``train.activation_checkpointing`` for a trained stack,
+    ``train.suffix_checkpointing`` for a frozen suffix) block by block under checkpoint, keeping only each block's
+    input for backward and recomputing the rest."""
+    if checkpointed:
         from stackwise_cli.train.frozen import run_checkpointed
 
         return run_checkpointed
     return lambda stack, h, causal, t: stack(h, causal, t)
 
 
-def _names(ends: Ends) -> list[str]:
-    """The names of ``ends.input_parameters()``, in the same order."""
-    by_id = {id(p): n for n, p in ends.named_parameters()}
-    return [by_id[id(p)] for p in ends.input_parameters()]
-
-
-def _setup_all(project: Project, m: Manifest, stacks: list[Stack], ends: Ends) -> Setup:
-    """The whole rack end to end: the embedding, every stack and the head train together."""
-    obj = stack_objective(m, None)
-    causal = obj.causal
-    forward = forward_for(m.recipe.train)
-    modules: dict[str, nn.Module] = {"ends": ends} | {f"stack{e.id}": s for e, s in zip(m.rack, stacks)}
-    trainable = {f"{k}.{n}": p for k, mod in modules.items() for n, p in mod.named_parameters()}
-    if m.recipe.train.embedding == "frozen":
-        for n in _names(ends):
-            trainable.pop(f"ends.{n}")
+def whole_rack_loss(
+    obj: Objective, ends: Ends, stacks: list[Stack], forward: Callable
+) -> Callable[[Batch], torch.Tensor]:
+    """The loss of the whole rack on a batch: corrupt, embed, every stack in order, head, objective."""
 
     def loss_fn(b: Batch) -> torch.Tensor:
         c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
         h = ends.embed_tokens(c.inputs)
         for s in stacks:
-            h = forward(s, h, causal, c.t)
+            h = forward(s, h, obj.causal, c.t)
         return obj.loss(ends.logits(h), c)
 
+    return loss_fn
+
+
+def _setup_all(project: Project, m: Manifest, stacks: list[Stack], ends: Ends) -> Setup:
+    """The whole rack end to end: the embedding, every stack and the head train together."""
+    obj = stack_objective(m, None)
+    modules: dict[str, nn.Module] = {"ends": ends} | {f"stack{e.id}": s for e, s in zip(m.rack, stacks)}
+    trainable = {f"{k}.{n}": p for k, mod in modules.items() for n, p in mod.named_parameters()}
+    if m.recipe.train.embedding == "frozen":
+        for n in ends.named_input_parameters():
+            trainable.pop(f"ends.{n}")
+    loss_fn = whole_rack_loss(obj, ends, stacks, forward_for(m.recipe.train.activation_checkpointing))
     fingerprint = digest(["tokens", project.split_digest(m, "train"), obj.key(), "end-to-end"])
     return Setup(modules, trainable, loss_fn, Sequences(token_data(project, m)), fingerprint)
 
