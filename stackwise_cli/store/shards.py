@@ -64,7 +64,11 @@ class Fp8Hidden:
         return self.shape[0]
 
     def __getitem__(self, rows) -> torch.Tensor:
-        return self.codes[rows].float() * self.scales[rows].unsqueeze(-1)
+        import torch
+
+        from stackwise_cli.kernels.reference import fp8_dequantize_reference
+
+        return fp8_dequantize_reference(self.codes[rows], self.scales[rows], torch.float32)
 
 
 @dataclass(frozen=True)

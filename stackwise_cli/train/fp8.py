@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackwise_cli.errors import StackwiseError
+from stackwise_cli.kernels.reference import fp8_quantize_reference
 
-E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
 SCALINGS = ("row", "tensor")
 PATHS = ("auto", "emulate", "scaled_mm")
 SCALED_MM_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards
@@ -86,18 +86,12 @@ def quantize_e4m3(x: torch.Tensor, scaling: str = "row") -> tuple[torch.Tensor, 
     """x (..., D) -> (codes float8_e4m3fn (..., D), scales fp32 (..., 1) for ``row`` or (1,) * x.ndim for ``tensor``).
 
     scale = amax / 448 over each row (or the whole tensor), 1 where the amax is 0 (all codes 0 then), so that
-    x ~= codes * scales. The cast rounds to nearest even; the clamp only catches fp32 rounding of x / scale just
-    above 448, which rounds to 448 anyway, so no code saturates or becomes NaN. For ``row`` this is the same
-    quantisation as ``kernels.reference.fp8_quantize_reference`` (which returns the codes as uint8, scales (...)).
-    """
-    xf = x.float()
-    if resolve_scaling(scaling) == "row":
-        amax = xf.abs().amax(-1, keepdim=True)  # (..., 1)
-    else:
-        amax = xf.abs().amax().reshape((1,) * x.ndim)  # (1, ..., 1)
-    scales = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    codes = (xf / scales).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return codes, scales
+    x ~= codes * scales: ``kernels.reference.fp8_quantize_reference``, the one e4m3 quantiser of the project,
+    applied to the rows (or to the whole tensor as one row)."""
+    per_row = resolve_scaling(scaling) == "row"
+    codes, scales = fp8_quantize_reference(x if per_row else x.reshape(1, -1))
+    codes = codes.view(torch.float8_e4m3fn).view(x.shape)
+    return codes, scales.unsqueeze(-1) if per_row else scales.reshape((1,) * x.ndim)
 
 
 def dequantize_e4m3(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

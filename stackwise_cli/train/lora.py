@@ -81,7 +81,7 @@ def add_lora(
         if isinstance(parent, LoRALinear):
             continue
         for name, child in list(parent.named_children()):
-            if is_linear(child) and not isinstance(parent, LoRALinear):
+            if is_linear(child):
                 layer = LoRALinear(child, rank, alpha, generator)
                 setattr(parent, name, layer)
                 out[f"{parent_name}.{name}"] = layer
