@@ -17,7 +17,7 @@ from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import Recipe, load_recipe
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache, is_fresh
-from stackwise_cli.train.fuse import fuse, fused_for_rack
+from stackwise_cli.train.fuse import ANY, fuse, is_fused
 from stackwise_cli.train.grow import grow
 from stackwise_cli.train.loop import train_stack
 
@@ -63,7 +63,7 @@ def build(
     problem = export_problem_for(project.load().recipe)
     if problem:
         result.fused = problem
-    elif not fused_for_rack(project):  # a fused/ fine-tuned by hand on this rack is kept
+    elif not is_fused(project, ANY):  # a fused/ fine-tuned by hand on this rack is kept
         fuse(project)
         result.ran.append("fuse")
     result.eval = evaluate(project, device=device, reporter=reporter)

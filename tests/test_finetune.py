@@ -237,7 +237,7 @@ def _with_warmup(recipe, warmup: int):
 
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 def test_finetune_lowers_the_loss_exports_the_tuned_model_and_leaves_the_rack_alone(trained, mode):
-    from stackwise_cli.train.fuse import is_fused
+    from stackwise_cli.train.fuse import ANY, is_fused
 
     before = _files(trained)
     _, rack = load_current_rack(trained)
@@ -263,6 +263,7 @@ def test_finetune_lowers_the_loss_exports_the_tuned_model_and_leaves_the_rack_al
     assert not is_fused(trained, finetune_spec(STEPS + 1, mode))
     other = {"full": "lora", "lora": "qlora", "qlora": "lora"}[mode]
     assert not is_fused(trained, finetune_spec(STEPS, other))
+    assert is_fused(trained, ANY)  # what build asks: a fused/ of this rack, fine-tuned or not, is kept
 
     model, merged = done.model, done.merged
     adapted = [mod for s in model.stacks for mod in s.modules() if isinstance(mod, LoRALinear)]

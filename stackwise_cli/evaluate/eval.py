@@ -127,7 +127,7 @@ def evaluate(
     if max_sequences is not None and max_sequences < 1:
         raise ProjectError(f"--max-sequences must be >= 1, got {max_sequences}")
     dev = pick_device(device)
-    m, rack = load_current_rack(project)
+    m, rack = load_current_rack(project, manifest=m)
     rack = rack.to(dev).eval()
     recipe = m.recipe
     if causal and recipe.model.time_embedding:

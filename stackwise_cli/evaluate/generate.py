@@ -523,7 +523,7 @@ def generate(
             settings.update(ratios=ratios)
 
     dev = pick_device(device)
-    m, rack = load_current_rack(project)
+    m, rack = load_current_rack(project, manifest=m)
     rack = rack.to(dev).eval()
     generator = torch.Generator(device=dev).manual_seed(seed)
     vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids past the tokenizer's were never trained

@@ -119,14 +119,17 @@ def load_rack(project: Project, manifest: Manifest, backend: str | None = None, 
     return Rack(cfg, load_ends(project, manifest), stacks, [s.id for s in entries])
 
 
-def load_current_rack(project: Project, backend: str | None = None) -> tuple[Manifest, Rack]:
+def load_current_rack(
+    project: Project, backend: str | None = None, manifest: Manifest | None = None
+) -> tuple[Manifest, Rack]:
     """The manifest and the rack it describes, for readers that may run while a stack finishes training.
+    ``manifest``: the one the caller has already read and checked (default: read it now).
 
     A ``train-stack`` that ends between reading the manifest and hashing the files rewrites a stack or the ends
     and then the manifest: that is not corruption, so on a checksum mismatch the manifest is read again and,
     if it changed, the rack is loaded once more.
     """
-    m = project.load()
+    m = manifest if manifest is not None else project.load()
     try:
         return m, load_rack(project, m, backend)
     except ChecksumMismatch:

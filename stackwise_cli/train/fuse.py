@@ -24,19 +24,16 @@ def _finetune_fields(spec: FinetuneSpec | None) -> dict:
     return {"finetune": spec.mode, "finetune_steps": spec.steps, "lora_rank": spec.rank, "lora_alpha": spec.alpha}
 
 
-def fused_for_rack(project: Project) -> bool:
-    """Is ``fused/`` present and built from exactly the current ends and rack (fine-tuned or not)?"""
-    m = project.load()
-    return m.fused_is_current() and project.path(f"{m.fused.dir}/model.safetensors").exists()
+ANY = "any"  # is_fused: fine-tuned or not
 
 
-def is_fused(project: Project, finetune: FinetuneSpec | None = None) -> bool:
+def is_fused(project: Project, finetune: FinetuneSpec | str | None = None) -> bool:
     """Is ``fused/`` present, built from exactly the current ends and rack, and fine-tuned as ``finetune`` says
-    (None: not fine-tuned)? A fused/ made with other fine-tune settings is not current."""
-    if not fused_for_rack(project):
-        return False
+    (None: not fine-tuned; ``ANY``: however it was)? A fused/ made with other fine-tune settings is not current."""
     m = project.load()
-    return all(getattr(m.fused, k) == v for k, v in _finetune_fields(finetune).items())
+    if not (m.fused_is_current() and project.path(f"{m.fused.dir}/model.safetensors").exists()):
+        return False
+    return finetune == ANY or all(getattr(m.fused, k) == v for k, v in _finetune_fields(finetune).items())
 
 
 def fuse(
@@ -51,12 +48,13 @@ def fuse(
     """Write ``fused/`` from the current ends and rack; with ``finetune``, first fine-tune the assembled model end to
     end (see ``train/finetune.py``; ``device``, ``precision``, ``resume`` and ``stop_at`` apply to it). The
     project's stack and ends files are never changed."""
-    if not project.load().rack:
+    m = project.load()
+    if not m.rack:
         raise ProjectError("the rack is empty: nothing to fuse", hint="run `stackwise build`")
     if finetune is None:
         from stackwise_cli.store.weights import load_current_rack
 
-        m, rack = load_current_rack(project)
+        m, rack = load_current_rack(project, manifest=m)
         return _write(project, m, rack, None, None, "")
 
     from stackwise_cli.train.finetune import clear_checkpoints
