@@ -60,14 +60,19 @@ def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
         )
     if tok.token_to_id(MASK) is None:
         tok.add_special_tokens([MASK])
-    # Ids, not the count, are what index the embedding, and a hand-edited vocabulary can have gaps.
-    needed = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+    needed = id_bound(tok)
     if needed > vocab_size:
         raise DataError(
             f"{path} has {needed} tokens but model.vocab_size is {vocab_size}",
             hint=f"--set model.vocab_size={needed}",
         )
     return tok
+
+
+def id_bound(tok: Tokenizer) -> int:
+    """One past the largest id the tokenizer defines: the embedding rows it needs. Ids, not the count, are what
+    index the embedding, and a hand-edited vocabulary can have gaps."""
+    return max(tok.get_vocab(with_added_tokens=True).values()) + 1
 
 
 def eos_id(tok: Tokenizer) -> int:

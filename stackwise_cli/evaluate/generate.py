@@ -28,7 +28,6 @@ from stackwise_cli.model.model import Rack
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.project import Project
 
-MODES = ("autoregressive", "iterative", "single-pass")
 OnStep = Callable[[], None]
 
 
@@ -173,8 +172,9 @@ def sample_autoregressive(
         if bool(done.all()):
             break
         # Finished samples keep running in the batch (their tokens are dropped above): simpler than shrinking it.
-        seq = torch.cat([seq, tok[:, None]], dim=1)
         new = tok[:, None]
+        if not use_cache:  # the reference path recomputes the whole sequence; the cached one runs only `new`
+            seq = torch.cat([seq, new], dim=1)
     return Continuations(out, done.tolist(), steps)
 
 
@@ -440,7 +440,7 @@ def generate(
     """Generate ``samples`` texts from the project's rack. Reads the project, never writes to it.
 
     Every input is checked (and a StackwiseError raised) before any weights are loaded."""
-    from stackwise_cli.data.tokenizer import load_tokenizer
+    from stackwise_cli.data.tokenizer import id_bound, load_tokenizer
     from stackwise_cli.store.weights import load_current_rack
     from stackwise_cli.train.precision import pick_device
 
@@ -510,7 +510,7 @@ def generate(
         settings.update(causal=False, length=length)
         if mode == "iterative":
             steps = steps or length - len(prompt_ids)  # default: one token per step
-            settings.update(time_input=time == "input" and recipe.objective == "diffusion")
+            settings.update(time_input=recipe.model.time_embedding)  # the recipe check ties it to diffusion.time
         else:
             ratios = [e.mask_ratio for e in m.rack]
             missing = [e.id for e, r in zip(m.rack, ratios) if r is None]
@@ -526,7 +526,7 @@ def generate(
     m, rack = load_current_rack(project, manifest=m)
     rack = rack.to(dev).eval()
     generator = torch.Generator(device=dev).manual_seed(seed)
-    vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids past the tokenizer's were never trained
+    vocab = id_bound(tok)  # ids past the tokenizer's were never trained
     total = {"autoregressive": max_new_tokens, "iterative": steps, "single-pass": len(rack.stacks)}[mode]
     with reporter.task(f"generate ({mode})", total=total) as advance:
         if mode == "autoregressive":
