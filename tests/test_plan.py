@@ -21,6 +21,7 @@ from stackwise_cli.bench.plan import (
     ends_shapes,
     param_counts,
     plan,
+    time_shapes,
 )
 from stackwise_cli.errors import StackwiseError
 from stackwise_cli.model.model import Ends, Stack
@@ -47,6 +48,7 @@ def shapes_of(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
         ("recipes/llama/tiny-mla.yaml", ["attention.q_rank=48"]),
         (TINY, ["attention.kind=linear"]),
         (TINY, ["model.tie_embeddings=true", "model.n_kv_heads=null", "attention.kind=mha"]),
+        ("recipes/llama/tiny-diffusion.yaml", ["diffusion.time=input", "model.time_embedding=true"]),
     ],
 )
 def test_shapes_and_counts_are_the_real_modules(path, sets):
@@ -58,6 +60,9 @@ def test_shapes_and_counts_are_the_real_modules(path, sets):
     assert counts["stack"] == sum(p.numel() for p in stacks[0].parameters())
     assert counts["total"] == sum(p.numel() for m in [Ends(r.model), *stacks] for p in m.parameters())
     assert counts["block"] == r.model.block_params(r.attention)
+    assert counts["stack"] == r.model.stack_params(r.rack.blocks_per_stack, r.attention)  # time network included
+    time = {} if stacks[0].time is None else {f"time.{n}": s for n, s in shapes_of(stacks[0].time).items()}
+    assert time_shapes(r.model) == time
 
 
 def test_70b_parameter_count():

@@ -177,6 +177,14 @@ def ends_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
+def time_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of one stack's time network (``model.time_embedding``), by name; none without it."""
+    if not model.time_embedding:
+        return {}
+    d = model.d_model
+    return {"time.inp.weight": (d, d), "time.inp.bias": (d,), "time.out.weight": (d, d), "time.out.bias": (d,)}
+
+
 def numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
@@ -215,16 +223,18 @@ class Params:
 def param_counts(recipe: Recipe) -> dict[str, int]:
     """Parameters of one block, one stack, the whole rack, and each of the ends."""
     block = sum(numel(s) for s in block_shapes(recipe.model, recipe.attention).values())
+    time = sum(numel(s) for s in time_shapes(recipe.model).values())  # one per stack
     ends = ends_shapes(recipe.model)
     n_blocks = recipe.rack.stacks * recipe.rack.blocks_per_stack
+    blocks = block * n_blocks + time * recipe.rack.stacks
     return {
         "block": block,
-        "stack": block * recipe.rack.blocks_per_stack,
-        "blocks": block * n_blocks,
+        "stack": block * recipe.rack.blocks_per_stack + time,
+        "blocks": blocks,
         "embed": numel(ends["embed.weight"]),
         "final_norm": numel(ends["norm.weight"]),
         "head": numel(ends["head.weight"]) if "head.weight" in ends else 0,
-        "total": block * n_blocks + sum(numel(s) for s in ends.values()),
+        "total": blocks + sum(numel(s) for s in ends.values()),
     }
 
 
@@ -486,7 +496,8 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     norm = Params.of([ends["norm.weight"]])
     head = Params.of([ends["head.weight"]]) if "head.weight" in ends else Params()
     out_ends = norm + head  # final norm + head (with tied embeddings the head is the embedding)
-    stack = Params.of([s for s, _ in block.tensors], k)
+    time = Params.of(time_shapes(m).values())  # each stack's time network (diffusion with t as input)
+    stack = Params.of([s for s, _ in block.tensors], k) + time
     head_mm = m.vocab_size * m.d_model  # the logits matmul, tied or not
     train_head = recipe.train.head == "train"
 
@@ -594,7 +605,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     name = "train-stack-r2l"
     on = ckpt(name)
     suffix_blocks = L - k
-    suffix = Params.of([s for s, _ in block.tensors], suffix_blocks)
+    suffix = Params.of([s for s, _ in block.tensors], suffix_blocks) + Params(time.tensors * (n_stacks - 1))
     embed_trains = recipe.train.embedding == "train" and not (m.tie_embeddings and suffix_blocks)
     r2l_train = stack + (embed if embed_trains else Params()) + (Params() if suffix_blocks else out_ends)
     r2l_frozen_ends = (Params() if embed_trains else embed) + (out_ends if suffix_blocks else Params())
@@ -675,7 +686,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     stages.append(max(cache_variants, key=lambda s: s.total_bytes))
 
     # --- fuse with fine-tuning, and end-to-end training: the whole model at once.
-    blocks_all = Params.of([s for s, _ in block.tensors], L)
+    blocks_all = Params.of([s for s, _ in block.tensors], L) + Params(time.tensors * n_stacks)
     every = blocks_all + all_ends
     for name, what in (
         ("fuse-full", "the whole fused model trainable"),
