@@ -22,7 +22,6 @@ import shutil
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from stackwise_cli.errors import StackwiseError
 from stackwise_cli.model.hf import check_exportable
@@ -32,7 +31,17 @@ from stackwise_cli.store.manifest import Manifest
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.weights import load_current_rack, load_ends, load_stack
 from stackwise_cli.train import checkpoint as ckpt
-from stackwise_cli.train.loop import RESUME, Job, Result, Sequences, forward_for, run, token_data, whole_rack_loss
+from stackwise_cli.train.loop import (
+    RESUME,
+    Job,
+    Result,
+    Sequences,
+    forward_for,
+    run,
+    token_data,
+    whole_rack_loss,
+    whole_rack_modules,
+)
 from stackwise_cli.train.lora import Adapters, add_lora, merge_lora
 from stackwise_cli.train.objectives import stack_objective
 from stackwise_cli.train.precision import autocast, pick_device
@@ -165,8 +174,7 @@ def finetune(
 
     ends, stacks = rack.ends, list(rack.stacks)
     if spec.mode == "full":
-        modules: dict[str, nn.Module] = {"ends": ends} | {f"stack{e.id}": s for e, s in zip(m.rack, stacks)}
-        trainable = {f"{k}.{n}": p for k, mod in modules.items() for n, p in mod.named_parameters()}
+        modules, trainable = whole_rack_modules(m, stacks, ends)
     else:
         from stackwise_cli.train.frozen import freeze
 

@@ -564,11 +564,18 @@ def whole_rack_loss(
     return loss_fn
 
 
+def whole_rack_modules(
+    m: Manifest, stacks: list[Stack], ends: Ends
+) -> tuple[dict[str, nn.Module], dict[str, nn.Parameter]]:
+    """The whole rack as checkpointed modules (``ends``, ``stack<id>``) and every parameter of it by name."""
+    modules: dict[str, nn.Module] = {"ends": ends} | {f"stack{e.id}": s for e, s in zip(m.rack, stacks)}
+    return modules, {f"{k}.{n}": p for k, mod in modules.items() for n, p in mod.named_parameters()}
+
+
 def _setup_all(project: Project, m: Manifest, stacks: list[Stack], ends: Ends) -> Setup:
     """The whole rack end to end: the embedding, every stack and the head train together."""
     obj = stack_objective(m, None)
-    modules: dict[str, nn.Module] = {"ends": ends} | {f"stack{e.id}": s for e, s in zip(m.rack, stacks)}
-    trainable = {f"{k}.{n}": p for k, mod in modules.items() for n, p in mod.named_parameters()}
+    modules, trainable = whole_rack_modules(m, stacks, ends)
     if m.recipe.train.embedding == "frozen":
         for n in ends.named_input_parameters():
             trainable.pop(f"ends.{n}")
