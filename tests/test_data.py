@@ -339,6 +339,25 @@ def test_pack_stream_is_documents_joined_by_eos(tmp_path: Path, tok: Tokenizer):
     assert not recovered["train"] & recovered["val"]  # no document in both splits
 
 
+def test_pack_encodes_special_token_strings_in_the_text_as_text(tmp_path: Path, tok: Tokenizer):
+    # A corpus about tokenizers: it spells both special tokens. They must stay text, not become a document break
+    # (EOS) or a mask-token target ([MASK]).
+    docs = [f"Doc {i}: write {EOS} between documents and {MASK} where a word is hidden; the fox {i}.\n" for i in range(40)]
+    out = _pack(tmp_path, tok, docs=docs, val_fraction=0.3)
+    eos, m = eos_id(tok), mask_id(tok)
+    for split, shards in out.items():
+        flat = _stream(tmp_path, shards)[0].reshape(-1)
+        assert m not in flat
+        pieces = np.split(flat, np.flatnonzero(flat == eos) + 1)[:-1]
+        assert pieces  # EOS only where packing put it: every complete piece is one whole document
+        for p in pieces:
+            text = tok.decode(p[:-1].tolist())
+            assert text in docs and split_of(text, 0.3) == split
+            assert tok.decode(p[:-1].tolist(), skip_special_tokens=True) == text  # ordinary ids only
+    # The tokenizer itself is left as it was: a caller (or a Hugging Face export) still matches typed specials.
+    assert tok.encode(f"a{EOS}").ids[-1] == eos
+
+
 def test_pack_is_deterministic_and_reports_progress(tmp_path: Path, tok: Tokenizer):
     seen = []
     a = _pack(tmp_path / "a", tok, on_document=seen.append)

@@ -20,7 +20,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stackwise_cli.data.corpus import Document
-from stackwise_cli.data.tokenizer import eos_id
+from stackwise_cli.data.tokenizer import eos_id, text_encoder
 from stackwise_cli.errors import DataError
 from stackwise_cli.store.files import atomic_replace_dir, tmp_name
 from stackwise_cli.store.shards import write_token_shard
@@ -141,8 +141,11 @@ def pack_corpus(
         writers[split] = _SplitWriter(split, staging, f"data/{split}", seq_len, sequences_per_shard)
     try:
         eos_arr = np.array([eos], dtype=np.int32)
+        # Special tokens spelled out in the text stay text: a corpus that mentions <|endoftext|> gets no spurious
+        # document break, one that mentions [MASK] no mask-token targets.
+        enc = text_encoder(tok)
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets that packing has no use for.
-        encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        encode_batch = getattr(enc, "encode_batch_fast", enc.encode_batch)
         for batch in _batches(docs):
             encodings = encode_batch([d.text for d in batch], add_special_tokens=False)
             for doc, enc in zip(batch, encodings, strict=True):

@@ -69,6 +69,18 @@ def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
     return tok
 
 
+def text_encoder(tok: Tokenizer) -> Tokenizer:
+    """A copy of ``tok`` that encodes input text as text: the literal strings ``<|endoftext|>`` or ``[MASK]`` in a
+    document become ordinary byte/merge ids, never the special ids, which only stackwise itself inserts.
+
+    ``add_special_tokens=False`` is not enough: it stops a post-processor adding tokens, yet special tokens that
+    appear in the text are still matched. The switch is not saved in ``tokenizer.json``, and the copy leaves
+    ``tok`` as it was (a Hugging Face export, say, still turns a typed ``[MASK]`` into the mask token)."""
+    enc = Tokenizer.from_str(tok.to_str())
+    enc.encode_special_tokens = True
+    return enc
+
+
 def id_bound(tok: Tokenizer) -> int:
     """One past the largest id the tokenizer defines: the embedding rows it needs. Ids, not the count, are what
     index the embedding, and a hand-edited vocabulary can have gaps."""
