@@ -342,7 +342,7 @@ def test_pack_stream_is_documents_joined_by_eos(tmp_path: Path, tok: Tokenizer):
 def test_pack_encodes_special_token_strings_in_the_text_as_text(tmp_path: Path, tok: Tokenizer):
     # A corpus about tokenizers: it spells both special tokens. They must stay text, not become a document break
     # (EOS) or a mask-token target ([MASK]).
-    docs = [f"Doc {i}: write {EOS} between documents and {MASK} where a word is hidden; the fox {i}.\n" for i in range(40)]
+    docs = [f"Doc {i}: put {EOS} between documents and {MASK} where a word is hidden; fox {i}.\n" for i in range(40)]
     out = _pack(tmp_path, tok, docs=docs, val_fraction=0.3)
     eos, m = eos_id(tok), mask_id(tok)
     for split, shards in out.items():
