@@ -147,7 +147,8 @@ class DiffusionRecipe:
 @dataclass(frozen=True, kw_only=True)
 class TrainRecipe:
     steps: int = 300  # optimizer steps per stack
-    batch_size: int = 16  # sequences per step
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step: a step trains on grad_accum * batch_size sequences
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30
@@ -171,7 +172,7 @@ class TrainRecipe:
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 out.append((name, f"must be >= 1, got {getattr(self, name)}"))
         if self.lr <= 0:

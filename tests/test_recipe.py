@@ -73,3 +73,10 @@ def test_missing_recipe_file_and_bad_yaml(tmp_path):
     (tmp_path / "ok.yaml").write_text("name: ok\n")
     with pytest.raises(RecipeError, match="expected key=value"):
         load_recipe(tmp_path / "ok.yaml", ["train.steps"])
+
+
+def test_grad_accum_defaults_to_one_and_must_be_positive(tiny_recipe_path):
+    assert load_recipe(tiny_recipe_path).train.grad_accum == 1
+    assert load_recipe(tiny_recipe_path, ["train.grad_accum=8"]).train.grad_accum == 8
+    with pytest.raises(RecipeError, match=r"train\.grad_accum: must be >= 1, got 0"):
+        load_recipe(tiny_recipe_path, ["train.grad_accum=0"])

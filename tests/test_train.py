@@ -368,3 +368,74 @@ def test_an_interrupted_retraining_started_over_counts_from_the_weights_on_disk(
     train_stack(project, 0, steps=5, resume="never")
     e = project.load().stack(0)
     assert e.state == "trained" and e.steps == 11 and e.tokens == 11 * 8 * 32
+
+
+# --- gradient accumulation and resume settings -------------------------------------------------------------------
+
+
+def _stack_tensors(p: Project) -> dict[str, torch.Tensor]:
+    m = p.load()
+    return {**load_stack(p, m, 0).state_dict(), **{f"ends.{k}": v for k, v in load_ends(p, m).state_dict().items()}}
+
+
+def test_grad_accum_trains_the_weights_of_the_big_batch(project):
+    """clm (no masks, equal tokens per row): 2 micro-batches of 4 are one batch of 8, to fp32 rounding."""
+    grow(project)
+    big = _trained_copy(project, "big", 6)  # TINY: batch 8, grad_accum 1
+    _set_recipe(project, batch_size=4, grad_accum=2)
+    accum = _trained_copy(project, "accum", 6)
+    a, b = big.load().stack(0), accum.load().stack(0)
+    assert (a.steps, a.tokens) == (b.steps, b.tokens) == (6, 6 * 8 * 32)  # a step's tokens: 2 x 4 x 32
+    for name, want in _stack_tensors(big).items():
+        torch.testing.assert_close(_stack_tensors(accum)[name], want, rtol=1e-4, atol=1e-5)
+    assert b.last_loss == pytest.approx(a.last_loss, rel=1e-5)  # the loss logged is the step's mean
+    _set_recipe(project, batch_size=4, grad_accum=1)  # and it is not the same as one micro-batch alone
+    half = _stack_tensors(_trained_copy(project, "half", 6))
+    assert not torch.allclose(half["blocks.0.attn.q.weight"], _stack_tensors(big)["blocks.0.attn.q.weight"])
+
+
+def test_grad_accum_resumes_bit_identically(project, tmp_path):
+    grow(project)
+    _set_recipe(project, batch_size=4, grad_accum=3)
+    straight = _train_copy(project, tmp_path, "straight", steps=14)
+    p = Project(tmp_path / "stopped")
+    shutil.copytree(project.root, p.root)
+    with pytest.raises(Stopped):
+        train_stack(p, 0, steps=14, stop_at=7)
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(p.ckpt_dir(0))[-1])[3]
+    assert state["step"] == 7 and state["tokens"] == 7 * 3 * 4 * 32 and state["sampler"]["offset"] == 7 * 12
+    assert train_stack(p, 0, steps=14).resumed_from == 7
+    a, b = straight.load().stack(0), p.load().stack(0)
+    assert a.sha256 == b.sha256 and a.tokens == b.tokens == 14 * 3 * 4 * 32
+    assert _logged(straight) == _logged(p)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lr": 0.02}, "train.lr was 0.01, now 0.02"),
+        ({"grad_accum": 2}, "train.grad_accum was 1, now 2"),
+        ({"batch_size": 4}, "train.batch_size was 8, now 4"),
+        ({"seed": 1}, "train.seed was 0, now 1"),
+    ],
+)
+def test_resume_refuses_changed_settings_naming_them(project, change, message):
+    grow(project)
+    with pytest.raises(Stopped):
+        train_stack(project, 0, steps=20, stop_at=5)
+    _set_recipe(project, **change)
+    with pytest.raises(StackwiseError, match=message) as err:
+        train_stack(project, 0, steps=20)
+    assert "--resume never" in err.value.hint
+    r = train_stack(project, 0, steps=20, resume="never")  # starting again with the new value is allowed
+    assert r.resumed_from is None and r.steps == 20
+
+
+def test_resume_refuses_a_changed_precision(project):
+    grow(project)
+    with pytest.raises(Stopped):
+        train_stack(project, 0, steps=20, stop_at=5)
+    with pytest.raises(StackwiseError, match="--precision was 'fp32', now 'fp8'") as err:
+        train_stack(project, 0, steps=20, precision="fp8")
+    assert "--precision fp32" in err.value.hint
+    assert train_stack(project, 0, steps=20).resumed_from == 5  # the old value resumes

@@ -205,6 +205,47 @@ def _load_weights(job: Job, weights: dict[str, torch.Tensor]) -> None:
         mod.load_state_dict({n.removeprefix(f"{key}."): t for n, t in weights.items() if n.startswith(f"{key}.")})
 
 
+# The settings a checkpoint records and a resumed run must share: each one changes the numbers the rest of the
+# run computes, so a resume under another value would be neither the old run nor a new one. Keyed by how the
+# user sets it (a recipe key or a command option).
+def run_settings(tr: TrainRecipe, precision: str, seq_len: int) -> dict[str, object]:
+    """What a run's numbers depend on beyond its inputs (``Job.fingerprint``) and its length (``steps_total``, checked
+    on its own), by the key or option that sets it."""
+    return {
+        "--precision": precision,
+        "data.seq_len": seq_len,
+        **{
+            f"train.{k}": list(v) if isinstance(v, tuple) else v
+            for k, v in (
+                ("lr", tr.lr),
+                ("min_lr_ratio", tr.min_lr_ratio),
+                ("warmup_steps", tr.warmup_steps),
+                ("batch_size", tr.batch_size),
+                ("grad_accum", tr.grad_accum),
+                ("optimizer", tr.optimizer),
+                ("weight_decay", tr.weight_decay),
+                ("betas", tr.betas),
+                ("grad_clip", tr.grad_clip),
+                ("seed", tr.seed),
+            )
+        },
+    }
+
+
+def check_resume_settings(checkpoint: Path, saved: dict[str, object], now: dict[str, object]) -> None:
+    """Refuse to resume ``checkpoint`` under settings other than those it was made with, naming each one. A
+    checkpoint from before settings were recorded (no ``saved``) is checked on ``--precision`` alone, if it has it."""
+    changed = [(k, saved[k], v) for k, v in now.items() if k in saved and saved[k] != v]
+    if not changed:
+        return
+    what = "; ".join(f"{k} was {old!r}, now {new!r}" for k, old, new in changed)
+    back = ", ".join(f"{k} {old}" if k.startswith("--") else f"{k}: {old} in stackwise.yaml" for k, old, _ in changed)
+    raise StackwiseError(
+        f"the checkpoint {checkpoint} was made with other settings than this run: {what}",
+        hint=f"to resume it, rerun with the old value ({back}); or pass --resume never to start again",
+    )
+
+
 def run(
     job: Job,
     tr: TrainRecipe,
@@ -227,6 +268,7 @@ def run(
     step, tokens, last_loss, resumed_from = 0, 0, None, None
     window: list[torch.Tensor] = []  # losses since the last log line (saved, so a resumed log is identical)
 
+    settings = run_settings(tr, precision, job.data.tokens[0].seq_len)
     existing = ckpt.list_checkpoints(ckpt_dir)
     if resume == "never" and existing:
         shutil.rmtree(ckpt_dir)
@@ -238,6 +280,8 @@ def run(
                 "(its cache or data changed)",
                 hint="use --resume never to start again",
             )
+        saved = state.get("settings") or ({"--precision": state["precision"]} if "precision" in state else {})
+        check_resume_settings(existing[-1], saved, settings)
         if state["steps_total"] != steps:
             raise StackwiseError(
                 f"the checkpoint {existing[-1]} belongs to a {state['steps_total']}-step run, not {steps} "
@@ -267,6 +311,7 @@ def run(
             "extra": job.extra,
             "fingerprint": job.fingerprint,
             "precision": precision,
+            "settings": settings,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "time": time.time(),
         }
@@ -294,16 +339,27 @@ def run(
             lr = lr_at(step, tr, steps)
             for g in opt.param_groups:
                 g["lr"] = lr
-            rows = sampler.next()
-            batch = job.data.get(rows, device, sampler.last_epochs)
-            with autocast(precision, device):
-                loss = job.loss(batch)
             opt.zero_grad(set_to_none=True)
-            if scaler is not None:  # fp16: scale the loss up so small gradients survive, unscale before clipping
-                scaler.scale(loss).backward()
+            # One optimizer step over train.grad_accum micro-batches of train.batch_size sequences, drawn in turn
+            # from the sampler (so the rows are those of one batch grad_accum times as big). Each micro-batch's
+            # loss is divided by grad_accum before backward: the summed gradients are those of the mean loss.
+            micro_losses, step_tokens = [], 0
+            for _ in range(tr.grad_accum):
+                rows = sampler.next()
+                batch = job.data.get(rows, device, sampler.last_epochs)
+                with autocast(precision, device):
+                    micro = job.loss(batch)
+                part = micro / tr.grad_accum if tr.grad_accum > 1 else micro
+                if scaler is not None:  # fp16: scale the loss up so small gradients survive
+                    scaler.scale(part).backward()
+                else:
+                    part.backward()
+                micro_losses.append(micro.detach())
+                step_tokens += batch.tokens.numel()
+                del micro, part, batch  # free this micro-batch's graph before the next is built
+            loss = micro_losses[0] if tr.grad_accum == 1 else torch.stack(micro_losses).float().mean()
+            if scaler is not None:  # unscale before clipping
                 scaler.unscale_(opt)
-            else:
-                loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(list(job.trainable.values()), tr.grad_clip or float("inf"))
             # Checked every step, before the update: no checkpoint may ever hold diverged weights. With fp16 an
             # overflowing gradient is the scaler's signal to skip the step and lower the scale, not a divergence.
@@ -320,7 +376,7 @@ def run(
             else:
                 opt.step()
             step += 1
-            tokens += batch.tokens.numel()
+            tokens += step_tokens  # grad_accum x batch_size x seq_len
             window.append(loss.detach())
             if step % tr.log_every == 0 or step == steps:
                 last_loss = torch.stack(window).float().mean().item()
