@@ -88,6 +88,24 @@ def _fresh_left_cache(project: Project, m: Manifest, stack_id: int, split: str) 
     return cache if cache.upstream.inputs == project.upstream_for(m, stack_id, split).inputs else None
 
 
+class _OneStack:
+    """Loads prefix stacks onto the device one at a time: asking for another stack frees the one held first, so
+    the cache stage never holds two stacks' weights; asking for the one held reuses it (a one-stack prefix, or
+    the incremental path, loads its stack once for every shard)."""
+
+    def __init__(self, project: Project, m: Manifest, dev: torch.device):
+        self.project, self.m, self.dev = project, m, dev
+        self.id: int | None = None
+        self.stack: torch.nn.Module | None = None
+
+    def get(self, stack_id: int) -> torch.nn.Module:
+        if self.id != stack_id:
+            self.id = self.stack = None  # drop the last reference before the next stack is allocated
+            self.stack = load_stack(self.project, self.m, stack_id).to(self.dev).eval()
+            self.id = stack_id
+        return self.stack
+
+
 @torch.inference_mode()
 def build_cache(
     project: Project, stack_id: int, split: str = "train", device: str = "auto", reporter: Reporter = QUIET
@@ -139,41 +157,51 @@ def _build_cache(project: Project, stack_id: int, split: str, dev: torch.device,
     prev = _fresh_left_cache(project, m, stack_id, split)
     if prev is not None:
         # Incremental: the cache entering k+1 is the cache entering k passed through stack k.
-        left = load_stack(project, m, prev.stack).to(dev).eval()
+        ends, prefix = None, [prev.stack]
         reporter.info(f"cache {stack_id}/{split}: from the cache of stack {prev.stack}, through stack {prev.stack}")
-
-        def run(rows: slice, tokens, src) -> torch.Tensor:
-            return left(src.hidden[rows].to(dev, torch.float32), causal, corrupt(rows, tokens).t)
     else:
         ends = load_ends(project, m).to(dev).eval()
-        stacks = [load_stack(project, m, s.id).to(dev).eval() for s in m.rack[: m.position(stack_id)]]
-        reporter.info(f"cache {stack_id}/{split}: from the tokens, through the embedding and {len(stacks)} stack(s)")
-
-        def run(rows: slice, tokens, src) -> torch.Tensor:
-            c = corrupt(rows, tokens)
-            h = ends.embed_tokens(c.inputs)
-            for s in stacks:
-                h = s(h, causal, c.t)
-            return h
+        prefix = [s.id for s in m.rack[: m.position(stack_id)]]
+        reporter.info(f"cache {stack_id}/{split}: from the tokens, through the embedding and {len(prefix)} stack(s)")
+    stacks = _OneStack(project, m, dev)
 
     batch = m.recipe.cache.batch_size
-    total = sum(s.sequences for s in token_shards)
+    T, D = m.data.seq_len, m.recipe.model.d_model
+    # One unit per sequence per stack it passes through (per embedding when no stack is to the left).
+    passes = max(1, len(prefix))
+    total = sum(s.sequences for s in token_shards) * passes
     with reporter.task(f"cache {stack_id} {split}", total=total) as advance:
         for i, tok_entry in enumerate(token_shards):
             out_rel = f"cache/{stack_id}/{split}/{i:05d}.arrow"
             if out_rel in done:
-                advance(tok_entry.sequences)
+                advance(tok_entry.sequences * passes)
                 continue
-            tokens = read_token_shard(project.path(tok_entry.file), expect_seq_len=m.data.seq_len)
-            src = None
+            tokens = read_token_shard(project.path(tok_entry.file), expect_seq_len=T)
+            n = len(tokens.seq_ids)
+            batches = [slice(lo, min(lo + batch, n)) for lo in range(0, n, batch)]
+            # The shard's states live on the host in fp32 and are updated in place, stack after stack: the
+            # device holds one stack (plus the ends) and one batch in and out, whatever the prefix's length.
+            hidden = torch.empty((n, T, D), dtype=torch.float32)  # (N, T, D)
+            times = []
             if prev is not None:
-                src = read_hidden_shard(project.path(prev.shards[i].file), expect_shape=(m.data.seq_len, prev.d_model))
-            parts = []
-            for lo in range(0, len(tokens.seq_ids), batch):
-                parts.append(run(slice(lo, lo + batch), tokens, src).float().cpu())
-                advance(len(parts[-1]))
-            hidden = torch.cat(parts)  # (N, T, d_model)
+                src = read_hidden_shard(project.path(prev.shards[i].file), expect_shape=(T, prev.d_model))
+                for rows in batches:
+                    hidden[rows] = src.hidden[rows]  # as stored (bf16, fp32) -> fp32, exactly
+                    times.append(corrupt(rows, tokens).t)
+            else:
+                for rows in batches:
+                    c = corrupt(rows, tokens)
+                    hidden[rows] = ends.embed_tokens(c.inputs).float().cpu()
+                    times.append(c.t)
+                    if not prefix:
+                        advance(rows.stop - rows.start)
+            for sid in prefix:
+                stack = stacks.get(sid)
+                for rows, t in zip(batches, times):
+                    hidden[rows] = stack(hidden[rows].to(dev), causal, t).float().cpu()
+                    advance(rows.stop - rows.start)
+                del stack
             sha = write_hidden_shard(project.path(out_rel), hidden, np.asarray(tokens.seq_ids), entry.dtype)
-            _commit_shard(project, entry, CacheShard(file=out_rel, sequences=len(hidden), sha256=sha))
+            _commit_shard(project, entry, CacheShard(file=out_rel, sequences=n, sha256=sha))
     _commit_shard(project, entry, None)
     return project.load().cache(stack_id, split)
