@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from stackwise_cli.app import app
 from stackwise_cli.errors import StackwiseError
+from stackwise_cli.evaluate.causal import masked_next_token_logits
 from stackwise_cli.evaluate.generate import (
     check_sampling,
     choose_tokens,
@@ -196,6 +197,51 @@ def test_cached_greedy_equals_the_recompute_everything_loop(attention, model):
     assert cached.tokens == [greedy_reference(rack, prompt, n)]
     assert cached.tokens == sample_autoregressive(rack, prompt, n, use_cache=False).tokens
     assert cached.steps == n and cached.stopped_at_eos == [False]
+
+
+ARCHITECTURES = [
+    ("gqa", {}),
+    ("mla", {}),
+    ("linear", {}),
+    ("gqa", {"family": "gpt2"}),
+    ("gqa", {"family": "modernbert", "local_window": 4}),
+]
+
+
+@pytest.mark.parametrize("attention, model", ARCHITECTURES)
+def test_masked_causal_readout_reads_a_mask_that_sees_only_the_prefix(attention, model):
+    """Token p's logits come from a [MASK] at position p seeing only tokens 0..p-1: the causal forward of the
+    sequence with token p replaced by [MASK] (and anything after it), read at p, after every stack."""
+    rack = make_rack(3, attention=attention, **model)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, MASK, (2, 12), generator=g)
+    got = dict(masked_next_token_logits(rack, tokens, MASK, read=range(3)))
+    assert sorted(got) == list(range(1, 12))
+    for p, logits in got.items():
+        x = tokens.clone()
+        x[:, p] = MASK
+        x[:, p + 1 :] = torch.randint(0, MASK, (2, 12 - p - 1), generator=g)  # the future: never seen
+        states = rack.hidden_states(x, causal=True)[1:]
+        for i in range(3):
+            torch.testing.assert_close(logits[i], rack.ends.logits(states[i])[:, p], atol=1e-4, rtol=1e-4)
+    shifted = rack(tokens, causal=True)[:, 4]  # the old, one-off readout of token 5
+    assert not torch.allclose(got[5][2], shifted, atol=1e-3)
+
+
+@pytest.mark.parametrize("attention, model", ARCHITECTURES[:4])
+def test_masked_causal_generation_probes_a_mask_and_cached_equals_uncached(attention, model):
+    rack = make_rack(attention=attention, **model)
+    prompt, n = [5, 17, 3], 32 - 3
+    cached = sample_autoregressive(rack, prompt, n, probe_id=MASK, banned=(MASK,))
+    uncached = sample_autoregressive(rack, prompt, n, probe_id=MASK, banned=(MASK,), use_cache=False)
+    assert cached.tokens == uncached.tokens
+    seq = list(prompt)  # the plainest loop: append [MASK], take its argmax, put the token in its place
+    with torch.no_grad():
+        for _ in range(n):
+            logits = restrict_vocab(rack(torch.tensor([seq + [MASK]]), causal=True)[0, -1], banned=(MASK,))
+            seq.append(int(logits.argmax()))
+    assert cached.tokens == [seq[len(prompt) :]]
+    assert cached.tokens != sample_autoregressive(rack, prompt, n, banned=(MASK,)).tokens  # not the shifted readout
 
 
 def test_cached_sampling_equals_uncached_with_the_same_seed():

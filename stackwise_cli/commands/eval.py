@@ -11,6 +11,8 @@ from stackwise_cli.console import CliReporter, out, print_json, print_table
 
 def render_eval(result) -> None:
     what = {"clm": "next-token loss", "mlm": "masked-token loss", "diffusion": "masked loss at the stack's t"}
+    if result.causal_readout == "mask":  # a masked rack read causally (--causal)
+        what["clm"] = "next-token loss via a [MASK] at the next position"
     rows = [
         [r.id, r.blocks, r.mask_ratio if r.mask_ratio is not None else "-", r.loss, r.perplexity]
         for r in result.per_stack

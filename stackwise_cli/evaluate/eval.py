@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from stackwise_cli.errors import ProjectError
+from stackwise_cli.evaluate.causal import masked_next_token_logits
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.manifest import Manifest
 from stackwise_cli.store.project import Project
@@ -50,6 +52,9 @@ class EvalResult:
     accuracy: float | None = None  # mlm / diffusion: share of scored positions predicted exactly
     per_t: list[TimePoint] = field(default_factory=list)  # diffusion: the rack at each t of the ELBO grid
     attention: str = "causal"
+    # Causal scoring: how token i+1 is read. "shifted": from position i (clm training); "mask": from a [MASK] at
+    # position i+1 that sees 0..i (mlm and diffusion are trained to predict the token under a [MASK]). None: not causal.
+    causal_readout: str | None = "shifted"
 
     def to_data(self) -> dict:
         return asdict(self)
@@ -96,6 +101,12 @@ class _Scores:
         self.correct += int((pred == target).sum())
         self.count += obj.counted(c)
 
+    def add_next(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """One position of every row: logits (B, V) scored against the tokens ``target`` (B,)."""
+        self.loss += float(F.cross_entropy(logits.float(), target, reduction="sum").double())
+        self.correct += int((logits.argmax(-1) == target).sum())
+        self.count += target.shape[0]
+
     def mean(self) -> float:
         return self.loss / max(self.count, 1)
 
@@ -117,7 +128,9 @@ def evaluate(
     clm: next-token loss. mlm: loss and accuracy on the selected positions at ``mask.ratio``. diffusion: the masked
     loss, accuracy and ELBO term at each t of a grid, and the ELBO bound (their mean) as the headline. Masks are
     those of epoch 0 of each validation sequence: every eval of every project scores the same corruption.
-    ``causal``: score a bidirectionally trained rack as a causal LM (next-token loss, causal attention).
+    ``causal``: score a bidirectionally trained rack as a causal LM (next-token loss, causal attention). An mlm or
+    diffusion rack predicts the token under a ``[MASK]``, so token i+1 is read from a ``[MASK]`` at position i+1
+    that sees tokens 0..i (``evaluate/causal.py``: about twice the work of a causal forward, position by position).
     """
     m = project.load()
     if not m.rack:
@@ -133,6 +146,8 @@ def evaluate(
     if causal and recipe.model.time_embedding:
         raise ProjectError("--causal scores a next-token model; this rack needs a diffusion time t as input")
     kind = "clm" if causal else recipe.objective
+    # A masked objective trains position i to predict token i: read causally, token i+1 comes from a [MASK] there.
+    from_mask = causal and recipe.objective != "clm"
     max_sequences = max_sequences if max_sequences is not None else recipe.eval.max_sequences
     tokens, seq_ids = val_sequences(project, m, split, max_sequences)
     batch = recipe.eval.batch_size
@@ -162,6 +177,12 @@ def evaluate(
         for lo in range(0, len(tokens), batch):
             t = torch.from_numpy(tokens[lo : lo + batch].astype(np.int64)).to(dev)
             ids = seq_ids[lo : lo + batch]
+            if from_mask:
+                for p, logits in masked_next_token_logits(rack, t, mask_id, range(len(rack.stacks))):
+                    for i, x in logits.items():
+                        per_stack[i].add_next(x, t[:, p])
+                advance(len(t))
+                continue
             for obj, readers in readers_of.items():
                 c = obj.corrupt(t, ids, 0)
                 h = rack.ends.embed_tokens(c.inputs)
@@ -202,6 +223,7 @@ def evaluate(
         accuracy=accuracy,
         per_t=points,
         attention="causal" if attn_causal else "bidirectional",
+        causal_readout=("mask" if from_mask else "shifted") if attn_causal else None,
     )
 
 

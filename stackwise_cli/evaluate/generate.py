@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from stackwise_cli.errors import ProjectError, StackwiseError
+from stackwise_cli.evaluate.causal import decode_stacks, mask_probe
 from stackwise_cli.model.model import Rack
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.project import Project
@@ -135,6 +136,7 @@ def sample_autoregressive(
     use_cache: bool = True,
     vocab_size: int | None = None,
     banned: Sequence[int] = (),
+    probe_id: int | None = None,
     on_step: OnStep | None = None,
 ) -> Continuations:
     """Left-to-right generation with causal attention, ``samples`` sequences in one batch.
@@ -142,6 +144,10 @@ def sample_autoregressive(
     ``prompt_ids`` must hold at least one token (callers start an empty prompt from end-of-text). A sample stops at
     ``eos_id`` (None: never) or after ``max_new_tokens``. ``use_cache=False`` is the plain reference: every step
     recomputes the whole sequence with ``rack(tokens, causal=True)``; the cached path must give the same tokens.
+
+    The next token is read from the last position (clm), or with ``probe_id`` (the ``[MASK]`` id: an mlm or
+    diffusion rack, trained to predict the token under a mask) from a ``[MASK]`` appended at the next position:
+    cached, it is decoded against the caches and dropped, and the sampled token takes its place.
     """
     assert len(prompt_ids) >= 1, "start an empty prompt from the end-of-text token"
     check_sampling(temperature, top_k, top_p)
@@ -153,10 +159,18 @@ def sample_autoregressive(
     done = torch.zeros(samples, dtype=torch.bool, device=device)
     steps = 0
     for _ in range(max_new_tokens):
-        if use_cache:
+        if use_cache and probe_id is not None:
+            _, caches = decode_stacks(rack, new, start, caches)  # the new tokens join the caches, no head read
+            start += new.shape[1]
+            # A [MASK] at the next position predicts it; its own keys and values are dropped with its caches.
+            logits = mask_probe(rack, caches, start, probe_id, samples)[len(rack.stacks) - 1]  # (B, V)
+        elif use_cache:
             logits, caches = rack.decode(new, start, caches)  # only the new positions run, against the caches
             logits = logits[:, -1]  # (B, V): the last position predicts the next token
             start += new.shape[1]
+        elif probe_id is not None:
+            probe = torch.full((samples, 1), probe_id, dtype=torch.long, device=device)
+            logits = rack(torch.cat([seq, probe], dim=1), causal=True)[:, -1]  # (B, V): the [MASK]'s
         else:
             logits = rack(seq, causal=True)[:, -1]  # (B, V)
         logits = restrict_vocab(logits, vocab_size, banned)
@@ -491,6 +505,8 @@ def generate(
             )
         max_new_tokens = max_new_tokens or room
         settings.update(causal=True, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+        # mlm and diffusion predict the token under a [MASK]: the next token is read from one at the next position.
+        settings.update(causal_readout="shifted" if recipe.objective == "clm" else "mask")
     else:
         if mask_id is None:
             raise ProjectError(
@@ -542,6 +558,7 @@ def generate(
                 generator=generator,
                 vocab_size=vocab,
                 banned=() if mask_id is None else (mask_id,),
+                probe_id=mask_id if settings["causal_readout"] == "mask" else None,
                 on_step=advance,
             )
             rows = [prompt_ids + t for t in cont.tokens]
