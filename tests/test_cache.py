@@ -1,4 +1,5 @@
-"""The cache stage's prefix: one stack on the device at a time, the same bits as the whole prefix at once."""
+"""The cache stage's prefix: one stack on the device at a time, the same bits as the whole prefix at once, and fp8
+caches that are one rounding of the full-precision prefix at every depth."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 import stackwise_cli.train.cache as cache_mod
+from stackwise_cli.kernels.reference import fp8_dequantize_reference, fp8_quantize_reference
 from stackwise_cli.model.model import Stack
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_hidden_shard, read_token_shard
@@ -98,6 +100,31 @@ def test_a_one_stack_prefix_is_loaded_once_for_every_shard(project, monkeypatch)
     assert loads == [0]
     cached = read_hidden_shard(project.path(entry.shards[0].file)).hidden
     assert torch.equal(cached, _whole_prefix(project, 1, 0, "val"))
+
+
+def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((approx - exact).norm() / exact.norm()).item()
+
+
+def test_fp8_caches_are_one_rounding_of_the_full_precision_prefix_at_every_depth(project):
+    """An fp8 cache k+1 made from the dequantised fp8 cache k would add one e4m3 rounding per stack (the error
+    compounds with depth); from the tokens, every fp8 cache is the quantised full-precision prefix output, within
+    the bound docs/precision.md states: |error| <= 2^-4 x the token's largest |value|, at any depth."""
+    _recipe(project, stacks=4, cache_dtype="fp8")
+    _train_prefix(project, 3)
+    entry = cache_mod.build_cache(project, 3, "val")
+    errors = []
+    for k in (1, 2, 3):
+        e = entry if k == 3 else cache_mod.build_cache(project, k, "val")
+        shard = read_hidden_shard(project.path(e.shards[0].file)).hidden
+        exact = _whole_prefix(project, k, 0, "val")  # (N, T, D) fp32
+        codes, scales = fp8_quantize_reference(exact)
+        assert torch.equal(shard.codes.view(torch.uint8), codes) and torch.equal(shard.scales, scales)
+        got = fp8_dequantize_reference(shard.codes, shard.scales, torch.float32)
+        amax = exact.abs().amax(-1, keepdim=True)
+        assert bool(((got - exact).abs() <= amax * 2**-4).all())
+        errors.append(_relative_error(got, exact))
+    assert max(errors) < 0.05, errors  # one rounding each: no growth with depth
 
 
 def test_mlm_bf16_caches_stay_incremental_and_load_one_stack(project, monkeypatch):
