@@ -140,3 +140,82 @@ def test_build_runs_every_objective_and_curriculum(objective, curriculum, _prepa
     assert ratios == {"clm": [None, None], "mlm": [0.15, 0.15], "diffusion": [0.9, 0.15]}[objective]
     again = CliRunner().invoke(app, args, env=ENV)
     assert json.loads(again.stdout)["ran"] == []  # idempotent
+
+
+def _stack_weights(root) -> dict[int, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    return {int(p.stem): load_file(p) for p in (root / "stacks").glob("*.safetensors")}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_build_with_rack_init_copy_starts_random_then_copies(_prepared, tmp_path, monkeypatch):
+    """`rack.init: copy` is how the rack grows: the first stack has nothing to copy and starts random; the second
+    starts as its left neighbour, trained, at the time it is grown."""
+    import dataclasses
+
+    import stackwise_cli.build as build_mod
+    from stackwise_cli.train.grow import grow
+
+    root, fresh = tmp_path / "proj", tmp_path / "random"
+    shutil.copytree(_prepared, root)
+    shutil.copytree(_prepared, fresh)
+    project = Project(root)
+    with project.update() as m:
+        r = m.recipe
+        m.recipe = dataclasses.replace(
+            r, rack=dataclasses.replace(r.rack, init="copy"), train=dataclasses.replace(r.train, steps=4)
+        )
+    before = {}  # stack id -> every stack's weights just before that stack trains
+    real = build_mod.train_stack
+
+    def snapshot(p, stack_id, **kw):
+        before[stack_id] = _stack_weights(root)
+        return real(p, stack_id, **kw)
+
+    monkeypatch.setattr(build_mod, "train_stack", snapshot)
+    result = build_mod.build(project)
+    assert result.ran[:5] == ["grow -> 0", "train-stack 0", "grow -> 1", "cache 1", "train-stack 1"]
+    m = project.load()
+    assert [s.init for s in m.rack] == ["random", "copy"]
+    grow(Project(fresh), init="random")  # the random init depends only on (train.seed, id)
+    assert _equal(before[0][0], _stack_weights(fresh)[0])
+    assert _equal(before[1][1], before[1][0])  # as grown: a copy of stack 0, trained
+    assert not _equal(before[1][0], before[0][0])  # (which training had changed from its random start)
+    assert not _equal(_stack_weights(root)[1], before[1][1])  # and then trained on its own
+
+
+@pytest.mark.parametrize("init", ["copy", "identity"])
+def test_the_first_stack_of_a_recipe_init_is_random(project, init):
+    import dataclasses
+
+    from stackwise_cli.train.grow import grow
+
+    with project.update() as m:
+        m.recipe = dataclasses.replace(m.recipe, rack=dataclasses.replace(m.recipe.rack, init=init))
+    assert grow(project).init == "random"
+    assert grow(project).init == init
+
+
+def test_an_init_error_names_where_the_init_came_from(project):
+    """A recipe's rack.init is named by its key; grow's --init by the flag."""
+    import dataclasses
+
+    from stackwise_cli.errors import ProjectError
+    from stackwise_cli.train.grow import grow
+
+    with pytest.raises(ProjectError, match="--init copy needs a neighbouring stack") as e:
+        grow(project, init="copy")
+    assert "rack.init" not in str(e.value)
+    grow(project)
+    with pytest.raises(ProjectError, match="^--init copy duplicates stack 0") as e:
+        grow(project, blocks=3, init="copy")
+    assert "rack.init" not in str(e.value) and "--blocks 1" in e.value.hint
+    with project.update() as m:
+        m.recipe = dataclasses.replace(m.recipe, rack=dataclasses.replace(m.recipe.rack, init="copy"))
+    with pytest.raises(ProjectError, match="^rack.init copy duplicates stack 0") as e:
+        grow(project, blocks=3)
+    assert "rack.init: random" in e.value.hint

@@ -25,13 +25,19 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
     """Append (right) or prepend (left) a stack. Creates the ends first if the rack is empty.
 
     ``init``: random; copy (duplicate the neighbouring stack on that side); identity (random, then output
-    projections zeroed, so the rack computes the same function as before).
+    projections zeroed, so the rack computes the same function as before). None: the recipe's ``rack.init``, which
+    describes how the rack *grows*: the first stack, with no neighbour to copy and no trained function to
+    preserve, starts random. An ``init`` asked for explicitly is taken as asked (identity on an empty rack is the
+    function embedding -> head), and copy with nothing to copy is an error.
     """
     if side not in ("right", "left"):
         raise ProjectError(f"--side must be right or left, got {side!r}")
     with project.update() as m:
         recipe = m.recipe
-        init = init or recipe.rack.init
+        # Errors name where the init came from: the caller's choice (grow --init) or the recipe's key.
+        source = "--init" if init is not None else "rack.init"
+        if init is None:
+            init = recipe.rack.init if m.rack else "random"
         if recipe.curriculum == "right-to-left" and side == "right" and m.rack:  # the first may go either way
             raise ProjectError(
                 "the recipe's curriculum is right-to-left: new stacks go on the left, in front of the trained ones",
@@ -44,7 +50,7 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
                 hint="run `stackwise grow --side right`, or use `curriculum: right-to-left`",
             )
         if init not in ("random", "copy", "identity"):
-            raise ProjectError(f"--init must be random, copy or identity, got {init!r}")
+            raise ProjectError(f"{source} must be random, copy or identity, got {init!r}")
         stack_id = m.next_id
         cfg = recipe.model
         if m.ends is None:
@@ -54,14 +60,17 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
             m.ends = EndsEntry(file="ends.safetensors", sha256=sha, input_sha256=input_sha)
 
         if init == "copy":
-            if not m.rack:
+            if not m.rack:  # only an explicit --init: the recipe's first stack starts random
                 raise ProjectError(
-                    "--init copy needs a neighbouring stack to copy, and the rack is empty", hint="use --init random"
+                    "--init copy needs a neighbouring stack to copy, and the rack is empty",
+                    hint="grow the first stack with --init random (or without --init)",
                 )
             neighbour = m.rack[-1] if side == "right" else m.rack[0]
             if blocks is not None and blocks != neighbour.blocks:
+                fix = "--init random" if source == "--init" else "--init random, or set rack.init: random"
                 raise ProjectError(
-                    f"--init copy duplicates stack {neighbour.id}, which has {neighbour.blocks} blocks, not {blocks}"
+                    f"{source} copy duplicates stack {neighbour.id}, which has {neighbour.blocks} blocks, not {blocks}",
+                    hint=f"grow with --blocks {neighbour.blocks}, or with {fix}",
                 )
             stack = load_stack(project, m, neighbour.id)
             blocks = neighbour.blocks
