@@ -15,7 +15,10 @@ def grow(
         int | None, typer.Option("--blocks", min=1, help="Blocks in the new stack (default: the recipe's).")
     ] = None,
     init: Annotated[
-        str | None, typer.Option("--init", help="random, copy or identity (default: the recipe's).")
+        str | None,
+        typer.Option(
+            "--init", help="random, copy or identity (default: the recipe's rack.init; the first stack: random)."
+        ),
     ] = None,
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
