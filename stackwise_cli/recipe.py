@@ -49,6 +49,8 @@ class RackRecipe:
 class DataRecipe:
     seq_len: int = 128  # tokens per packed sequence
     val_fraction: float = 0.02  # share of documents held out, chosen by a hash of their text
+    # Fewer val sequences than this from whole documents: documents are cut into chunks instead (docs/project.md)
+    min_val_sequences: int = 64
     max_bytes: int | None = 8_000_000  # cap on the input text read (None = all of it)
     sequences_per_shard: int = 2048
     min_frequency: int = 2  # tokenizer training: merges need this many occurrences
@@ -64,6 +66,8 @@ class DataRecipe:
             out.append(("val_fraction", f"must be between 0 and 1 (exclusive), got {self.val_fraction}"))
         if self.max_bytes is not None and self.max_bytes < 1:
             out.append(("max_bytes", f"must be >= 1 or null, got {self.max_bytes}"))
+        if self.min_val_sequences < 1:
+            out.append(("min_val_sequences", f"must be >= 1, got {self.min_val_sequences}"))
         if self.sequences_per_shard < 1:
             out.append(("sequences_per_shard", f"must be >= 1, got {self.sequences_per_shard}"))
         return out

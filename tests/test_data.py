@@ -13,7 +13,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from stackwise_cli.data.corpus import BUILTIN, Document, describe_inputs, iter_documents
-from stackwise_cli.data.pack import ShardInfo, pack_corpus, split_of
+from stackwise_cli.data.pack import Packed, ShardInfo, pack_corpus
+from stackwise_cli.data.split import split_of
 from stackwise_cli.data.tokenizer import EOS, MASK, MIN_VOCAB_SIZE, eos_id, load_tokenizer, mask_id, train_tokenizer
 from stackwise_cli.errors import DataError
 from stackwise_cli.store.files import sha256_file
@@ -290,9 +291,15 @@ def test_split_of_is_a_stable_hash():
     assert 0.16 < share < 0.24
 
 
+def _packed(root: Path, tok: Tokenizer, docs=CORPUS, val_fraction: float = 0.3, **kw) -> Packed:
+    """Pack ``docs`` split as whole documents by the hash rule."""
+    args = dict(seq_len=16, sequences_per_shard=4, project_root=root) | kw
+    units = ((Document(f"d{i}", t), split_of(t, val_fraction)) for i, t in enumerate(docs))
+    return pack_corpus(units, tok, **args)
+
+
 def _pack(root: Path, tok: Tokenizer, docs=CORPUS, **kw) -> dict[str, list[ShardInfo]]:
-    args = dict(seq_len=16, val_fraction=0.3, sequences_per_shard=4, project_root=root) | kw
-    return pack_corpus((Document(f"d{i}", t) for i, t in enumerate(docs)), tok, **args)
+    return _packed(root, tok, docs, **kw).shards
 
 
 def _stream(root: Path, shards: list[ShardInfo]) -> tuple[np.ndarray, np.ndarray]:
@@ -342,7 +349,13 @@ def test_pack_stream_is_documents_joined_by_eos(tmp_path: Path, tok: Tokenizer):
 def test_pack_encodes_special_token_strings_in_the_text_as_text(tmp_path: Path, tok: Tokenizer):
     # A corpus about tokenizers: it spells both special tokens. They must stay text, not become a document break
     # (EOS) or a mask-token target ([MASK]).
-    docs = [f"Doc {i}: put {EOS} between documents and {MASK} where a word is hidden; fox {i}.\n" for i in range(40)]
+    letters = np.random.default_rng(0).choice(list("abcdefghij"), (40, 12, 4))
+    words = ["".join(w) for w in letters.reshape(-1, 4)]
+    words = np.array(words).reshape(40, 12)
+    # Distinct enough that no val sequence is also in train (those are dropped: see the overlap tests).
+    docs = [
+        f"Doc {i}: {' '.join(w[:6])} {EOS}{' '.join(w[6:9])} {MASK}{' '.join(w[9:])}.\n" for i, w in enumerate(words)
+    ]
     out = _pack(tmp_path, tok, docs=docs, val_fraction=0.3)
     eos, m = eos_id(tok), mask_id(tok)
     for split, shards in out.items():
@@ -378,10 +391,151 @@ def test_pack_empty_split_is_an_error_and_keeps_old_data(tmp_path: Path, tok: To
     with pytest.raises(DataError) as e:
         _pack(tmp_path, tok, val_fraction=1e-9)
     assert "val split has 0 tokens" in e.value.message
-    assert "data.val_fraction" in e.value.hint
+    assert "--val-input" in e.value.hint
     for s in old["train"] + old["val"]:  # the previous, complete data is untouched
         assert sha256_file(tmp_path / s.file) == s.sha256
     assert not list((tmp_path / "data").glob("*.tmp-*"))
 
     with pytest.raises(DataError, match=r"train split has \d+ tokens, fewer than one sequence of data.seq_len=4096"):
         _pack(tmp_path / "short", tok, seq_len=4096, val_fraction=0.01)
+
+
+# ------------------------------------------------------------------------------------------------------ the val split
+
+
+def _prepare(tmp_path: Path, recipe_path: Path, inputs, name: str = "proj", val_inputs=None, **sets):
+    from stackwise_cli.data.prepare import prepare
+    from stackwise_cli.recipe import load_recipe
+    from stackwise_cli.store.project import Project
+
+    overrides = [f"{k.replace('__', '.')}={v}" for k, v in sets.items()]
+    project = Project(tmp_path / name)
+    m = prepare(project, load_recipe(recipe_path, overrides), inputs, val_inputs=val_inputs)
+    return project, m
+
+
+def _split_tokens(project, m, split: str) -> np.ndarray:
+    return np.concatenate([read_token_shard(project.root / s.file).tokens for s in m.data.splits[split].shards])
+
+
+def _in_train(project, m) -> list[bool]:
+    """For each val sequence: does it occur verbatim (as consecutive tokens) anywhere in the train stream?"""
+    train = _split_tokens(project, m, "train").astype(np.int32).tobytes()
+    return [row.astype(np.int32).tobytes() in train for row in _split_tokens(project, m, "val")]
+
+
+@pytest.fixture(scope="module")
+def prose() -> str:
+    """About 80 KB of varied English and code: the head of the built-in corpus."""
+    return "\n".join(texts([], 80_000))
+
+
+def test_one_input_file_gives_a_held_out_val_split(tmp_path: Path, tiny_recipe_path: Path, prose: str):
+    # One input.txt, the most common thing a new user has: whole-document assignment cannot split it.
+    f = _put(tmp_path / "input.txt", prose)
+    project, m = _prepare(tmp_path, tiny_recipe_path, [f], data__val_fraction=0.02, data__min_val_sequences=40)
+    h = m.data.holdout
+    assert h.method == "chunks" and h.val_units > 1
+    assert 40 <= m.data.splits["val"].sequences <= 0.25 * (m.data.splits["train"].sequences + 40)
+    assert not any(_in_train(project, m))
+    # Deterministic: the same input gives the same shards, byte for byte.
+    again_project, again = _prepare(
+        tmp_path, tiny_recipe_path, [f], "again", data__val_fraction=0.02, data__min_val_sequences=40
+    )
+    shas = lambda mm: [s.sha256 for sp in mm.data.splits.values() for s in sp.shards]  # noqa: E731
+    assert shas(again) == shas(m)
+
+
+def test_twenty_documents_at_a_small_val_fraction(tmp_path: Path, tiny_recipe_path: Path, prose: str):
+    # Twenty documents none of which the hash puts in val at 0.05 (the seed project refused this corpus).
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    step = len(prose) // 20
+    for i in range(20):
+        text = _val_by_hash(prose[i * step : (i + 1) * step] + "\n# part ", "train", 0.05)
+        _put(folder / f"{i:02d}.txt", text)
+    project, m = _prepare(tmp_path, tiny_recipe_path, [folder], data__val_fraction=0.05)
+    assert m.data.holdout.method == "chunks" and m.data.holdout.min_val_raised
+    assert m.data.splits["val"].sequences >= m.recipe.data.min_val_sequences
+    assert not any(_in_train(project, m))
+    # Enough whole documents: they are kept whole.
+    many = folder.parent / "many"
+    many.mkdir()
+    for i, t in enumerate(texts([], 300_000)):
+        _put(many / f"{i:04d}.txt", t)
+    _, m2 = _prepare(tmp_path, tiny_recipe_path, [many], "many", data__val_fraction=0.1, data__min_val_sequences=8)
+    assert m2.data.holdout.method == "documents" and m2.data.holdout.val_units >= 1
+
+
+def _val_by_hash(prefix: str, want: str, fraction: float) -> str:
+    """The first text ``prefix + str(i)`` that the hash rule puts in ``want``."""
+    return next(prefix + str(i) for i in range(10_000) if split_of(prefix + str(i), fraction) == want)
+
+
+def test_a_document_contained_in_a_train_document_is_dropped_from_val():
+    from stackwise_cli.data.split import by_chunks, by_documents
+
+    inner = _val_by_hash("A short note that is quoted elsewhere, number ", "val", 0.3)
+    outer = _val_by_hash(f"Preface.\n{inner}\nAfterword ", "train", 0.3)
+    dup = _val_by_hash("An exact duplicate ", "val", 0.3)
+    others = [f"document {i} about something else entirely" for i in range(30)]
+    docs = [Document(f"d{i}", t) for i, t in enumerate([inner, outer, dup, dup, *others])]
+    plan = by_documents(docs, 0.3)
+    val = plan.texts("val")
+    assert inner not in val and outer in plan.texts("train")
+    assert plan.dropped_units == 1  # the contained one
+    assert val.count(dup) == 2  # an exact duplicate hashes alike: both copies on one side, never split across
+    assert plan.val_units == 2 + sum(split_of(t, 0.3) == "val" for t in others)
+    # The same rule for chunks: no val chunk is text that train also holds.
+    chunked = by_chunks(docs, 0.3, chunk_chars=20, min_val_chunks=5)
+    train_text = "\x00".join(chunked.texts("train"))
+    assert all(t not in train_text for t in chunked.texts("val"))
+
+
+def test_val_sequences_found_in_train_are_dropped(tmp_path: Path, tok: Tokenizer):
+    # A val document that is a long passage of a train document under another heading (as pydoc's "class" topic
+    # is a section of "compound"): not contained as a whole, yet most of its packed sequences occur in train.
+    passage = " ".join(f"w{i * 37 % 101}" for i in range(300))
+    val_doc = _val_by_hash(f"{passage}\nSee also: ", "val", 0.5)
+    train_doc = _val_by_hash(f"Compound statements\n{passage}\nMore ", "train", 0.5)
+    fresh = _val_by_hash("Unrelated val text: " + " ".join(f"q{i}" for i in range(120)) + " ", "val", 0.5)
+    packed = _packed(tmp_path, tok, docs=[train_doc, val_doc, fresh], val_fraction=0.5, sequences_per_shard=3)
+    assert packed.val_overlap_sequences > 0
+    flat_train = _stream(tmp_path, packed.shards["train"])[0].reshape(-1).astype(np.int32).tobytes()
+    val, ids = _stream(tmp_path, packed.shards["val"])
+    assert len(val) >= 1 and np.array_equal(ids, np.arange(len(val)))
+    assert not any(row.astype(np.int32).tobytes() in flat_train for row in val)
+    total = (len(tok.encode(val_doc).ids) + len(tok.encode(fresh).ids) + 2) // 16
+    assert len(val) + packed.val_overlap_sequences == total  # only the overlapping ones went
+
+
+def test_val_input_is_val_and_all_of_the_input_is_train(tmp_path: Path, tiny_recipe_path: Path, prose: str):
+    from typer.testing import CliRunner
+
+    from stackwise_cli.app import app
+
+    train_f = _put(tmp_path / "train.txt", prose[: len(prose) // 2])
+    val_f = _put(tmp_path / "val.txt", prose[len(prose) // 2 :])
+    root = tmp_path / "proj"
+    args = ["prepare", "--recipe", str(tiny_recipe_path), "-p", str(root), "--input", str(train_f)]
+    result = CliRunner().invoke(app, [*args, "--val-input", str(val_f), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["val"]["method"] == "val-input" and data["val"]["val_input"] == [str(val_f.resolve())]
+    assert data["val"]["units"] == 1 and not data["val"]["documents_split"]
+    from stackwise_cli.store.project import Project
+
+    project = Project(root)
+    m = project.load()
+    assert m.data.documents == {"train": 1, "val": 1}
+    assert "--val-input" in m.history[-1].command
+    tok_ = Tokenizer.from_file(str(root / "tokenizer.json"))
+    want = len(tok_.encode(val_f.read_text()).ids) + 1  # the whole val file (and its EOS), less the tail
+    assert (want // 32) - data["val"]["dropped_sequences"] == data["splits"]["val"]["sequences"]
+    assert data["splits"]["train"]["tokens"] == (len(tok_.encode(train_f.read_text()).ids) + 1) // 32 * 32
+
+    human = CliRunner().invoke(
+        app, [*args[:3], "-p", str(tmp_path / "p2"), "--input", str(train_f), "--val-input", str(val_f)]
+    )
+    assert human.exit_code == 0, human.output
+    assert "val from --val-input: 1 documents" in human.stdout

@@ -16,6 +16,14 @@ def prepare(
     tokenizer: Annotated[
         Path | None, typer.Option("--tokenizer", help="Use this tokenizer.json instead of training one.")
     ] = None,
+    val_input: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--val-input",
+            help="Take the val split from this text file, folder, JSONL, Parquet or Arrow (repeatable); "
+            "all of --input is then train.",
+        ),
+    ] = None,
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
 ) -> None:
@@ -24,7 +32,8 @@ def prepare(
     from stackwise_cli.recipe import load_recipe
     from stackwise_cli.store.project import Project
 
-    m = run(Project(project), load_recipe(recipe, set_), input_, tokenizer, CliReporter(quiet=json_))
+    m = run(Project(project), load_recipe(recipe, set_), input_, tokenizer, CliReporter(quiet=json_), val_input)
+    h = m.data.holdout
     result = {
         "project": str(project),
         "recipe": m.recipe.name,
@@ -33,10 +42,26 @@ def prepare(
         "splits": {
             k: {"sequences": v.sequences, "tokens": v.tokens, "shards": len(v.shards)} for k, v in m.data.splits.items()
         },
+        # How val was made: whole documents by hash, documents split into chunks, or --val-input; what was dropped.
+        "val": {
+            "method": h.method,
+            "documents_split": h.method == "chunks",
+            "units": h.val_units,
+            "dropped_units": h.dropped_units,
+            "dropped_sequences": h.dropped_sequences,
+            "min_val_raised": h.min_val_raised,
+            "val_input": h.source,
+        },
     }
     if json_:
         print_json(result)
         return
     for k, v in result["splits"].items():
         out.print(f"{k}: {v['sequences']:,} sequences, {v['tokens']:,} tokens in {v['shards']} shard(s)")
+    unit = "chunks" if h.method == "chunks" else "documents"
+    how = {"documents": "whole documents by hash", "chunks": "documents split into chunks", "val-input": "--val-input"}
+    out.print(
+        f"val from {how[h.method]}: {h.val_units:,} {unit}; dropped as also in train: {h.dropped_units:,} {unit}, "
+        f"{h.dropped_sequences:,} sequences"
+    )
     out.print(f"prepared {project} (recipe {m.recipe.name}); next: stackwise grow -p {project} --side right")

@@ -6,18 +6,34 @@ over cleanly, so a kill at any point loses nothing.
 
 from __future__ import annotations
 
+import logging
+import math
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from stackwise_cli.data.corpus import describe_inputs, iter_documents
-from stackwise_cli.data.pack import pack_corpus, split_of
-from stackwise_cli.data.tokenizer import eos_id, load_tokenizer, mask_id, train_tokenizer
+from tokenizers import Tokenizer
+
+from stackwise_cli.data.corpus import Document, describe_inputs, iter_documents
+from stackwise_cli.data.pack import pack_corpus
+from stackwise_cli.data.split import MAX_VAL_SHARE, SplitPlan, by_chunks, by_documents, by_val_input, unit_hash
+from stackwise_cli.data.tokenizer import eos_id, load_tokenizer, mask_id, text_encoder, train_tokenizer
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.progress import QUIET, Reporter
-from stackwise_cli.recipe import Recipe
+from stackwise_cli.recipe import DataRecipe, Recipe
 from stackwise_cli.store.files import atomic_write_text, sha256_file
-from stackwise_cli.store.manifest import DataEntry, Manifest, ShardEntry, SplitEntry, TokenizerEntry
+from stackwise_cli.store.manifest import (
+    DataEntry,
+    HoldoutEntry,
+    Manifest,
+    ShardEntry,
+    SplitEntry,
+    TokenizerEntry,
+)
 from stackwise_cli.store.project import Project, now, record
+
+log = logging.getLogger(__name__)
+_SAMPLE_CHARS = 1_000_000  # text tokenized to measure characters per token, to size the chunks
 
 
 def prepare(
@@ -26,7 +42,10 @@ def prepare(
     inputs: list[Path] | None = None,
     tokenizer: Path | None = None,
     reporter: Reporter = QUIET,
+    val_inputs: list[Path] | None = None,
 ) -> Manifest:
+    """Create ``project``: the tokenizer, the train/val token shards (docs/project.md says how val is chosen) and
+    the manifest. ``val_inputs``: take val from these inputs, and all of ``inputs`` as train."""
     if project.exists():
         raise ProjectError(
             f"{project.manifest_path} already exists: this folder is a prepared project",
@@ -35,34 +54,44 @@ def prepare(
     inputs = list(inputs or [])
     shutil.rmtree(project.root / "data", ignore_errors=True)  # leftovers of a killed prepare
     data = recipe.data
-    with reporter.task("read corpus") as advance:
-        docs = []
-        for d in iter_documents(inputs, data.max_bytes):
-            docs.append(d)
-            advance(1)
-    n_bytes = sum(len(d.text.encode()) for d in docs)
-    reporter.info(f"corpus: {len(docs)} documents, {n_bytes / 1e6:.1f} MB from {', '.join(describe_inputs(inputs))}")
-    split = [split_of(d.text, data.val_fraction) for d in docs]  # each document's split, hashed once
+    docs = _read(inputs, data.max_bytes, reporter, "corpus")
+    val_docs = _read(val_inputs, data.max_bytes, reporter, "val input") if val_inputs else None
+    given = load_tokenizer(tokenizer, recipe.model.vocab_size) if tokenizer is not None else None
 
-    if tokenizer is None:
+    def fit(plan: SplitPlan) -> Tokenizer:
+        if given is not None:
+            return given
         with reporter.task(f"train tokenizer ({recipe.model.vocab_size} tokens)"):
-            # Trained on the training documents only: nothing of the validation text leaks into the model.
-            train_docs = (d.text for d, sp in zip(docs, split) if sp == "train")
-            tok = train_tokenizer(train_docs, recipe.model.vocab_size, data.min_frequency)
+            # Trained on the training text only: nothing of the validation text leaks into the model.
+            return train_tokenizer(plan.texts("train"), recipe.model.vocab_size, data.min_frequency)
+
+    if val_docs is not None:
+        plan = by_val_input(docs, val_docs)
+        tok = fit(plan)
     else:
-        tok = load_tokenizer(tokenizer, recipe.model.vocab_size)
+        plan, tok = _split(docs, data, fit, given, recipe.model.vocab_size)
+    reporter.info(_describe(plan, data, val_inputs))
     project.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(project.root / "tokenizer.json", tok.to_str())
 
+    n_bytes = sum(len(u.text.encode()) for u in plan.units)
     with reporter.task("tokenize and pack", total=n_bytes) as advance:
-        splits = pack_corpus(
-            docs,
+        packed = pack_corpus(
+            zip(plan.units, plan.splits, strict=True),
             tok,
             seq_len=data.seq_len,
-            val_fraction=data.val_fraction,
             sequences_per_shard=data.sequences_per_shard,
             project_root=project.root,
             on_document=advance,
+        )
+    splits = packed.shards
+    n_val = sum(s.sequences for s in splits["val"])
+    if packed.val_overlap_sequences:
+        reporter.info(f"val: {packed.val_overlap_sequences} sequences dropped: they occur verbatim in train")
+    if n_val < data.min_val_sequences:
+        reporter.info(
+            f"warning: val has {n_val} sequences, fewer than data.min_val_sequences={data.min_val_sequences}: "
+            "give more input text, or the val text with --val-input"
         )
     entries = {
         name: SplitEntry(
@@ -72,7 +101,15 @@ def prepare(
         )
         for name, shards in splits.items()
     }
-    documents = {name: split.count(name) for name in ("train", "val")}
+    documents = {name: plan.splits.count(name) for name in ("train", "val")}
+    holdout = HoldoutEntry(
+        method=plan.method,
+        val_units=plan.val_units,
+        dropped_units=plan.dropped_units,
+        dropped_sequences=packed.val_overlap_sequences,
+        min_val_raised=plan.min_val_raised,
+        source=describe_inputs(val_inputs) if val_inputs else [],
+    )
     manifest = Manifest(
         created=now(),
         recipe=recipe,
@@ -82,11 +119,81 @@ def prepare(
             vocab_size=tok.get_vocab_size(),
             eos_id=eos_id(tok),
             mask_id=mask_id(tok),
-            trained=tokenizer is None,
+            trained=given is None,
         ),
-        data=DataEntry(source=describe_inputs(inputs), seq_len=data.seq_len, documents=documents, splits=entries),
+        data=DataEntry(
+            source=describe_inputs(inputs), seq_len=data.seq_len, documents=documents, splits=entries, holdout=holdout
+        ),
     )
-    record(manifest, f"prepare --recipe {recipe.name}" + (f" --tokenizer {tokenizer}" if tokenizer else ""))
+    command = f"prepare --recipe {recipe.name}" + (f" --tokenizer {tokenizer}" if tokenizer else "")
+    command += "".join(f" --val-input {p}" for p in val_inputs or [])
+    record(manifest, command)
     with project.lock():
         project.save(manifest)
     return manifest
+
+
+def _read(inputs: Sequence[Path], max_bytes: int | None, reporter: Reporter, what: str) -> list[Document]:
+    with reporter.task(f"read {what}") as advance:
+        docs = []
+        for d in iter_documents(inputs, max_bytes):
+            docs.append(d)
+            advance(1)
+    n_bytes = sum(len(d.text.encode()) for d in docs)
+    reporter.info(f"{what}: {len(docs)} documents, {n_bytes / 1e6:.1f} MB from {', '.join(describe_inputs(inputs))}")
+    return docs
+
+
+def _split(
+    docs: list[Document],
+    data: DataRecipe,
+    fit: Callable[[SplitPlan], Tokenizer],
+    given: Tokenizer | None,
+    vocab_size: int,
+) -> tuple[SplitPlan, Tokenizer]:
+    """(plan, tokenizer): whole documents when they give val ``data.min_val_sequences`` sequences, else chunks.
+
+    The tokenizer is trained on the train text of the plan that is kept (twice when documents are cut: the
+    first, trained on the whole-document train split, is what counts that split's val sequences)."""
+    plan = by_documents(docs, data.val_fraction)
+    chars = [len(u.text) for u in plan.units]
+    val_chars = sum(c for c, s in zip(chars, plan.splits, strict=True) if s == "val")
+    # One input.txt (or a few big documents) whose hash falls in val would leave train with (almost) nothing.
+    lopsided = val_chars > max(MAX_VAL_SHARE, 2 * data.val_fraction) * max(1, sum(chars))
+    if not lopsided:
+        tok = fit(plan)
+        enc = text_encoder(tok)
+        val_tokens = sum(len(e.ids) + 1 for e in enc.encode_batch(plan.texts("val"), add_special_tokens=False))
+        if val_tokens // data.seq_len >= data.min_val_sequences:
+            return plan, tok
+    chunk_chars = max(1, round(data.seq_len * _chars_per_token(docs, given, vocab_size, data.min_frequency)))
+    # A margin over the minimum: a val chunk packs to about one sequence, and some may prove to overlap train.
+    plan = by_chunks(docs, data.val_fraction, chunk_chars, math.ceil(data.min_val_sequences * 1.15) + 1)
+    return plan, fit(plan)
+
+
+def _chars_per_token(docs: list[Document], given: Tokenizer | None, vocab_size: int, min_frequency: int) -> float:
+    """Characters per token on a sample of the corpus (documents in hash order, so it is spread over the whole
+    input), with the given tokenizer or one trained on the sample alone and thrown away."""
+    sample, n = [], 0
+    for d in sorted(docs, key=lambda d: unit_hash(d.text)):
+        sample.append(d.text[: _SAMPLE_CHARS - n])
+        n += len(sample[-1])
+        if n >= _SAMPLE_CHARS:
+            break
+    tok = given if given is not None else train_tokenizer(sample, vocab_size, min_frequency)
+    n_tokens = sum(len(e.ids) for e in text_encoder(tok).encode_batch(sample, add_special_tokens=False))
+    return n / max(1, n_tokens)
+
+
+def _describe(plan: SplitPlan, data: DataRecipe, val_inputs: list[Path] | None) -> str:
+    dropped = f"; {plan.dropped_units} dropped: their text also occurs in train" if plan.dropped_units else ""
+    if plan.method == "val-input":
+        return f"val: {plan.val_units} documents from --val-input {', '.join(map(str, val_inputs or []))}{dropped}"
+    if plan.method == "documents":
+        return f"val: {plan.val_units} whole documents by hash (data.val_fraction={data.val_fraction}){dropped}"
+    raised = f", raised to data.min_val_sequences={data.min_val_sequences}" if plan.min_val_raised else ""
+    return (
+        f"val: {plan.val_units} chunks of about {data.seq_len} tokens (data.val_fraction={data.val_fraction}"
+        f"{raised}): whole documents gave too little val text, so documents were split{dropped}"
+    )

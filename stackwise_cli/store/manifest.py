@@ -43,11 +43,25 @@ class TokenizerEntry:
 
 
 @dataclass(kw_only=True)
+class HoldoutEntry:
+    """How the val split was made (docs/project.md): ``documents`` (whole documents by hash), ``chunks``
+    (documents cut into chunks, as whole documents gave too little val) or ``val-input`` (prepare --val-input)."""
+
+    method: str
+    val_units: int  # documents or chunks that went to val
+    dropped_units: int  # val documents or chunks dropped: their text occurs in train
+    dropped_sequences: int  # val sequences dropped: they occur verbatim in the train token stream
+    min_val_raised: bool = False  # chunks: val topped up past data.val_fraction to data.min_val_sequences
+    source: list[str] = field(default_factory=list)  # val-input: the val input paths
+
+
+@dataclass(kw_only=True)
 class DataEntry:
     source: list[str]
     seq_len: int
     documents: dict[str, int]
     splits: dict[str, SplitEntry]
+    holdout: HoldoutEntry | None = None  # None: a project prepared before this was recorded
 
 
 @dataclass(kw_only=True)
