@@ -347,3 +347,33 @@ def test_cli_finetune_json(trained):
     assert data["finetune"]["mode"] == "qlora" and data["finetune"]["steps"] == 3
     assert data["finetune"]["lora_rank"] == 4 and data["finetune"]["lora_alpha"] == 4.0
     assert data["finetune"]["loss"] > 0 and data["stacks"] == [0, 1]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_finetune_by_default_runs_what_bench_plan_plans(trained, monkeypatch, mode):
+    """The plan's fuse stages assume what the command does with no options: every block checkpointed
+    (train.finetune_checkpointing), the LoRA base's linears in FINETUNE_BASE_STORAGE and the rest of the frozen
+    model (norms, ends) in FINETUNE_ENDS_DTYPE; the bytes the live base holds are the plan's frozen row."""
+    from stackwise_cli.bench.plan import ActDtypes, PlanOptions, lora_base_bytes, plan
+    from stackwise_cli.train import frozen
+    from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_ENDS_DTYPE
+
+    calls = []
+    real = frozen.run_checkpointed
+    monkeypatch.setattr(frozen, "run_checkpointed", lambda *a: calls.append(1) or real(*a))
+    _, done = _finetune(trained, mode, steps=3)
+    recipe = trained.load().recipe
+    planned = plan(recipe, 10**15, PlanOptions(precision="fp32", device="cpu")).stage(f"fuse-{mode}")
+    assert recipe.train.finetune_checkpointing and calls  # on by default, and the blocks did run checkpointed
+    assert planned.activation_checkpointing
+    if mode == "full":
+        return
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    bases = [layer.base for layer in lora_layers(done.model).values()]
+    assert bases and all(isinstance(b, frozen.FrozenLinear) for b in bases)
+    assert {b.qweight.dtype for b in bases} == {dtypes[FINETUNE_BASE_STORAGE[mode]]}
+    rest = [p for p in done.model.parameters() if not p.requires_grad]
+    assert {p.dtype for p in rest} == {dtypes[FINETUNE_ENDS_DTYPE]}
+    held = sum(t.numel() * t.element_size() for t in [*rest, *(b.qweight for b in bases)])
+    one_block = lora_base_bytes(recipe.model, recipe.attention, ActDtypes.of("fp32"))  # dequantised, recomputed
+    assert planned.bytes["frozen"] == held + one_block

@@ -248,3 +248,87 @@ def test_cli_bad_input_is_one_error_line(args, words):
     assert result.output.count("error:") == 1
     for w in words:
         assert w in result.output
+
+
+def test_adamw_step_temporaries_follow_the_device_the_plan_is_for():
+    """CUDA runs AdamW's fused step (no temporaries): the optimizer row is the two moments alone. The CPU runs the
+    foreach step, measured at max(8 B x largest tensor, 3 B/param), of which the part beyond the freed activations
+    is added; that CPU figure is unchanged."""
+    from stackwise_cli.bench.plan import Params, block_shapes, optimizer_step_bytes
+
+    r = load_recipe(B70)
+    options = {"batch_size": 1, "seq_len": 4096}
+    cuda = plan(r, BIG, PlanOptions(**options)).stage("train-stack-l2r", "leftmost")
+    cpu = plan(r, BIG, PlanOptions(device="cpu", **options)).stage("train-stack-l2r", "leftmost")
+    assert cuda.bytes["optimizer"] == 8 * cuda.params_trainable  # the 70B leftmost stack: 29.4 GiB, no step extra
+    temporaries = max(8 * 32000 * 8192, 3 * cpu.params_trainable)  # the embedding is the largest tensor
+    assert cpu.bytes["optimizer"] == 8 * cpu.params_trainable + temporaries - cpu.bytes["activations"]
+    block = Params.of(block_shapes(r.model, r.attention).values())
+    assert optimizer_step_bytes(block, "adamw", "cuda") == 0 < optimizer_step_bytes(block, "adamw", "cpu")
+    assert cuda.total_bytes < GPUS["h100"]  # the 70B left-to-right stage fits an H100
+
+
+def test_make_optimizer_runs_the_step_the_plan_counts():
+    from stackwise_cli.recipe import TrainRecipe
+    from stackwise_cli.train.defaults import adamw_step
+    from stackwise_cli.train.loop import make_optimizer
+
+    assert (adamw_step("cuda"), adamw_step("cpu")) == ("fused", "foreach")
+    params = {"w": torch.nn.Parameter(torch.randn(4, 4)), "g": torch.nn.Parameter(torch.ones(4))}
+    assert not make_optimizer(params, TrainRecipe()).defaults["fused"]  # CPU: torch's default foreach step
+    if torch.cuda.is_available():
+        on_gpu = {n: torch.nn.Parameter(p.detach().cuda()) for n, p in params.items()}
+        assert make_optimizer(on_gpu, TrainRecipe()).defaults["fused"] is True
+
+
+def test_grad_accum_multiplies_tokens_and_flops_per_step_not_bytes():
+    r = load_recipe(TINY)
+    one = plan(r, BIG, PlanOptions(precision="fp32"))
+    four = plan(r, BIG, PlanOptions(precision="fp32", grad_accum=4))
+    via_recipe = plan(load_recipe(TINY, ["train.grad_accum=4"]), BIG, PlanOptions(precision="fp32"))
+    assert [s.to_data() for s in four.variants] == [s.to_data() for s in via_recipe.variants]
+    for a, b in zip(one.variants, four.variants, strict=True):
+        assert a.bytes == b.bytes  # one micro-batch's activations are live at a time
+        assert b.flops_per_token == a.flops_per_token and b.tokens_per_day == a.tokens_per_day
+        if a.name == "cache":  # a forward pass, no optimizer step
+            assert b.grad_accum == 1 and b.tokens_per_step == a.tokens_per_step == a.batch_size * a.seq_len
+            continue
+        assert (a.grad_accum, b.grad_accum) == (1, 4)
+        assert a.tokens_per_step == a.batch_size * a.seq_len and b.tokens_per_step == 4 * a.tokens_per_step
+        assert b.flops_per_step == pytest.approx(4 * a.flops_per_step)
+        assert a.flops_per_step == pytest.approx(a.flops_per_token * a.tokens_per_step)
+    with pytest.raises(StackwiseError, match="grad accum must be >= 1, got 0"):
+        PlanOptions(grad_accum=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lora_activation_estimate_matches_what_autograd_saves(precision):
+    """A LoRA fine-tune's blocks as train/finetune.py builds them (bf16 FrozenLinear base, rank-r adapters, fp32
+    residual): the plan's per-block bytes plus the dequantised base weights each block keeps for backward."""
+    from stackwise_cli.bench.plan import lora_base_bytes
+    from stackwise_cli.train.frozen import freeze
+    from stackwise_cli.train.lora import add_lora
+
+    r, rank, B, T = load_recipe(TINY), 4, 2, 64
+    stack = freeze(Stack(r.model, 2, r.attention), "bf16")
+    add_lora(stack, rank, float(rank))
+    for n, p in stack.named_parameters():
+        p.requires_grad_("lora_" in n)
+    own = {t.untyped_storage().data_ptr() for t in [*stack.parameters(), *stack.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in own:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(B, T, r.model.d_model, requires_grad=True)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        stack(x)
+    dt = ActDtypes.of(precision)
+    expected = 2 * block_bytes_per_token(r.model, r.attention, T, dt, rank) * B * T
+    expected += 2 * lora_base_bytes(r.model, r.attention, dt)  # each block's dequantised base weights (frozen row)
+    if precision == "bf16":  # autocast's bf16 copies of the adapters, the plan's "weights" row
+        expected += 2 * sum(p.numel() for p in stack.parameters() if p.requires_grad)
+    assert sum(saved.values()) == pytest.approx(expected, rel=0.05)

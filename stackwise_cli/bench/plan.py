@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from stackwise_cli.errors import StackwiseError
 from stackwise_cli.model.config import AttentionConfig, ModelConfig
 from stackwise_cli.recipe import Recipe
+from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_ENDS_DTYPE, FINETUNE_PRECISIONS, adamw_step
 
 # Total memory of each GPU as ``nvidia-smi`` (and ``torch.cuda.mem_get_info``) reports it: 81,559 MiB for the
 # H100 SXM 80 GB and 143,771 MiB for the H200 141 GB. What a process can use is that minus the CUDA context,
@@ -90,6 +91,7 @@ class PlanOptions:
     """What the plan assumes beyond the recipe. ``None`` for batch size / sequence length = the recipe's."""
 
     batch_size: int | None = None  # sequences per micro-batch (default train.batch_size)
+    grad_accum: int | None = None  # micro-batches per optimizer step (default train.grad_accum)
     seq_len: int | None = None  # tokens per sequence (default data.seq_len)
     precision: str = "bf16"
     optimizer: str = "adamw"
@@ -112,7 +114,7 @@ class PlanOptions:
         ):
             if value not in valid:
                 problems.append(f"{name} must be one of {', '.join(valid)}, got {value!r}")
-        for name in ("batch_size", "seq_len", "lora_rank"):
+        for name in ("batch_size", "grad_accum", "seq_len", "lora_rank"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1, got {value}")
@@ -255,14 +257,17 @@ def optimizer_bytes(p: Params, optimizer: str) -> float:
 
 
 def optimizer_step_bytes(p: Params, optimizer: str, device: str) -> float:
-    """Temporaries the optimizer step allocates, measured on the CPU (docs/memory.md, "Measured against the plan").
-    torch's foreach AdamW: the larger of 8 B per value of the largest tensor and 3 B per parameter. bitsandbytes'
-    8-bit AdamW: on the CPU it dequantises both states of one tensor at a time, 20 B (five fp32 values) per value of
-    the largest tensor; on a GPU its blockwise kernel updates in place (not measured here: counted as 0)."""
+    """Temporaries the optimizer step allocates (docs/memory.md, "Measured against the plan"). AdamW runs the step
+    ``train/defaults.adamw_step`` names for the device: on the CPU torch's foreach step, measured there at the larger
+    of 8 B per value of the largest tensor and 3 B per parameter; on CUDA the fused step, one kernel that updates the
+    parameters and both moments in place: 0 (torch's foreach step would allocate 4 B/param there, the
+    ``_foreach_sqrt`` of every second moment). bitsandbytes' 8-bit AdamW: on the CPU it dequantises both states of
+    one tensor at a time, 20 B (five fp32 values) per value of the largest tensor; on a GPU its blockwise kernel
+    updates in place: 0. The CUDA figures are the kernels' design, not measured (no GPU was lent to this task)."""
     if not p.tensors:
         return 0.0
     if optimizer == "adamw":
-        return max(8.0 * p.largest, 3.0 * p.count)
+        return max(8.0 * p.largest, 3.0 * p.count) if adamw_step(device) == "foreach" else 0.0
     return 20.0 * p.largest if device == "cpu" else 0.0
 
 
@@ -323,9 +328,6 @@ class ActDtypes:
         return ActDtypes(4, 2, 2, False)
 
 
-LORA_ACT = ActDtypes(2, 2, 2, True)  # a bf16 base run in bf16: the residual is bf16, no casts
-
-
 def attention_context(model: ModelConfig, attn: AttentionConfig, seq_len: int, causal: bool = True) -> float:
     """The mean number of keys a query attends to: T/2 causal, T bidirectional, at most the window."""
     ctx = seq_len / 2 if causal else float(seq_len)
@@ -366,9 +368,27 @@ def block_bytes_per_token(
     if attn.kind != "linear" and attn.backend == "reference":
         # explicit softmax: fp32 q, k and v per query head, and the (H, T, T) probabilities
         att += 4 * 3 * H * D + 4 * H * seq_len - c * (H * D + 2 * Hkv * D) - 4 * H
-    n_linear = sum(1 for s in block_shapes(model, attn).values() if len(s) == 2)
-    lora = 2 * lora_rank * n_linear  # each adapter's A(x), rank r, bf16
+    lora = 0.0
+    if lora_rank:
+        # A LoRA base (train/lora.py: y = base(x) + s B(A x) on every linear layer): the frozen norm weights need no
+        # gradient, so each norm saves only its input; each adapter saves A(x) for B's backward. What a linear
+        # saves of its input (counted above) is now the adapter's, for A's gradient; the base keeps its weight only
+        # (``lora_base_bytes``).
+        norms = 2 * r * d
+        lora = c * lora_rank * sum(1 for s in block_shapes(model, attn).values() if len(s) == 2)
     return norms + n_in * li * d + att + mlp + lora
+
+
+def lora_base_bytes(model: ModelConfig, attn: AttentionConfig, dt: ActDtypes) -> float:
+    """What one block of a bf16 ``FrozenLinear`` base keeps for its backward: each layer dequantises its weight to
+    its input's dtype and ``F.linear`` keeps that weight to differentiate through. In fp32 that is a 4-byte copy of
+    every weight; under autocast a 2-byte cast of the weights whose input is fp32 (the layers reading a norm), while
+    ``o`` and ``down`` read a bf16 matmul output and keep the stored bf16 weight itself (no new bytes)."""
+    total = 0.0
+    for name, shape in block_shapes(model, attn).items():
+        if len(shape) == 2 and (dt.shared or name not in ("attn.o.weight", "mlp.down.weight")):
+            total += dt.compute * numel(shape)
+    return total
 
 
 def head_bytes_per_token(model: ModelConfig, dt: ActDtypes) -> float:
@@ -422,6 +442,11 @@ class Stage:
     seq_len: int
     flops_per_token: float
     tokens_per_day: float
+    # One optimizer step runs grad_accum micro-batches of batch_size x seq_len tokens: the bytes above are one
+    # micro-batch's (only one is live at a time), the tokens and FLOPs here the whole step's.
+    grad_accum: int = 1
+    tokens_per_step: int = 0
+    flops_per_step: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -485,8 +510,9 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         # The shapes and saved tensors below are the llama block's (RMSNorm, SwiGLU, no biases, RoPE).
         raise StackwiseError(f"bench plan models the llama family only for now, got model.family {m.family!r}")
     B = o.batch_size or recipe.train.batch_size
+    G = o.grad_accum or recipe.train.grad_accum
     T = o.seq_len or recipe.data.seq_len
-    n_tok = B * T
+    n_tok = B * T  # one micro-batch: what the activations hold
     k, n_stacks = rk.blocks_per_stack, rk.stacks
     L = k * n_stacks
 
@@ -506,7 +532,9 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     a_in = dt.residual * m.d_model * n_tok  # what a checkpointed block keeps: its input
     a_head = head_bytes_per_token(m, dt) * n_tok
     att_f = attention_flops_forward(m, at, T)
-    ckpt_default = {"fuse-full": True, "fuse-lora": True, "fuse-qlora": True}
+    # train/finetune.py checkpoints every block of a fine-tune when train.finetune_checkpointing says so (the default)
+    ft_ckpt = recipe.train.finetune_checkpointing
+    ckpt_default = {"fuse-full": ft_ckpt, "fuse-lora": ft_ckpt, "fuse-qlora": ft_ckpt}
 
     def ckpt(name: str) -> bool:
         return o.activation_checkpointing if o.activation_checkpointing is not None else ckpt_default.get(name, False)
@@ -553,6 +581,9 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
             seq_len=T,
             flops_per_token=flops,
             tokens_per_day=o.tflops * 1e12 * 86400 / flops,
+            grad_accum=G,
+            tokens_per_step=G * n_tok,
+            flops_per_step=flops * G * n_tok,
             notes=list(notes),
         )
 
@@ -680,17 +711,25 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         on=False,
         notes=["a cache whose left neighbour's cache is missing or stale runs from the tokens through every stack"],
     )
-    from_tokens.batch_size = incremental.batch_size = Bc
+    for st in (from_tokens, incremental):  # one forward pass of cache.batch_size sequences: no optimizer step
+        st.batch_size, st.grad_accum, st.tokens_per_step = Bc, 1, Bc * T
+        st.flops_per_step = flops_c * Bc * T
     cache_variants = [from_tokens, incremental] if n_stacks > 2 else [from_tokens]
     variants += cache_variants
     stages.append(max(cache_variants, key=lambda s: s.total_bytes))
 
-    # --- fuse with fine-tuning, and end-to-end training: the whole model at once.
+    # --- fuse with fine-tuning, and end-to-end training: the whole model at once. A fine-tune computes in fp32 or
+    # under bf16 autocast (train/finetune.py): a plan in fp16 or fp8 plans its fuse stages in bf16.
     blocks_all = Params.of([s for s, _ in block.tensors], L) + Params(time.tensors * n_stacks)
     every = blocks_all + all_ends
-    for name, what in (
-        ("fuse-full", "the whole fused model trainable"),
-        ("end-to-end", "the whole model trained at once (the baseline)"),
+    fp = o.precision if o.precision in FINETUNE_PRECISIONS else "bf16"
+    fdt = ActDtypes.of(fp, o.device)
+    f_block = block_bytes_per_token(m, at, T, fdt) * n_tok
+    f_in = fdt.residual * m.d_model * n_tok
+    f_head = head_bytes_per_token(m, fdt) * n_tok
+    for name, what, prec, acts in (
+        ("fuse-full", "the whole fused model trainable", fp, (f_block, f_in, f_head)),
+        ("end-to-end", "the whole model trained at once (the baseline)", o.precision, (a_block, a_in, a_head)),
     ):
         on = ckpt(name)
         flops = 6 * (blocks_all.matmul + head_mm) + (2 * blocks_all.matmul if on else 0) + L * att_f * (4 if on else 3)
@@ -701,30 +740,43 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
                 what,
                 every,
                 0.0,
-                blocks_and_head_act(L, on, a_block, a_in, a_head),
+                blocks_and_head_act(L, on, *acts),
                 0.0,
                 flops,
                 frozen_count=0,
                 on=on,
+                precision=prec,
             )
         )
 
-    # LoRA: adapters A (r, in) and B (out, r) on every linear layer of every block (attention included), the
-    # base frozen and run in bf16 (lora) or stored in NF4 and dequantised to bf16 one layer at a time (qlora).
-    # The embedding, final norm and head are not adapted and stay bf16.
+    # LoRA: adapters A (r, in) and B (out, r) on every linear layer of every block (attention included), as
+    # train/finetune.py runs it by default: the base's block linears frozen in FINETUNE_BASE_STORAGE (bf16
+    # FrozenLinear or bitsandbytes NF4), the norms and the ends (embedding, final norm, head) frozen in fp32, the
+    # residual stream fp32, the matmuls in the fine-tune's precision.
     r = o.lora_rank
     adapters = Params.of(
         [shape for s, mm in block.tensors if mm for shape in ((r, s[1]), (s[0], r))],
         L,
     )
-    la_block = block_bytes_per_token(m, at, T, LORA_ACT, r) * n_tok
-    la_in = LORA_ACT.residual * m.d_model * n_tok
-    la_head = head_bytes_per_token(m, LORA_ACT) * n_tok
-    for name, base_dtype in (("fuse-lora", "bf16"), ("fuse-qlora", "nf4")):
+    la_block = block_bytes_per_token(m, at, T, fdt, r) * n_tok
+    for name, mode in (("fuse-lora", "lora"), ("fuse-qlora", "qlora")):
+        base_dtype = FINETUNE_BASE_STORAGE[mode]
         on = ckpt(name)
-        base_bytes = frozen_bytes(blocks_all, base_dtype) + frozen_bytes(all_ends, "bf16")
+        norms = Params(tuple(t for t in blocks_all.tensors if not t[1]))
+        linears = Params(tuple(t for t in blocks_all.tensors if t[1]))
+        base_bytes = frozen_bytes(linears, base_dtype) + frozen_bytes(norms + all_ends, FINETUNE_ENDS_DTYPE)
         if base_dtype == "nf4":
-            base_bytes += 2 * block.largest  # one layer dequantised to bf16 at a time
+            # bitsandbytes keeps the 4-bit weight for backward and dequantises one layer at a time: to the compute
+            # dtype on a GPU, to fp32 on the CPU.
+            note = f"includes one dequantised {base_dtype} layer"
+            base_bytes += (4 if o.device == "cpu" else fdt.compute) * block.largest
+        else:
+            # FrozenLinear dequantises its weight to the input's dtype (fp32) and F.linear keeps it, or autocast's
+            # 2-byte cast of it, for backward: every block's without checkpointing, one block's with it.
+            note = f"includes the {base_dtype} weights of {'one block' if on else 'every block'} dequantised"
+            base_bytes += (1 if on else L) * lora_base_bytes(m, at, fdt)
+        if not fdt.shared:  # autocast casts the frozen fp32 head (or tied embedding) for its matmul, and keeps it
+            base_bytes += 2 * head_mm
         flops = (
             4 * (blocks_all.matmul + head_mm)  # frozen: forward + backward to the input
             + 6 * adapters.count
@@ -735,16 +787,18 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
             make(
                 name,
                 "whole",
-                f"LoRA rank {r} on every linear layer; base frozen in {base_dtype} (ends bf16)",
+                f"LoRA rank {r} on every linear layer; base frozen in {base_dtype} (norms and ends "
+                f"{FINETUNE_ENDS_DTYPE}), compute {fp}",
                 adapters,
                 base_bytes,
-                blocks_and_head_act(L, on, la_block, la_in, la_head),
+                blocks_and_head_act(L, on, la_block, f_in, f_head),
                 0.0,
                 flops,
                 frozen_count=every.count,
                 on=on,
                 head_part=Params(),
-                precision="bf16" if o.precision == "fp32" else o.precision,
+                precision=fp,
+                notes=[note],
             )
         )
 

@@ -49,10 +49,14 @@ def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[torch.nn.Parameter
 def load_optimizer_tensors(
     opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]
 ) -> None:
+    # torch keeps AdamW's step count on the CPU, except for its fused (and capturable) step, which reads it on the
+    # parameter's device (as torch.optim.Optimizer.load_state_dict does).
+    step_on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
     for key, value in tensors.items():
         name, _, field = key.partition("::")
         p = params[name]
-        opt.state[p][field] = value.to(p.device) if field != "step" else value.clone()
+        on_device = field != "step" or step_on_device
+        opt.state[p][field] = value.to(p.device) if on_device else value.clone()
 
 
 def save_checkpoint(

@@ -31,6 +31,7 @@ from stackwise_cli.store.manifest import Manifest
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.weights import load_current_rack, load_ends, load_stack
 from stackwise_cli.train import checkpoint as ckpt
+from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_PRECISIONS
 from stackwise_cli.train.loop import (
     RESUME,
     Job,
@@ -47,8 +48,10 @@ from stackwise_cli.train.objectives import stack_objective
 from stackwise_cli.train.precision import autocast, pick_device
 
 MODES = ("full", "lora", "qlora")
-BASE_STORAGE = {"lora": "bf16", "qlora": "nf4"}  # how the frozen base's linear weights are held
-PRECISIONS = ("fp32", "bf16")  # fine-tuning computes in fp32, or under bf16 autocast (fp32 master weights)
+# How the frozen base's linear weights are held, and the precisions a fine-tune computes in: in train/defaults.py,
+# which bench plan reads too.
+BASE_STORAGE = FINETUNE_BASE_STORAGE
+PRECISIONS = FINETUNE_PRECISIONS
 DEFAULT_MODE = "full"
 DEFAULT_RANK = 16
 CKPT_NAME = "finetune"  # ckpt/finetune: its own checkpoint folder, beside the stacks' ckpt/<id>
@@ -192,7 +195,7 @@ def finetune(
     rack.to(dev)
     for p in trainable.values():
         p.requires_grad_(True)
-    loss_fn = whole_rack_loss(obj, ends, stacks, forward_for(tr.activation_checkpointing))
+    loss_fn = whole_rack_loss(obj, ends, stacks, forward_for(tr.finetune_checkpointing))
 
     data = Sequences(token_data(project, m))
     job = Job(f"fuse {spec.mode} fine-tune", modules, trainable, loss_fn, data, fingerprint)
