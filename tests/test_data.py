@@ -15,7 +15,18 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from stackwise_cli.data.corpus import BUILTIN, Document, describe_inputs, iter_documents
 from stackwise_cli.data.pack import Packed, ShardInfo, pack_corpus
 from stackwise_cli.data.split import split_of
-from stackwise_cli.data.tokenizer import EOS, MASK, MIN_VOCAB_SIZE, eos_id, load_tokenizer, mask_id, train_tokenizer
+from stackwise_cli.data.tokenizer import (
+    EOS,
+    MASK,
+    MIN_VOCAB_SIZE,
+    PAD,
+    eos_id,
+    load_tokenizer,
+    mask_id,
+    pad_id,
+    special_ids,
+    train_tokenizer,
+)
 from stackwise_cli.errors import DataError
 from stackwise_cli.store.files import sha256_file
 from stackwise_cli.store.shards import read_token_shard
@@ -246,6 +257,12 @@ def test_mask_token_is_special_and_never_produced_by_text(tok: Tokenizer, tmp_pa
     plain.save(str(path))
     loaded = load_tokenizer(path, vocab_size=512)
     assert loaded.token_to_id(MASK) == max(plain.get_vocab(with_added_tokens=True).values()) + 1
+    assert pad_id(loaded) == loaded.token_to_id(MASK) + 1  # and [PAD] after it
+
+
+def test_tokenizer_has_a_pad_token_that_text_never_produces(tok: Tokenizer):
+    assert [tok.token_to_id(t) for t in (EOS, MASK, PAD)] == [0, 1, 2] == special_ids(tok)
+    assert pad_id(tok) == 2 and MIN_VOCAB_SIZE == 259
 
 
 def test_tokenizer_vocab_size_too_small():
@@ -435,7 +452,7 @@ def test_one_input_file_gives_a_held_out_val_split(tmp_path: Path, tiny_recipe_p
     f = _put(tmp_path / "input.txt", prose)
     project, m = _prepare(tmp_path, tiny_recipe_path, [f], data__val_fraction=0.02, data__min_val_sequences=40)
     h = m.data.holdout
-    assert h.method == "chunks" and h.val_units > 1
+    assert h.method == "chunks" and h.val_units > 1 and h.min_val_raised  # 2% of the chunks is under 40
     assert 40 <= m.data.splits["val"].sequences <= 0.25 * (m.data.splits["train"].sequences + 40)
     assert not any(_in_train(project, m))
     # Deterministic: the same input gives the same shards, byte for byte.
@@ -455,7 +472,7 @@ def test_twenty_documents_at_a_small_val_fraction(tmp_path: Path, tiny_recipe_pa
         text = _val_by_hash(prose[i * step : (i + 1) * step] + "\n# part ", "train", 0.05)
         _put(folder / f"{i:02d}.txt", text)
     project, m = _prepare(tmp_path, tiny_recipe_path, [folder], data__val_fraction=0.05)
-    assert m.data.holdout.method == "chunks" and m.data.holdout.min_val_raised
+    assert m.data.holdout.method == "chunks"
     assert m.data.splits["val"].sequences >= m.recipe.data.min_val_sequences
     assert not any(_in_train(project, m))
     # Enough whole documents: they are kept whole.

@@ -17,7 +17,15 @@ from tokenizers import Tokenizer
 from stackwise_cli.data.corpus import Document, describe_inputs, iter_documents
 from stackwise_cli.data.pack import pack_corpus
 from stackwise_cli.data.split import MAX_VAL_SHARE, SplitPlan, by_chunks, by_documents, by_val_input, unit_hash
-from stackwise_cli.data.tokenizer import eos_id, load_tokenizer, mask_id, text_encoder, train_tokenizer
+from stackwise_cli.data.tokenizer import (
+    eos_id,
+    load_tokenizer,
+    mask_id,
+    pad_id,
+    special_ids,
+    text_encoder,
+    train_tokenizer,
+)
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import DataRecipe, Recipe
@@ -119,6 +127,8 @@ def prepare(
             vocab_size=tok.get_vocab_size(),
             eos_id=eos_id(tok),
             mask_id=mask_id(tok),
+            pad_id=pad_id(tok),
+            special_ids=special_ids(tok),
             trained=given is None,
         ),
         data=DataEntry(

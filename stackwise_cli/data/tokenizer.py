@@ -11,12 +11,17 @@ from stackwise_cli.errors import DataError
 
 EOS = "<|endoftext|>"
 MASK = "[MASK]"  # the masked-objective token (mlm, diffusion); never produced by encoding text
-# 256 byte tokens + EOS + MASK: the smallest vocabulary a byte-level BPE can have, with no merges at all.
-MIN_VOCAB_SIZE = 258
+# Padding for batches of unequal length in a Hugging Face fine-tune of an export; never in the packed data, so
+# its embedding row is one no training step touches (HF freezes the pad row: it must not be a real token's).
+PAD = "[PAD]"
+SPECIAL_TOKENS = (EOS, MASK, PAD)  # ids 0, 1, 2 of a trained tokenizer
+# 256 byte tokens + the special tokens: the smallest vocabulary a byte-level BPE can have, with no merges at all.
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Train a byte-level BPE (GPT-2 style) with ``EOS`` (id 0) and ``MASK`` (id 1) as its special tokens.
+    """Train a byte-level BPE (GPT-2 style) with ``EOS`` (id 0), ``MASK`` (id 1) and ``PAD`` (id 2) as its special
+    tokens.
 
     The full byte alphabet is seeded, so any input, in any script, encodes without an unknown token. Training is
     deterministic: the same texts give the same tokenizer file.
@@ -33,7 +38,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[EOS, MASK],
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -44,8 +49,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
     """Load a tokenizers-library JSON file and check that it fits a model with ``vocab_size`` embeddings.
 
-    A tokenizer without ``MASK`` gets it added as a special token (a new id after the existing ones), so every
-    project can train a masked objective."""
+    A tokenizer without ``MASK`` or ``PAD`` gets it added as a special token (a new id after the existing ones),
+    so every project can train a masked objective and export a tokenizer that pads."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"tokenizer file {path} does not exist")
@@ -58,8 +63,9 @@ def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
         raise DataError(
             f"{path} has no {EOS} token; stackwise separates documents with it", hint=f"add {EOS} as a special token"
         )
-    if tok.token_to_id(MASK) is None:
-        tok.add_special_tokens([MASK])
+    for special in (MASK, PAD):
+        if tok.token_to_id(special) is None:
+            tok.add_special_tokens([special])
     needed = id_bound(tok)
     if needed > vocab_size:
         raise DataError(
@@ -101,3 +107,13 @@ def mask_id(tok: Tokenizer) -> int:
     if i is None:
         raise DataError(f"the tokenizer has no {MASK} token")
     return i
+
+
+def pad_id(tok: Tokenizer) -> int | None:
+    """The id of ``[PAD]``, or None for a tokenizer that has none (one from a project prepared before it)."""
+    return tok.token_to_id(PAD)
+
+
+def special_ids(tok: Tokenizer) -> list[int]:
+    """Every special token's id (EOS, MASK, PAD, and any other a loaded tokenizer declares special)."""
+    return sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special)

@@ -40,6 +40,8 @@ class TokenizerEntry:
     eos_id: int
     trained: bool  # trained by prepare, or loaded from --tokenizer
     mask_id: int | None = None  # [MASK], the input of masked positions (mlm, diffusion)
+    pad_id: int | None = None  # [PAD]: pads batches in a Hugging Face fine-tune of the export; never in the data
+    special_ids: list[int] = field(default_factory=list)  # every special token (never an mlm random replacement)
 
 
 @dataclass(kw_only=True)
