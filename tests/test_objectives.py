@@ -104,6 +104,31 @@ def test_mlm_selects_the_ratio_and_replaces_80_10_10():
     assert int(c.inputs[changed].max()) < VOCAB and not bool((c.inputs[changed] == MASK).any())
 
 
+def test_mlm_random_replacements_are_ordinary_tokens_only():
+    # A small vocabulary, so every id is drawn many times: EOS (0), [MASK] (1), [PAD] (2) and a special id in the
+    # middle (7) must never be a replacement, and every other id must be (the draw maps onto them one to one).
+    vocab, specials = 12, (0, 2, 7)
+    obj = Objective(
+        "mlm", seed=5, mask_id=MASK, vocab=vocab, ratio=0.5, special_ids=specials, mask_token=0.5, random_token=0.5
+    )
+    x = torch.randint(3, vocab, (256, 32), generator=torch.Generator().manual_seed(0))
+    c = obj.corrupt(x, np.arange(len(x)), 0)
+    again = obj.corrupt(x, np.arange(len(x)), 0)
+    assert torch.equal(c.inputs, again.inputs)  # still a pure function of (sequence, ratio, seed, epoch)
+    drawn = c.inputs[c.weight & (c.inputs != MASK)].unique().tolist()
+    assert set(drawn) == set(range(vocab)) - {0, 1, 2, 7}
+    assert "special=0,1,2,7" in obj.key()  # a cache made with other replacements is stale
+
+
+def test_stack_objective_skips_the_projects_special_tokens(project: Project):
+    _set(project, objective="mlm")
+    m = project.load()
+    t = m.tokenizer
+    assert t.pad_id is not None and {t.eos_id, t.mask_id, t.pad_id} <= set(t.special_ids)
+    obj = stack_objective(m, None)
+    assert obj.excluded_ids() == sorted({t.eos_id, t.mask_id, t.pad_id})
+
+
 def test_masked_loss_counts_only_the_selected_positions():
     obj = Objective("mlm", seed=0, mask_id=MASK, vocab=VOCAB, ratio=0.15)
     x = _tokens(B=8)

@@ -71,7 +71,8 @@ class Objective:
     kind: str  # clm | mlm | diffusion
     seed: int
     mask_id: int | None = None
-    vocab: int = 0  # random replacement tokens are drawn from [0, vocab) minus the mask token
+    vocab: int = 0  # random replacement tokens are drawn from [0, vocab) minus the special ids
+    special_ids: tuple[int, ...] = ()  # never a random replacement (EOS, PAD, ...); the mask token never is either
     ratio: float | None = None
     t_range: tuple[float, float] = (0.15, 0.9)
     time_input: bool = False
@@ -93,7 +94,13 @@ class Objective:
             parts.append(f"t=[{self.t_range[0]},{self.t_range[1]}]")
         if self.kind == "mlm":
             parts += [f"mask_token={self.mask_token}", f"random_token={self.random_token}", f"vocab={self.vocab}"]
+            if self.special_ids:  # the ids random replacements skip (keys without them predate the rule)
+                parts.append(f"special={','.join(map(str, self.excluded_ids()))}")
         return " ".join(parts)
+
+    def excluded_ids(self) -> list[int]:
+        """The ids in [0, vocab) a random replacement is never: the mask token and every special id, ascending."""
+        return sorted({i for i in (self.mask_id, *self.special_ids) if i is not None and 0 <= i < self.vocab})
 
     def times(self, seq_ids: np.ndarray, epochs: np.ndarray) -> np.ndarray:
         """(B,) the noise level of each sequence: the fixed ratio, or uniform in ``t_range`` per (sequence, epoch)."""
@@ -120,9 +127,14 @@ class Objective:
             how = uniform(self.seed, epochs, seq_ids, T, HOW)
             to_mask = selected & (how < self.mask_token)
             to_random = selected & (how >= self.mask_token) & (how < self.mask_token + self.random_token)
-            # A random token other than [MASK]: draw from vocab - 1 ids and skip over the mask id.
-            r = np.floor(uniform(self.seed, epochs, seq_ids, T, RANDOM_TOKEN) * (self.vocab - 1)).astype(np.int64)
-            r = r + (r >= self.mask_id)
+            # A random ordinary token (never [MASK], <|endoftext|> or another special token): draw from the
+            # vocab - n_excluded ordinary ids, then step over each excluded id in ascending order, which maps
+            # 0, 1, 2, ... onto the ordinary ids one to one.
+            excluded = self.excluded_ids()
+            n = self.vocab - len(excluded)
+            r = np.floor(uniform(self.seed, epochs, seq_ids, T, RANDOM_TOKEN) * n).astype(np.int64)
+            for e in excluded:
+                r = r + (r >= e)
             inputs[torch.from_numpy(to_mask).to(dev)] = self.mask_id
             rand = torch.from_numpy(to_random).to(dev)
             inputs[rand] = torch.from_numpy(r).to(dev)[rand]
@@ -150,10 +162,13 @@ class Objective:
         return int(c.weight.sum())
 
 
-def objective_for(recipe: Recipe, mask_id: int | None, vocab: int, ratio: float | None) -> Objective:
+def objective_for(
+    recipe: Recipe, mask_id: int | None, vocab: int, ratio: float | None, special_ids: tuple[int, ...] = ()
+) -> Objective:
     """The recipe's objective at one stack's ``ratio`` (its manifest ``mask_ratio``; None = t drawn per sequence).
 
-    ``vocab`` is the tokenizer's size: random replacement tokens are real tokens."""
+    ``vocab`` is the tokenizer's size and ``special_ids`` its special tokens (``tokenizer_special_ids``): random
+    replacement tokens are real, ordinary tokens."""
     kind = recipe.objective
     if kind != "clm" and mask_id is None:
         raise ProjectError(
@@ -166,6 +181,7 @@ def objective_for(recipe: Recipe, mask_id: int | None, vocab: int, ratio: float 
         seed=recipe.train.seed,
         mask_id=mask_id,
         vocab=vocab,
+        special_ids=tuple(special_ids),
         ratio=None if kind == "clm" else ratio,
         t_range=(d.t_min, d.t_max),
         time_input=kind == "diffusion" and d.time == "input",
@@ -196,4 +212,11 @@ def stack_objective(m: Manifest, stack_id: int | None) -> Objective:
     ratio = m.stack(stack_id).mask_ratio if stack_id is not None else None
     if stack_id is None and m.recipe.objective == "mlm":
         ratio = m.recipe.mask.ratio
-    return objective_for(m.recipe, m.tokenizer.mask_id, m.tokenizer.vocab_size, ratio)
+    return objective_for(m.recipe, m.tokenizer.mask_id, m.tokenizer.vocab_size, ratio, tokenizer_special_ids(m))
+
+
+def tokenizer_special_ids(m: Manifest) -> tuple[int, ...]:
+    """The project's special token ids: EOS, PAD and any other the tokenizer declares (manifests written before
+    ``special_ids`` was recorded: EOS and PAD); the mask token is excluded from replacements regardless."""
+    t = m.tokenizer
+    return tuple(sorted({t.eos_id, *t.special_ids} | ({t.pad_id} if t.pad_id is not None else set())))
