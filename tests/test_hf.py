@@ -212,7 +212,9 @@ def test_fused_folder_contents(exported) -> None:
     }
     assert sha == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     assert not [p for p in out.parent.iterdir() if TMP_MARK in p.name]
-    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(hf_config(rack.cfg, 3, 0)))
+    pad = json.loads((out / "tokenizer.json").read_text())["added_tokens"][-1]  # [PAD], appended by the export
+    assert pad["content"] == "[PAD]"
+    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(hf_config(rack.cfg, 3, 0, pad["id"])))
     assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == 0
 
 
@@ -390,3 +392,80 @@ def test_export_problem_names_what_cannot_be_exported() -> None:
     for what, (attn, model, bidirectional) in refused.items():
         problem = export_problem(attn, model, bidirectional=bidirectional)
         assert problem is not None and what in problem, (what, problem)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Padding: the export pads batches with a token that is no real token
+
+
+PAD = "[PAD]"
+
+
+@pytest.fixture(scope="module")
+def project_tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As ``prepare`` trains it: <|endoftext|>, [MASK] and [PAD] are ids 0, 1 and 2."""
+    return _tiny_bpe(tmp_path_factory.mktemp("tokp"), [EOS, MASK, PAD])
+
+
+def _pads(out: Path) -> transformers.PreTrainedTokenizerBase:
+    """The exported tokenizer, after checking that batch padding works and pads with its pad token."""
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    batch = hf_tok(["a", "a b c"], padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert len(ids[0]) == len(ids[1]) > 1 and mask[0][-1] == 0 and ids[0][-1] == hf_tok.pad_token_id
+    return hf_tok
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_export_pads_with_pad_not_end_of_text(tmp_path: Path, project_tokenizer_file: Path, family: str) -> None:
+    rack = make_rack(False, 2) if family == "llama" else make_family_rack(family, tie=False)
+    out = tmp_path / "fused"
+    write_fused(out, rack, project_tokenizer_file, EOS, 0)
+    hf_tok = _pads(out)
+    assert hf_tok.pad_token == PAD and hf_tok.pad_token_id == 2 != hf_tok.eos_token_id
+    assert (out / "tokenizer.json").read_bytes() == project_tokenizer_file.read_bytes()  # nothing to add
+    config = json.loads((out / "config.json").read_text())
+    assert config["pad_token_id"] == 2  # BERT's padding_idx row: [PAD]'s, which no training step touched
+    auto = transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(out, dtype=torch.float32).eval()
+    if family != "gpt2":  # GPT-2 has no padding_idx
+        emb = model.get_input_embeddings()
+        assert emb.padding_idx == 2
+    if family == "llama":  # right padding changes nothing at the real positions of a causal model
+        batch = hf_tok(["a", "a b c"], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            padded = model(**batch).logits[0, :1]
+            alone = model(hf_tok(["a"], return_tensors="pt")["input_ids"]).logits[0]
+        assert (padded - alone).abs().max().item() < TOL
+
+
+def test_export_of_a_tokenizer_without_pad(tmp_path: Path, tokenizer_file: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from stackwise_cli.model.hf import export_pad
+
+    # A spare embedding row (the tokenizer has fewer ids than the model): [PAD] goes there, no trained id moves.
+    out = tmp_path / "spare"
+    rack = make_family_rack("bert", tie=False)
+    write_fused(out, rack, tokenizer_file, EOS, 0)
+    hf_tok = _pads(out)
+    source = Tokenizer.from_file(str(tokenizer_file))
+    bound = max(source.get_vocab(with_added_tokens=True).values()) + 1
+    assert hf_tok.pad_token == PAD and hf_tok.pad_token_id == bound < rack.cfg.vocab_size
+    assert hf_tok(SENTENCE)["input_ids"] == source.encode(SENTENCE).ids
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == bound
+
+    # No spare row: pad with end-of-text (batch padding still works), and BERT's config names no pad id, so HF
+    # does not freeze the end-of-text row (its default, 0, is our end-of-text id).
+    full = Tokenizer.from_file(str(tokenizer_file))
+    full.add_tokens([f"w{i}" for i in range(rack.cfg.vocab_size - bound)])
+    full_file = tmp_path / "full.json"
+    full.save(str(full_file))
+    assert export_pad(full, rack.cfg) == (None, None, None)
+    out = tmp_path / "full"
+    write_fused(out, rack, full_file, EOS, 0)
+    hf_tok = _pads(out)
+    assert hf_tok.pad_token == EOS
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] is None
+    model = transformers.AutoModelForMaskedLM.from_pretrained(out, dtype=torch.float32)
+    assert model.get_input_embeddings().padding_idx is None

@@ -19,6 +19,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from stackwise_cli.model.config import FAMILY_DEFAULTS, AttentionConfig, ModelCo
 from stackwise_cli.model.model import Rack
 from stackwise_cli.store.files import atomic_replace_dir, atomic_write_bytes, atomic_write_text, sha256_file, tmp_name
 from stackwise_cli.store.weights import save_tensors
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # A table maps our name (inside one Block, or inside Ends) to its HF name. Several of ours with the same HF name are
 # concatenated along the output dim in table order (GPT-2's c_attn); a tuple of HF names writes one tensor under
@@ -255,8 +259,12 @@ def total_blocks(rack: Rack) -> int:
     return sum(len(stack.blocks) for stack in rack.stacks)
 
 
-def hf_config(cfg: ModelConfig, n_layers: int, eos_id: int) -> dict:
+def hf_config(cfg: ModelConfig, n_layers: int, eos_id: int, pad_id: int | None = None) -> dict:
     """``config.json`` for the family's HF class, such that transformers computes exactly our function.
+
+    ``pad_token_id`` is the tokenizer's ``[PAD]`` (``pad_id``), a row no training step touched: HF makes it the
+    embedding's ``padding_idx`` (llama, bert), whose gradient is zero in a fine-tune. Without one it is left out
+    (bert: null, not HF's default of 0, which is our end-of-text token), so no real token's row is frozen.
 
     Llama: RoPE is written both ways: transformers 5.x reads ``rope_parameters`` (and converts a bare
     ``rope_theta``), 4.x reads ``rope_theta`` and ignores the unknown key. Likewise ``dtype`` (5.x) and
@@ -279,6 +287,8 @@ def hf_config(cfg: ModelConfig, n_layers: int, eos_id: int) -> dict:
         "torch_dtype": "float32",
         "dtype": "float32",
     }
+    if pad_id is not None:
+        common["pad_token_id"] = pad_id
     if cfg.family == "gpt2":
         return {
             **common,
@@ -311,7 +321,7 @@ def hf_config(cfg: ModelConfig, n_layers: int, eos_id: int) -> dict:
             "hidden_dropout_prob": 0.0,
             "attention_probs_dropout_prob": 0.0,
             "is_decoder": False,
-            "pad_token_id": eos_id,
+            "pad_token_id": pad_id,
         }
     return {
         **common,
@@ -334,8 +344,8 @@ def hf_config(cfg: ModelConfig, n_layers: int, eos_id: int) -> dict:
 MASK_TOKEN = "[MASK]"  # the masked-LM objective's special token, when the tokenizer has one
 
 
-def _check_tokenizer(tokenizer_path: Path, cfg: ModelConfig, eos_token: str, eos_id: int) -> bool:
-    """Fail before writing anything if the tokenizer cannot go with this model; returns whether it has [MASK]."""
+def _check_tokenizer(tokenizer_path: Path, cfg: ModelConfig, eos_token: str, eos_id: int) -> Tokenizer:
+    """Fail before writing anything if the tokenizer cannot go with this model; returns it."""
     from tokenizers import Tokenizer
 
     if not tokenizer_path.is_file():
@@ -351,7 +361,29 @@ def _check_tokenizer(tokenizer_path: Path, cfg: ModelConfig, eos_token: str, eos
         raise DataError(
             f"{tokenizer_path} has {tok.get_vocab_size()} tokens but the model's vocab_size is {cfg.vocab_size}"
         )
-    return tok.token_to_id(MASK_TOKEN) is not None
+    return tok
+
+
+def export_pad(tok: Tokenizer, cfg: ModelConfig) -> tuple[str | None, int | None, str | None]:
+    """(pad token, its id, the tokenizer JSON to write if it differs from the project's) for the export.
+
+    The project's ``[PAD]`` when it has one (every tokenizer ``prepare`` makes or loads does). A tokenizer from a
+    project prepared before that gets ``[PAD]`` appended when the model has a spare embedding row (ids past the
+    tokenizer's are rows no data ever indexed, so no trained id moves); with no spare row the tokenizer pads with
+    end-of-text, as GPT-2 does, and the config names no pad id: (None, None, None)."""
+    from stackwise_cli.data.tokenizer import PAD, id_bound
+
+    found = tok.token_to_id(PAD)
+    if found is not None and found < cfg.vocab_size:
+        return PAD, found, None
+    if found is None and id_bound(tok) < cfg.vocab_size:
+        from tokenizers import Tokenizer
+
+        out = Tokenizer.from_str(tok.to_str())
+        out.add_special_tokens([PAD])
+        if out.token_to_id(PAD) < cfg.vocab_size:
+            return PAD, out.token_to_id(PAD), out.to_str()
+    return None, None, None
 
 
 def _json(obj: dict) -> str:
@@ -377,12 +409,20 @@ def write_fused(
     out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
     cfg = rack.cfg
     fmt = check_exportable(rack, bidirectional)
-    config = hf_config(cfg, total_blocks(rack), eos_id)
-    has_mask = _check_tokenizer(tokenizer_path, cfg, eos_token, eos_id)
+    tok = _check_tokenizer(tokenizer_path, cfg, eos_token, eos_id)
+    has_mask = tok.token_to_id(MASK_TOKEN) is not None
+    pad_token, pad_id, tokenizer_json = export_pad(tok, cfg)
+    config = hf_config(cfg, total_blocks(rack), eos_id, pad_id)
 
     # fp32 on the CPU, whatever the rack trained in, so the file matches the dtype config.json declares.
     tensors = {k: v.to(device="cpu", dtype=torch.float32) for k, v in hf_state_dict(rack, bidirectional).items()}
-    special = {"bos_token": eos_token, "eos_token": eos_token, "unk_token": eos_token}
+    # pad_token: what AutoTokenizer(..., padding=True) pads with ([PAD], or end-of-text when there is no spare row).
+    special = {
+        "bos_token": eos_token,
+        "eos_token": eos_token,
+        "unk_token": eos_token,
+        "pad_token": pad_token or eos_token,
+    }
     if fmt.bidirectional and has_mask:  # fill-mask pipelines look for the mask token here
         special["mask_token"] = MASK_TOKEN
     tokenizer_config = {
@@ -391,8 +431,9 @@ def write_fused(
         "model_max_length": cfg.max_seq_len,
         "clean_up_tokenization_spaces": False,
     }
-    # pad = eos so generate() on a batch has a pad id without a warning; the model never trains on padding.
-    generation_config = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+    # A pad id so generate() on a batch needs no warning; the model never trains on padding.
+    pad_or_eos = pad_id if pad_id is not None else eos_id
+    generation_config = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_or_eos}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(out_dir)
@@ -401,7 +442,10 @@ def write_fused(
         save_tensors(tmp / "model.safetensors", tensors, {"format": "pt"})
         atomic_write_text(tmp / "config.json", _json(config))
         atomic_write_text(tmp / "generation_config.json", _json(generation_config))
-        atomic_write_bytes(tmp / "tokenizer.json", tokenizer_path.read_bytes())
+        if tokenizer_json is None:
+            atomic_write_bytes(tmp / "tokenizer.json", tokenizer_path.read_bytes())
+        else:
+            atomic_write_text(tmp / "tokenizer.json", tokenizer_json)
         atomic_write_text(tmp / "tokenizer_config.json", _json(tokenizer_config))
         atomic_write_text(tmp / "special_tokens_map.json", _json(special))
         atomic_replace_dir(tmp, out_dir)
