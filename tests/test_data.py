@@ -366,9 +366,8 @@ def test_pack_stream_is_documents_joined_by_eos(tmp_path: Path, tok: Tokenizer):
 def test_pack_encodes_special_token_strings_in_the_text_as_text(tmp_path: Path, tok: Tokenizer):
     # A corpus about tokenizers: it spells both special tokens. They must stay text, not become a document break
     # (EOS) or a mask-token target ([MASK]).
-    letters = np.random.default_rng(0).choice(list("abcdefghij"), (40, 12, 4))
-    words = ["".join(w) for w in letters.reshape(-1, 4)]
-    words = np.array(words).reshape(40, 12)
+    letters = np.random.default_rng(0).choice(list("abcdefghij"), (40 * 12, 4))
+    words = np.array(["".join(w) for w in letters]).reshape(40, 12)  # random 4-letter words
     # Distinct enough that no val sequence is also in train (those are dropped: see the overlap tests).
     docs = [
         f"Doc {i}: {' '.join(w[:6])} {EOS}{' '.join(w[6:9])} {MASK}{' '.join(w[9:])}.\n" for i, w in enumerate(words)
