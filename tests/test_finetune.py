@@ -377,3 +377,18 @@ def test_finetune_by_default_runs_what_bench_plan_plans(trained, monkeypatch, mo
     held = sum(t.numel() * t.element_size() for t in [*rest, *(b.qweight for b in bases)])
     one_block = lora_base_bytes(recipe.model, recipe.attention, ActDtypes.of("fp32"))  # dequantised, recomputed
     assert planned.bytes["frozen"] == held + one_block
+
+
+def test_grad_accum_in_a_finetune_counts_every_micro_batch_and_trains_the_big_batch(trained, tmp_path):
+    import dataclasses
+
+    big = Project(tmp_path / "big")
+    shutil.copytree(trained.root, big.root)
+    _, want = _finetune(big, "lora", steps=3)  # TINY: batch 8
+    with trained.update() as m:
+        m.recipe = dataclasses.replace(m.recipe, train=dataclasses.replace(m.recipe.train, batch_size=4, grad_accum=2))
+    _, got = _finetune(trained, "lora", steps=3)
+    assert got.result.tokens == want.result.tokens == 3 * 2 * 4 * 32
+    expected = dict(want.merged.named_parameters())
+    for name, p in got.merged.named_parameters():
+        torch.testing.assert_close(p, expected[name], rtol=1e-3, atol=2e-4)  # as tests/test_train.py's ACCUM_TOL
