@@ -204,9 +204,10 @@ def test_train_stack_survives_kill_9_anywhere(grown, tmp_path):
 
 
 def test_fuse_survives_kill_9_anywhere(grown, tmp_path):
-    cli(grown, ["fuse"])  # an older fused/ exists: the kill may land while it is being replaced
     cli(grown, ["cache", "1"])
     cli(grown, ["train-stack", "1", "--steps", "3"])
+    cli(grown, ["fuse"])  # an older fused/ exists: the kill may land while it is being replaced
+    cli(grown, ["train-stack", "1", "--steps", "3", "--resume", "never"])  # so the fuse below writes other weights
     run_scenario(tmp_path, grown, ["fuse"], ["fused/model.safetensors", "fused/config.json"])
 
 

@@ -470,9 +470,16 @@ def set_objective(project: Project, objective: str) -> None:
         m.recipe = dataclasses.replace(m.recipe, objective=objective)
 
 
+def hand_trained(project: Project) -> None:
+    """Mark every stack trained, as a hand edit of the manifest would: these tests are about the modes, not the
+    weights (generate refuses stacks that are not trained)."""
+    with project.update() as m:
+        for s in m.rack:
+            s.state = "trained"
+
+
 @pytest.fixture
 def clm_project(project: Project) -> Project:
-    grow(project, "right")
     grow(project, "right")
     train_stack(project, project.load().rack[0].id, steps=3, device="cpu")
     return project
@@ -537,6 +544,7 @@ def test_cli_diffusion_single_pass_iterative_and_causal(project: Project):
     set_objective(project, "diffusion")  # time-as-depth: each grown stack gets its schedule ratio
     grow(project, "right")
     grow(project, "right")
+    hand_trained(project)
     root = project.root
     m = project.load()
     assert [s.mask_ratio for s in m.rack] == [0.9, 0.15]
@@ -554,7 +562,7 @@ def test_cli_diffusion_single_pass_iterative_and_causal(project: Project):
     assert it["mode"] == "iterative" and it["steps"] == 4 and len(it["tokens"]) == 16 and it["prompt_tokens"] == []
 
     ar = json.loads(cli("generate", "-p", root, "--causal", "--max-new-tokens", "5", "--json").stdout)
-    assert ar["mode"] == "autoregressive" and len(ar["tokens"]) <= 5
+    assert ar["mode"] == "autoregressive" and len(ar["tokens"]) <= 5 and ar["causal_readout"] == "mask"
 
     user_error(cli("generate", "-p", root, "--steps", "3"), "--steps does not apply to single-pass")
     user_error(cli("generate", "-p", root, "--prompt", "import", "--length", "1"), "leaves nothing to generate")
@@ -565,6 +573,7 @@ def test_cli_diffusion_single_pass_iterative_and_causal(project: Project):
 def test_cli_mlm_iterates_and_refuses_the_single_pass(project: Project):
     set_objective(project, "mlm")
     grow(project, "right")
+    hand_trained(project)
     r = cli("generate", "-p", project.root, "--length", "12", "--steps", "3", "--temperature", "1", "--json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
@@ -582,6 +591,7 @@ def test_cli_time_as_input_passes_t_and_refuses_causal(project: Project):
             model=dataclasses.replace(r.model, time_embedding=True),
         )
     grow(project, "right")
+    hand_trained(project)
     r = cli("generate", "-p", project.root, "--length", "10", "--steps", "2", "--json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)

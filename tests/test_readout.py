@@ -91,3 +91,104 @@ def test_generate_causal_continues_the_alphabet_without_stuttering(alphabet_mlm:
         total += len(pairs)
     assert total >= 13 * 8
     assert steps / total > 0.75 and repeats / total < 0.05, (steps / total, repeats / total)
+
+
+# --- untrained stacks are never scored, sampled or exported silently --------------------------------------------
+
+ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb", "STACKWISE_DEBUG": None}
+
+
+def cli(*args: object):
+    from typer.testing import CliRunner
+
+    from stackwise_cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
+
+
+def refused(result, *needles: str) -> str:
+    """A one-line user error (exit 1, no traceback) holding every needle; returns stderr."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.stderr.count("error:") == 1, result.output
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+    return result.stderr
+
+
+def set_states(project: Project, **states: str) -> None:
+    """Hand-edit stack states in the manifest: ``set_states(p, s1="training")``."""
+    with project.update() as m:
+        for key, state in states.items():
+            m.stack(int(key[1:])).state = state
+
+
+@pytest.fixture
+def half_trained(project: Project) -> Project:
+    """Left to right, two stacks: 0 trained (3 steps), 1 new."""
+    from stackwise_cli.train.grow import grow
+    from stackwise_cli.train.loop import train_stack
+
+    grow(project, "right")
+    train_stack(project, 0, steps=3, device="cpu")
+    grow(project, "right")
+    return project
+
+
+def test_eval_scores_the_trained_prefix_of_a_left_to_right_rack_and_says_so(half_trained: Project):
+    import json
+
+    from stackwise_cli.evaluate.eval import evaluate
+
+    root = half_trained.root
+    r = cli("eval", "-p", root, "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert [s["id"] for s in data["per_stack"]] == [0] and data["left_out"] == [1]
+    assert data["loss"] == pytest.approx(data["per_stack"][0]["loss"])
+    plain = cli("eval", "-p", root)
+    assert plain.exit_code == 0, plain.output
+    assert "scored the trained prefix only (stacks 0)" in plain.stdout and f"train-stack 1 -p {root}" in plain.stdout
+    set_states(half_trained, s1="training")  # a run of stack 1 began and has not finished: still left out
+    assert evaluate(half_trained, device="cpu").left_out == [1]
+    set_states(half_trained, s0="training")  # nothing trained left to score
+    refused(cli("eval", "-p", root), "eval would score untrained weights", "0 (training), 1 (training)")
+
+
+def test_eval_of_a_fully_trained_rack_leaves_nothing_out(half_trained: Project):
+    from stackwise_cli.evaluate.eval import evaluate
+
+    set_states(half_trained, s1="frozen")  # frozen holds finished weights: accepted
+    r = evaluate(half_trained, device="cpu")
+    assert [s.id for s in r.per_stack] == [0, 1] and r.left_out == []
+
+
+@pytest.mark.parametrize(
+    "args, what",
+    [
+        (["fuse"], "fuse would export"),
+        (["fuse", "--finetune-steps", "2"], "fuse would export"),
+        (["generate", "--max-new-tokens", "4"], "generate would sample from"),
+    ],
+)
+def test_fuse_and_generate_refuse_untrained_stacks_naming_the_command(half_trained: Project, args, what):
+    root = half_trained.root
+    refused(cli(*args, "-p", root), f"{what} untrained weights: stack(s) 1 (new)", f"stackwise train-stack 1 -p {root}")
+    set_states(half_trained, s1="training")
+    refused(cli(*args, "-p", root), "1 (training)", "a run has not finished", f"stackwise train-stack 1 -p {root}")
+    assert not (root / "fused").exists() and half_trained.load().fused is None
+    assert not (root / "ckpt" / "finetune").exists()  # refused before a fine-tune began
+
+
+def test_other_curricula_refuse_to_score_a_partly_trained_rack(project: Project):
+    import dataclasses
+
+    from stackwise_cli.train.grow import grow
+    from stackwise_cli.train.loop import train_stack
+
+    with project.update() as m:
+        m.recipe = dataclasses.replace(m.recipe, curriculum="right-to-left")
+    grow(project, "left")
+    train_stack(project, 0, steps=2, device="cpu")
+    grow(project, "left")  # id 1, in front of the trained suffix
+    root = project.root
+    refused(cli("eval", "-p", root), "eval would score untrained weights: stack(s) 1 (new)", "train-stack 1 -p")

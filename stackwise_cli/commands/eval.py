@@ -9,7 +9,7 @@ from stackwise_cli.commands.options import DeviceOpt, JsonOpt, ProjectOpt
 from stackwise_cli.console import CliReporter, out, print_json, print_table
 
 
-def render_eval(result) -> None:
+def render_eval(result, project: Path = Path(".")) -> None:
     what = {"clm": "next-token loss", "mlm": "masked-token loss", "diffusion": "masked loss at the stack's t"}
     if result.causal_readout == "mask":  # a masked rack read causally (--causal)
         what["clm"] = "next-token loss via a [MASK] at the next position"
@@ -31,6 +31,13 @@ def render_eval(result) -> None:
     headline = "ELBO bound" if result.objective == "diffusion" else "loss"
     acc = f", accuracy {result.accuracy:.4f}" if result.accuracy is not None else ""
     out.print(f"{headline} {result.loss:.4f} nats/token (perplexity {result.perplexity:.2f}){acc}")
+    if result.left_out:
+        scored = ", ".join(str(r.id) for r in result.per_stack)
+        left = ", ".join(str(i) for i in result.left_out)
+        out.print(
+            f"scored the trained prefix only (stacks {scored}); not trained yet, left out: stacks {left} "
+            f"(`stackwise train-stack {result.left_out[0]} -p {project}` trains the next)"
+        )
 
 
 def eval_(
@@ -54,4 +61,4 @@ def eval_(
     if json_:
         print_json(result.to_data())
     else:
-        render_eval(result)
+        render_eval(result, project)

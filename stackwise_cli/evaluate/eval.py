@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.evaluate.causal import masked_next_token_logits
+from stackwise_cli.evaluate.trained import require_trained, trained_prefix
+from stackwise_cli.model.model import Rack
 from stackwise_cli.progress import QUIET, Reporter
-from stackwise_cli.store.manifest import Manifest
+from stackwise_cli.store.manifest import Manifest, StackEntry
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_token_shard
 from stackwise_cli.store.weights import load_current_rack
@@ -55,9 +57,22 @@ class EvalResult:
     # Causal scoring: how token i+1 is read. "shifted": from position i (clm training); "mask": from a [MASK] at
     # position i+1 that sees 0..i (mlm and diffusion are trained to predict the token under a [MASK]). None: not causal.
     causal_readout: str | None = "shifted"
+    # Stacks not scored (left to right: the untrained stacks after the trained prefix, in rack order); empty when
+    # the whole rack was scored.
+    left_out: list[int] = field(default_factory=list)
 
     def to_data(self) -> dict:
         return asdict(self)
+
+
+def scored_stacks(project: Project, m: Manifest) -> list[StackEntry]:
+    """The stacks eval scores: all of them when all are trained; left to right, the trained prefix (each of its
+    stacks was trained with the head reading its output, so it is a model of its own); else a ProjectError naming
+    the untrained stacks and the command that trains them (docs/objectives.md)."""
+    k = trained_prefix(m)
+    if k < len(m.rack) and (k == 0 or m.recipe.curriculum != "left-to-right"):
+        require_trained(project, m, "eval would score")
+    return m.rack[:k]
 
 
 def val_tokens(project: Project, m: Manifest, split: str, max_sequences: int | None) -> np.ndarray:
@@ -139,8 +154,12 @@ def evaluate(
         raise ProjectError(f"no split {split!r} (have: {', '.join(m.data.splits)})")
     if max_sequences is not None and max_sequences < 1:
         raise ProjectError(f"--max-sequences must be >= 1, got {max_sequences}")
+    scored_stacks(project, m)  # refuses before any weights are read
     dev = pick_device(device)
     m, rack = load_current_rack(project, manifest=m)
+    entries = scored_stacks(project, m)  # the manifest may have moved on while the files were read
+    if len(entries) < len(m.rack):
+        rack = Rack(rack.cfg, rack.ends, list(rack.stacks[: len(entries)]), rack.ids[: len(entries)])
     rack = rack.to(dev).eval()
     recipe = m.recipe
     if causal and recipe.model.time_embedding:
@@ -161,16 +180,16 @@ def evaluate(
         return objective_for(scored_as, mask_id, vocab, ratio)
 
     if kind == "diffusion":
-        readout = [at(e.mask_ratio if e.mask_ratio is not None else 0.5) for e in m.rack]
+        readout = [at(e.mask_ratio if e.mask_ratio is not None else 0.5) for e in entries]
     else:
-        readout = [at(e.mask_ratio) for e in m.rack]
+        readout = [at(e.mask_ratio) for e in entries]
     # Stacks read out at the same corruption share one pass through the rack (clm and mlm: all of them).
     readers_of: dict[Objective, list[int]] = {}
     for i, obj in enumerate(readout):
         readers_of.setdefault(obj, []).append(i)
     grid = elbo_grid(recipe.diffusion.eval_points) if kind == "diffusion" else []
     grid_objectives = [at(ratio) for ratio in grid]
-    per_stack = [_Scores() for _ in m.rack]
+    per_stack = [_Scores() for _ in entries]
     per_t = [_Scores() for _ in grid]
     attn_causal = kind == "clm"
     with reporter.task(f"eval {split}", total=len(tokens)) as advance:
@@ -201,7 +220,7 @@ def evaluate(
     points = [TimePoint(ratio, s.mean(), s.accuracy(), s.loss / ratio / positions) for ratio, s in zip(grid, per_t)]
     readouts = [
         Readout(e.id, e.blocks, s.mean(), math.exp(min(s.mean(), 700.0)), obj.ratio)
-        for e, s, obj in zip(m.rack, per_stack, readout)
+        for e, s, obj in zip(entries, per_stack, readout)
     ]
     if kind == "diffusion":
         loss = sum(p.elbo_term for p in points) / len(points)
@@ -224,6 +243,7 @@ def evaluate(
         per_t=points,
         attention="causal" if attn_causal else "bidirectional",
         causal_readout=("mask" if from_mask else "shifted") if attn_causal else None,
+        left_out=[e.id for e in m.rack[len(entries) :]],
     )
 
 

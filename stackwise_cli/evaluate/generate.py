@@ -25,6 +25,7 @@ import torch
 
 from stackwise_cli.errors import ProjectError, StackwiseError
 from stackwise_cli.evaluate.causal import decode_stacks, mask_probe
+from stackwise_cli.evaluate.trained import require_trained
 from stackwise_cli.model.model import Rack
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.project import Project
@@ -461,6 +462,7 @@ def generate(
     m = project.load()
     if not m.rack:
         raise ProjectError("the rack is empty: nothing to generate with", hint="run `stackwise grow --side right`")
+    require_trained(project, m, "generate would sample from")
     recipe = m.recipe
     time = recipe.diffusion.time
     mode = resolve_mode(recipe.objective, time, causal, single_pass, recipe.curriculum)

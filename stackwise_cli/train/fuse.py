@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from stackwise_cli.data.tokenizer import EOS
 from stackwise_cli.errors import ProjectError
+from stackwise_cli.evaluate.trained import require_trained
 from stackwise_cli.model.hf import write_fused
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.manifest import FusedEntry, Manifest, StackRef
@@ -51,6 +52,7 @@ def fuse(
     m = project.load()
     if not m.rack:
         raise ProjectError("the rack is empty: nothing to fuse", hint="run `stackwise build`")
+    require_trained(project, m, "fuse would export")
     if finetune is None:
         from stackwise_cli.store.weights import load_current_rack
 
