@@ -73,10 +73,12 @@ def test_time_as_depth_cache_streams_one_stack_at_a_time_with_the_same_bits(proj
 
     live: weakref.WeakSet[Stack] = weakref.WeakSet()
     loads: list[tuple[int, int]] = []  # (stack id, stacks alive when it was asked for)
+    verified: list[bool] = []  # whether that load checked the file's checksum
     real = cache_mod.load_stack
 
     def counted(project_, manifest, stack_id, *a, **k):
         loads.append((stack_id, len(live)))
+        verified.append(k.get("verify", True))
         stack = real(project_, manifest, stack_id, *a, **k)
         live.add(stack)
         return stack
@@ -85,6 +87,7 @@ def test_time_as_depth_cache_streams_one_stack_at_a_time_with_the_same_bits(proj
     entry = cache_mod.build_cache(project, 3, "train")
     assert [sid for sid, _ in loads] == [0, 1, 2] * n_shards  # the prefix, in order, for every shard
     assert max(alive for _, alive in loads) == 0  # each stack freed before the next one is loaded
+    assert verified == [True] * 3 + [False] * 3 * (n_shards - 1)  # each file hashed once, not once per shard
 
     for i, shard in enumerate(entry.shards):
         cached = read_hidden_shard(project.path(shard.file)).hidden  # fp32 cache: exact values

@@ -96,18 +96,23 @@ def _fresh_left_cache(project: Project, m: Manifest, stack_id: int, split: str) 
 class _OneStack:
     """Loads prefix stacks onto the device one at a time: asking for another stack frees the one held first, so
     the cache stage never holds two stacks' weights; asking for the one held reuses it (a one-stack prefix, or
-    the incremental path, loads its stack once for every shard)."""
+    the incremental path, loads its stack once for every shard). A file is checked against the manifest the first
+    time it is loaded: hashing a large stack again for every shard would cost more than reading it, and a stack
+    rewritten since changes its manifest checksum, which makes the whole cache stale anyway."""
 
     def __init__(self, project: Project, m: Manifest, dev: torch.device):
         self.project, self.m, self.dev = project, m, dev
         self.id: int | None = None
         self.stack: torch.nn.Module | None = None
+        self.verified: set[int] = set()
 
     def get(self, stack_id: int) -> torch.nn.Module:
         if self.id != stack_id:
             self.id = self.stack = None  # drop the last reference before the next stack is allocated
-            self.stack = load_stack(self.project, self.m, stack_id).to(self.dev).eval()
+            verify = stack_id not in self.verified
+            self.stack = load_stack(self.project, self.m, stack_id, verify=verify).to(self.dev).eval()
             self.id = stack_id
+            self.verified.add(stack_id)
         return self.stack
 
 
