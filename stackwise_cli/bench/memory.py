@@ -369,14 +369,18 @@ def _measure(recipe_data: dict, stage: str, precision: str, steps: int, device: 
 
     losses = []
     for _ in range(steps):
-        with autocast(precision, dev):
-            loss = loss_fn()
         opt.zero_grad(set_to_none=True)
+        for _ in range(tr.grad_accum):  # as loop.run: grad_accum micro-batches (here the same one) per step
+            with autocast(precision, dev):
+                loss = loss_fn()
+            part = loss / tr.grad_accum if tr.grad_accum > 1 else loss
+            if scaler is not None:
+                scaler.scale(part).backward()
+            else:
+                part.backward()
+            del part
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(opt)
-        else:
-            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tr.grad_clip or float("inf"))
         if scaler is not None:
             scaler.step(opt)
