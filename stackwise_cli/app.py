@@ -61,6 +61,7 @@ bench_app.command("attention")(handled(bench.attention))
 bench_app.command("kernels")(handled(bench.kernels))
 bench_app.command("plan")(handled(bench.plan))
 bench_app.command("memory")(handled(bench.memory))
+bench_app.command("compare")(handled(bench.compare))
 app.add_typer(bench_app, name="bench")
 
 

@@ -293,3 +293,37 @@ def memory(
     if not res.loss_decreased:
         out.print("the loss did not go down over the steps")
     out.print(f"measured as: {res.memory_how}; {res.wall_s:.1f} s")
+
+
+def compare(
+    spec: Annotated[Path, typer.Argument(help="Comparison spec YAML (docs/science.md).")],
+    out_dir: Annotated[
+        Path | None, typer.Option("-o", "--out", help="Output folder (default: the spec's out:).")
+    ] = None,
+    arm: Annotated[
+        str | None, typer.Option("--arm", help="Run this arm only (one Slurm array task), then report.")
+    ] = None,
+    report: Annotated[bool, typer.Option("--report", help="Run nothing: gather the finished arms' table.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto (GPU if present), cpu, cuda or cuda:N.")] = "auto",
+    json_: JsonOpt = False,
+) -> None:
+    """Train every arm of SPEC at one FLOP budget on the same data, score all on the same val split, report a table
+    and a plot of val loss against FLOPs (docs/science.md). Rerun to resume: finished arms are skipped."""
+    from stackwise_cli.bench.compare import COLUMNS, table_rows
+    from stackwise_cli.bench.compare import compare as run
+    from stackwise_cli.console import CliReporter
+    from stackwise_cli.errors import StackwiseError
+
+    if arm is not None and report:
+        raise StackwiseError("--arm runs one arm and --report runs none: pass one of them")
+    r = run(spec, out_dir, arm, report, device, CliReporter(quiet=json_))
+    if json_:
+        print_json(r.to_data())
+        return
+    print_table(f"{r.spec}: budget {r.budget_flops:.4g} FLOPs per arm", COLUMNS, table_rows(r))
+    if r.arms:
+        how = "; ".join(sorted({a["peak_how"] for a in r.arms}))
+        out.print(f"peak MiB measured as {how}; plan MiB from the memory planner")
+        out.print(f"wrote {r.files['markdown']}, {r.files['plot']}, {r.files['json']}")
+    for name in r.missing:
+        out.print(f"not finished: {name} (run `stackwise bench compare {spec} -o {r.out} --arm {name}`)")

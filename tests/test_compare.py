@@ -1,0 +1,231 @@
+"""`stackwise bench compare`: the spec's bad input, FLOP-matched steps, a tiny three-arm run that resumes, and the
+evaluator held to `stackwise eval`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import TINY
+from typer.testing import CliRunner
+
+from stackwise_cli.app import app
+from stackwise_cli.bench import compare as cmp
+from stackwise_cli.bench.peer import next_token_loss, peer_model, score_folder, train_peer
+from stackwise_cli.bench.plan import plan
+from stackwise_cli.build import build
+from stackwise_cli.evaluate.eval import evaluate, val_tokens
+from stackwise_cli.recipe import recipe_from_data
+
+ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", "STACKWISE_DEBUG": None}
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def write_spec(tmp_path, arms, budget=None, **extra):
+    """A recipe (the tiny one, 10 steps a stack) and a spec over it in tmp_path; returns the spec's path."""
+    recipe = copy.deepcopy(TINY)
+    recipe["train"].update(steps=10, warmup_steps=1)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    spec = {
+        "budget": budget or {"like": arms[0]["name"]},
+        "out": str(tmp_path / "out"),
+        "eval": {"max_sequences": 32, "batch_size": 32, "peer_points": 3},
+        "arms": [{"recipe": "tiny.yaml", **a} for a in arms],
+        **extra,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
+
+
+def error_text(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    text = ANSI.sub("", result.stderr)
+    assert sum(line.startswith("error:") for line in text.splitlines()) == 1, text
+    return text
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_unknown_keys_name_the_arm_and_the_key(tmp_path):
+    spec = write_spec(tmp_path, [{"name": "l2r"}, {"name": "e2e", "sett": {"curriculum": "end-to-end"}}])
+    text = error_text(cli("bench", "compare", spec))
+    assert "arms[1] 'e2e'.sett: unknown key" in text
+    spec = write_spec(tmp_path, [{"name": "l2r"}, {"name": "e2e", "set": {"train.lrr": 0.1}}])
+    text = error_text(cli("bench", "compare", spec))
+    assert "arms[1] 'e2e'" in text and "train.lrr: unknown key" in text
+    spec = write_spec(tmp_path, [{"name": "l2r"}], extra_top=1)
+    assert "extra_top: unknown key" in error_text(cli("bench", "compare", spec))
+    assert not (tmp_path / "out").exists()  # refused before anything was made
+
+
+def test_a_recipe_that_does_not_validate_names_the_arm(tmp_path):
+    spec = write_spec(tmp_path, [{"name": "l2r"}, {"name": "bad", "set": {"train.lr": -1}}])
+    text = error_text(cli("bench", "compare", spec))
+    assert "arms[1] 'bad'" in text and "train.lr: must be > 0" in text
+
+
+def test_arms_with_different_tokenizers_or_data_are_refused(tmp_path):
+    arms = [{"name": "a"}, {"name": "b", "set": {"model.vocab_size": 1024}}, {"name": "c", "set": {"data.seq_len": 16}}]
+    with pytest.raises(cmp.CompareError) as e:
+        cmp.load_comparison(write_spec(tmp_path, arms))
+    lines = e.value.message.splitlines()
+    assert any("arms[1] 'b'" in x and "model.vocab_size: 1024 differs from arm 'a''s 512" in x for x in lines)
+    assert any("arms[2] 'c'" in x and "data.seq_len: 16 differs" in x for x in lines)
+    # set alike for every arm under data.set, the data keys are shared and the spec is fine
+    ok = write_spec(tmp_path, [{"name": "a"}, {"name": "b"}], data={"set": {"seq_len": 16}})
+    assert {a.recipe.data.seq_len for a in cmp.load_comparison(ok).arms} == {16}
+
+
+def test_budget_like_must_name_an_arm_and_budget_needs_one_of_flops_or_like(tmp_path):
+    with pytest.raises(cmp.CompareError, match=r"budget.like: no arm named 'nope'"):
+        cmp.load_comparison(write_spec(tmp_path, [{"name": "a"}], budget={"like": "nope"}))
+    with pytest.raises(cmp.CompareError, match="exactly one of flops"):
+        cmp.load_comparison(write_spec(tmp_path, [{"name": "a"}], budget={"like": "a", "flops": 1e9}))
+
+
+def test_a_budget_too_small_for_one_step_names_the_arm_and_keeps_the_data(tmp_path):
+    spec = write_spec(tmp_path, [{"name": "e2e", "set": {"curriculum": "end-to-end"}}], budget={"flops": 1e6})
+    text = error_text(cli("bench", "compare", spec))
+    assert "arms[0] 'e2e'" in text and "budget.flops 1e+06 is too small for one step" in text
+    assert (tmp_path / "out" / "data-project" / "stackwise.yaml").exists()  # prepared once, kept for the rerun
+    assert not (tmp_path / "out" / "arms").exists()
+
+
+# --- FLOPs -----------------------------------------------------------------------------------------------------
+
+
+def test_like_gives_every_arm_the_reference_flops_within_one_step(tmp_path):
+    arms = [
+        {"name": "l2r"},
+        {"name": "e2e", "set": {"curriculum": "end-to-end"}},
+        {"name": "r2l", "set": {"curriculum": "right-to-left"}},
+        {"name": "peer", "kind": "peer"},
+        {"name": "wide", "set": {"curriculum": "end-to-end", "model.d_model": 64, "model.d_ff": 128}},
+    ]
+    c = cmp.load_comparison(write_spec(tmp_path, arms))
+    plans = {p.arm.name: p for p in cmp.plan_arms(c, train_tokens=150_000)}
+    ref = plans["l2r"]
+    assert ref.steps == 10 and ref.fixed_steps  # the reference runs at its recipe's steps
+    for name, p in plans.items():
+        step = cmp.total_flops(p.stages, p.steps + 1) - cmp.total_flops(p.stages, p.steps)
+        assert abs(p.flops - ref.flops) <= 0.5 * step + 1, name  # nearest whole step
+        assert p.steps >= 1
+    # the FLOPs are the planner's: end to end runs rack.stacks x train.steps steps of its whole-model stage
+    e2e = plans["e2e"]
+    per_step = plan(e2e.recipe, 1 << 50).stage("end-to-end").flops_per_step
+    assert e2e.flops == pytest.approx(e2e.recipe.rack.stacks * e2e.steps * per_step)
+    assert e2e.recipe.train.steps == e2e.steps  # written into the arm's recipe
+    assert plans["wide"].steps < e2e.steps  # a wider model gets fewer steps for the same FLOPs
+
+
+# --- a run -----------------------------------------------------------------------------------------------------
+
+
+def test_three_arms_run_report_and_resume_without_retraining(tmp_path, monkeypatch):
+    arms = [{"name": "l2r"}, {"name": "e2e", "set": {"curriculum": "end-to-end"}}, {"name": "peer", "kind": "peer"}]
+    spec = write_spec(tmp_path, arms)
+    out = tmp_path / "out"
+
+    # one arm, as one Slurm array task would
+    r = cmp.compare(spec, arm="l2r", device="cpu")
+    assert [a["name"] for a in r.arms] == ["l2r"] and r.missing == ["e2e", "peer"]
+
+    import stackwise_cli.bench.peer as peer_mod
+    import stackwise_cli.train.loop as loop
+
+    trained = []
+    real_train_stack = loop.train_stack
+
+    def counting(project, stack_id, *a, **k):
+        trained.append((project.root.parent.name, stack_id))
+        return real_train_stack(project, stack_id, *a, **k)
+
+    import stackwise_cli.build as build_mod
+
+    monkeypatch.setattr(loop, "train_stack", counting)
+    monkeypatch.setattr(build_mod, "train_stack", counting)
+    r = cmp.compare(spec, device="cpu")
+    assert trained == [("e2e", "all")]  # l2r finished earlier: skipped, not retrained
+    assert [a["name"] for a in r.arms] == ["l2r", "e2e", "peer"] and not r.missing
+
+    data = json.loads((out / "results.json").read_text())
+    by = {a["name"]: a for a in data["arms"]}
+    budget = data["budget_flops"]
+    assert budget == by["l2r"]["flops"]
+    for a in data["arms"]:
+        assert abs(a["flops"] / budget - 1) < 0.05, a["name"]
+        assert np.isfinite(a["val_loss"]) and a["val_loss"] < np.log(512)  # learned something
+        assert a["peak_bytes"] > 0 and a["planned_peak_bytes"] > 0
+        assert a["val_sequences"] == 32
+    # the curve: one point per stack (cumulative FLOPs, rising, ending at the arm's total), e2e's final point, the
+    # peer's own eval points
+    xs = [p["flops"] for p in by["l2r"]["points"]]
+    assert len(xs) == 2 and xs[0] < xs[1] == pytest.approx(by["l2r"]["flops"])
+    assert len(by["e2e"]["points"]) == 1 and len(by["peer"]["points"]) == 3
+    assert by["peer"]["points"][-1]["flops"] == pytest.approx(by["peer"]["flops"])
+    md = (out / "results.md").read_text()
+    assert all(f"| {name} |" in md for name in by)
+    assert (out / "loss_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # rerun: nothing trains again, the results are the same files
+    stamps = {n: (out / "arms" / n / "result.json").stat().st_mtime_ns for n in by}
+    monkeypatch.setattr(peer_mod, "train_peer", lambda *a, **k: pytest.fail("the peer trained again"))
+    trained.clear()
+    result = cli("bench", "compare", spec, "--json")
+    assert result.exit_code == 0, result.output
+    assert trained == []
+    assert {n: (out / "arms" / n / "result.json").stat().st_mtime_ns for n in by} == stamps
+    assert [a["name"] for a in json.loads(result.stdout)["arms"]] == ["l2r", "e2e", "peer"]
+    table = cli("bench", "compare", spec, "--report")
+    assert table.exit_code == 0 and "peer" in table.stdout and "val loss" in table.stdout
+
+    # a spec changed under a finished arm is refused, naming the arm and what changed; nothing is removed
+    arms[1]["set"]["train.lr"] = 0.02
+    spec = write_spec(tmp_path, arms)
+    text = error_text(cli("bench", "compare", spec, "--report"))
+    assert "arm 'e2e' finished under another spec" in text and "train.lr was 0.01, now 0.02" in text
+    assert (out / "arms" / "e2e" / "result.json").exists()
+
+
+# --- the evaluator and the peer --------------------------------------------------------------------------------
+
+
+def test_the_hf_evaluator_on_a_fused_export_equals_stackwise_eval(project):
+    build(project, device="cpu")
+    m = project.load()
+    tokens = val_tokens(project, m, "val", 64)
+    ours = evaluate(project, max_sequences=64, device="cpu").loss
+    theirs = score_folder(project.path("fused"), tokens, 16, torch.device("cpu"))
+    assert theirs == pytest.approx(ours, abs=1e-4)
+
+
+def test_the_peer_is_deterministic_and_learns(project):
+    m = project.load()
+    recipe = recipe_from_data({**copy.deepcopy(TINY), "name": "peer"}, "tiny")
+    stream = np.concatenate([np.asarray(s) for s in val_tokens(project, m, "train", 200)]).reshape(-1)
+    val = val_tokens(project, m, "val", 32)
+    dev = torch.device("cpu")
+    runs = []
+    for _ in range(2):
+        model = peer_model(recipe, m.tokenizer.eos_id, m.tokenizer.pad_id, seed=0)
+        before = next_token_loss(model, val, 32, dev)
+        score = lambda mod: next_token_loss(mod, val, 32, dev)  # noqa: B023
+        runs.append(train_peer(model, stream, recipe.train, 32, 12, dev, {6, 12}, score))
+    assert runs[0].losses == runs[1].losses and runs[0].points == runs[1].points
+    assert [s for s, _ in runs[0].points] == [6, 12]
+    assert runs[0].points[-1][1] < before - 0.5
+    assert runs[0].tokens == 12 * recipe.train.batch_size * 32
+    n_layers = recipe.rack.stacks * recipe.rack.blocks_per_stack
+    assert model.config.num_hidden_layers == n_layers and model.config.hidden_size == recipe.model.d_model
