@@ -192,3 +192,72 @@ def test_other_curricula_refuse_to_score_a_partly_trained_rack(project: Project)
     grow(project, "left")  # id 1, in front of the trained suffix
     root = project.root
     refused(cli("eval", "-p", root), "eval would score untrained weights: stack(s) 1 (new)", "train-stack 1 -p")
+
+
+# --- eval --fused: the model users load after a fine-tune -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model, bidirectional",
+    [({}, False), ({"family": "gpt2", "n_kv_heads": 4}, False), ({"family": "bert", "n_kv_heads": 4}, True)],
+)
+def test_fused_tensors_read_back_into_the_rack_exactly(model, bidirectional):
+    from test_generate import make_rack
+
+    from stackwise_cli.errors import CorruptFileError
+    from stackwise_cli.evaluate.fused import load_hf_tensors_into
+    from stackwise_cli.model.hf import hf_state_dict
+    from stackwise_cli.model.model import Ends, Rack, Stack
+
+    rack = make_rack(2, **model)
+    exported = hf_state_dict(rack, bidirectional)
+
+    def blank() -> Rack:
+        return Rack(rack.cfg, Ends(rack.cfg), [Stack(rack.cfg, 1, s.attn) for s in rack.stacks], [0, 1])
+
+    back = load_hf_tensors_into(blank(), exported, bidirectional, "fused/model.safetensors").state_dict()
+    assert back.keys() == rack.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in rack.state_dict().items())
+    missing = dict(exported)
+    name = sorted(missing)[0]
+    del missing[name]
+    with pytest.raises(CorruptFileError, match=f"fused/model.safetensors: tensor {name} is missing"):
+        load_hf_tensors_into(blank(), missing, bidirectional, "fused/model.safetensors")
+
+
+def test_eval_fused_scores_the_fine_tuned_model_as_transformers_does(project: Project):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from stackwise_cli.evaluate.eval import evaluate, val_tokens
+    from stackwise_cli.train.finetune import finetune_spec
+    from stackwise_cli.train.fuse import fuse
+    from stackwise_cli.train.grow import grow
+    from stackwise_cli.train.loop import train_stack
+
+    root = project.root
+    grow(project, "right")
+    train_stack(project, 0, steps=3, device="cpu")
+    rack = evaluate(project, device="cpu")
+    refused(cli("eval", "--fused", "-p", root), "no fused model", "stackwise fuse")
+    fuse(project, finetune_spec(5), device="cpu")
+    recorded = project.load().fused.val_loss  # the fine-tuning fuse scored fused/ itself
+    r = cli("eval", "--fused", "--json", "-p", root)
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["model"] == "fused" and data["tokens"] == rack.tokens
+    assert abs(data["loss"] - rack.loss) > 1e-3, (data["loss"], rack.loss)  # fine-tuned: not the rack
+    assert recorded == pytest.approx(data["loss"]) and project.load().fused.val_loss == pytest.approx(data["loss"])
+    assert evaluate(project, device="cpu").loss == pytest.approx(rack.loss)  # eval without --fused: the rack
+    # transformers' own model on the fused folder, scored on the same sequences: the same next-token loss.
+    m = project.load()
+    tokens = torch.from_numpy(val_tokens(project, m, "val", m.recipe.eval.max_sequences).astype("int64"))
+    hf = AutoModelForCausalLM.from_pretrained(root / "fused").float().eval()
+    with torch.no_grad():
+        logits = hf(tokens).logits[:, :-1]
+    theirs = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    assert data["loss"] == pytest.approx(float(theirs), rel=1e-4, abs=1e-5)
+    # A rack changed since the fuse makes fused/ stale: refused rather than scored as if current.
+    train_stack(project, 0, steps=2, device="cpu", resume="never")
+    refused(cli("eval", "--fused", "-p", root), "fused from an earlier rack", "stackwise fuse")

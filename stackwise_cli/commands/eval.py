@@ -17,8 +17,9 @@ def render_eval(result, project: Path = Path(".")) -> None:
         [r.id, r.blocks, r.mask_ratio if r.mask_ratio is not None else "-", r.loss, r.perplexity]
         for r in result.per_stack
     ]
+    model = "fused/ " if result.model == "fused" else ""
     print_table(
-        f"{result.split} ({result.objective}, {result.attention}): {what[result.objective]} after each stack",
+        f"{model}{result.split} ({result.objective}, {result.attention}): {what[result.objective]} after each stack",
         ["stack id", "blocks", "mask ratio", "loss", "perplexity"],
         rows,
     )
@@ -48,6 +49,14 @@ def eval_(
     causal: Annotated[
         bool, typer.Option("--causal", help="Score a bidirectionally trained rack as a causal LM (next-token loss).")
     ] = False,
+    fused: Annotated[
+        bool,
+        typer.Option(
+            "--fused",
+            help="Score the model in fused/ (after fuse --finetune-steps, the one users load), not the rack; "
+            "records its validation loss in the manifest.",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
@@ -57,7 +66,7 @@ def eval_(
     from stackwise_cli.evaluate.eval import evaluate
     from stackwise_cli.store.project import Project
 
-    result = evaluate(Project(project), split, max_sequences, device, CliReporter(quiet=json_), causal)
+    result = evaluate(Project(project), split, max_sequences, device, CliReporter(quiet=json_), causal, fused)
     if json_:
         print_json(result.to_data())
     else:

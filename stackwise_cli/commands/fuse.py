@@ -54,6 +54,7 @@ def fuse(
             "lora_rank": entry.lora_rank,
             "lora_alpha": entry.lora_alpha,
             "loss": entry.finetune_loss,
+            "val_loss": entry.val_loss,
         }
     if json_:
         print_json(
@@ -67,5 +68,6 @@ def fuse(
     else:
         how = ""
         if tuned is not None:
-            how = f", fine-tuned ({tuned['mode']}, {tuned['steps']} steps, loss {tuned['loss']:.4f})"
+            val = "" if tuned["val_loss"] is None else f", validation loss {tuned['val_loss']:.4f}"
+            how = f", fine-tuned ({tuned['mode']}, {tuned['steps']} steps, loss {tuned['loss']:.4f}{val})"
         out.print(f"fused {len(entry.stacks)} stack(s) into {Path(project) / entry.dir}{how} (loads with transformers)")

@@ -60,6 +60,7 @@ class EvalResult:
     # Stacks not scored (left to right: the untrained stacks after the trained prefix, in rack order); empty when
     # the whole rack was scored.
     left_out: list[int] = field(default_factory=list)
+    model: str = "rack"  # what was scored: the rack's files, or the model in fused/ (--fused)
 
     def to_data(self) -> dict:
         return asdict(self)
@@ -137,6 +138,7 @@ def evaluate(
     device: str = "auto",
     reporter: Reporter = QUIET,
     causal: bool = False,
+    fused: bool = False,
 ) -> EvalResult:
     """The rack's validation loss by its objective, with the readout after each stack.
 
@@ -146,6 +148,9 @@ def evaluate(
     ``causal``: score a bidirectionally trained rack as a causal LM (next-token loss, causal attention). An mlm or
     diffusion rack predicts the token under a ``[MASK]``, so token i+1 is read from a ``[MASK]`` at position i+1
     that sees tokens 0..i (``evaluate/causal.py``: about twice the work of a causal forward, position by position).
+    ``fused``: score the model in fused/ (what `fuse --finetune-steps` fine-tuned, and what users load) instead of
+    the rack's files; scored on split val with the defaults, its loss is recorded as the manifest's
+    ``fused.val_loss``.
     """
     m = project.load()
     if not m.rack:
@@ -154,12 +159,17 @@ def evaluate(
         raise ProjectError(f"no split {split!r} (have: {', '.join(m.data.splits)})")
     if max_sequences is not None and max_sequences < 1:
         raise ProjectError(f"--max-sequences must be >= 1, got {max_sequences}")
-    scored_stacks(project, m)  # refuses before any weights are read
     dev = pick_device(device)
-    m, rack = load_current_rack(project, manifest=m)
-    entries = scored_stacks(project, m)  # the manifest may have moved on while the files were read
-    if len(entries) < len(m.rack):
-        rack = Rack(rack.cfg, rack.ends, list(rack.stacks[: len(entries)]), rack.ids[: len(entries)])
+    if fused:
+        from stackwise_cli.evaluate.fused import load_fused
+
+        rack, entries = load_fused(project, m), m.rack  # fused/ is whole: fuse refuses untrained stacks
+    else:
+        scored_stacks(project, m)  # refuses before any weights are read
+        m, rack = load_current_rack(project, manifest=m)
+        entries = scored_stacks(project, m)  # the manifest may have moved on while the files were read
+        if len(entries) < len(m.rack):
+            rack = Rack(rack.cfg, rack.ends, list(rack.stacks[: len(entries)]), rack.ids[: len(entries)])
     rack = rack.to(dev).eval()
     recipe = m.recipe
     if causal and recipe.model.time_embedding:
@@ -231,7 +241,7 @@ def evaluate(
     else:
         loss, scored = per_stack[-1].mean(), per_stack[-1].count
         accuracy = per_stack[-1].accuracy()
-    return EvalResult(
+    result = EvalResult(
         split,
         loss,
         math.exp(min(loss, 700.0)),
@@ -244,7 +254,13 @@ def evaluate(
         attention="causal" if attn_causal else "bidirectional",
         causal_readout=("mask" if from_mask else "shifted") if attn_causal else None,
         left_out=[e.id for e in m.rack[len(entries) :]],
+        model="fused" if fused else "rack",
     )
+    if fused and split == "val" and not causal and max_sequences == recipe.eval.max_sequences:
+        with project.update(f"eval --fused -> fused.val_loss {loss:.4f}") as mm:
+            if mm.fused is not None and mm.fused.sha256 == m.fused.sha256:  # still the fused/ that was scored
+                mm.fused.val_loss = loss
+    return result
 
 
 def unigram_entropy(project: Project, split: str = "val") -> float:

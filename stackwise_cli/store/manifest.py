@@ -136,6 +136,9 @@ class FusedEntry:
     lora_rank: int | None = None
     lora_alpha: float | None = None
     finetune_loss: float | None = None  # the mean training loss of the last logged steps
+    # The validation loss of fused/ itself, as `eval --fused` scores it (split val, eval.max_sequences, the recipe's
+    # objective); written by `eval --fused` and by a fine-tuning fuse. None: not scored yet.
+    val_loss: float | None = None
 
 
 @dataclass(kw_only=True)

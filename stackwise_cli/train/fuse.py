@@ -47,8 +47,9 @@ def fuse(
     stop_at: int | None = None,
 ) -> FusedEntry:
     """Write ``fused/`` from the current ends and rack; with ``finetune``, first fine-tune the assembled model end to
-    end (see ``train/finetune.py``; ``device``, ``precision``, ``resume`` and ``stop_at`` apply to it). The
-    project's stack and ends files are never changed."""
+    end (see ``train/finetune.py``; ``device``, ``precision``, ``resume`` and ``stop_at`` apply to it), then score
+    fused/ on the validation split (``fused.val_loss``, as ``eval --fused``). The project's stack and ends files are
+    never changed."""
     m = project.load()
     if not m.rack:
         raise ProjectError("the rack is empty: nothing to fuse", hint="run `stackwise build`")
@@ -66,7 +67,11 @@ def fuse(
         m, done = run(project, finetune, device, precision, resume, reporter, stop_at)
         entry = _write(project, m, done.merged, finetune, done.result.last_loss, f" {finetune.label()}")
         clear_checkpoints(project)  # fused/ and the manifest now hold the result
-    return entry
+    # The fine-tuned model is no longer the rack: score fused/ itself, which records it as fused.val_loss.
+    from stackwise_cli.evaluate.eval import evaluate
+
+    evaluate(project, device=device, reporter=reporter, fused=True)
+    return project.load().fused or entry
 
 
 def _write(
