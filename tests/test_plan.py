@@ -332,3 +332,15 @@ def test_lora_activation_estimate_matches_what_autograd_saves(precision):
     if precision == "bf16":  # autocast's bf16 copies of the adapters, the plan's "weights" row
         expected += 2 * sum(p.numel() for p in stack.parameters() if p.requires_grad)
     assert sum(saved.values()) == pytest.approx(expected, rel=0.05)
+
+
+def test_frozen_norm_weights_stay_fp32_in_every_storage():
+    """frozen.freeze replaces only linear layers: a norm weight of a bf16, fp8 or 4-bit suffix is still fp32."""
+    from stackwise_cli.bench.plan import FROZEN_DTYPES, Params, frozen_bytes
+    from stackwise_cli.train.frozen import freeze
+
+    stack = Stack(load_recipe(TINY).model, 1, load_recipe(TINY).attention)
+    for dtype in FROZEN_DTYPES:
+        assert frozen_bytes(Params.of([(64,)]), dtype) == 4 * 64, dtype
+    frozen = freeze(stack, "bf16")
+    assert {p.dtype for n, p in frozen.named_parameters() if "norm" in n} == {torch.float32}

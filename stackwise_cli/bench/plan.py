@@ -274,12 +274,13 @@ def optimizer_step_bytes(p: Params, optimizer: str, device: str) -> float:
 def frozen_bytes(p: Params, dtype: str) -> float:
     """Storage of frozen tensors. Linear weights: fp32 4 B, bf16 2 B, fp8 1 B + one fp32 scale per output row,
     nf4/fp4 0.5 B + the bitsandbytes double-quantised absmax (1 B per 64 weights + 4 B per 64 * 256 weights).
-    Norm weights (1-D) stay 4 B (fp32) or 2 B (everything else)."""
+    Norm weights (1-D) and other tensors no matmul reads stay fp32, 4 B, in every storage (``frozen.freeze`` only
+    replaces linear layers; an earlier plan counted them at 2 B)."""
     total = 0.0
     for s, mm in p.tensors:
         n = numel(s)
         if not mm or dtype in ("fp32", "bf16"):
-            total += n * (4 if dtype == "fp32" else 2)
+            total += n * (4 if dtype == "fp32" or not mm else 2)
         elif dtype == "fp8":
             total += n + 4 * s[0]
         else:  # nf4, fp4
