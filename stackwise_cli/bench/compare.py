@@ -527,8 +527,8 @@ def train_tokens(dp: Project) -> int:
 
 
 def _arm_project(c: Comparison, ap: ArmPlan) -> Project:
-    """The arm's project: the data project's tokenizer and shards, copied, under the arm's recipe. The manifest is
-    written last, so a copy cut short is redone."""
+    """The arm's project: the data project's tokenizer and shards (hard links, or copies across filesystems) under
+    the arm's recipe. The manifest is written last, so a copy cut short is redone."""
     project = Project(c.arm_dir(ap.arm.name) / "project")
     if project.exists():
         have = project.load().recipe
@@ -545,7 +545,11 @@ def _arm_project(c: Comparison, ap: ArmPlan) -> Project:
     for rel in files:
         dst = project.path(rel)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(dp.path(rel), dst)
+        dst.unlink(missing_ok=True)  # a copy cut short
+        try:
+            os.link(dp.path(rel), dst)  # shards are only ever replaced by rename, never written in place
+        except OSError:
+            shutil.copyfile(dp.path(rel), dst)
     project.save(dataclasses.replace(m, recipe=ap.recipe, history=[]))
     return project
 
@@ -851,7 +855,7 @@ def _plot(report: Report, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")  # array tasks may report at once
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
