@@ -36,6 +36,7 @@ def build(
     inputs: list[Path] | None = None,
     device: str = "auto",
     reporter: Reporter = QUIET,
+    val_inputs: list[Path] | None = None,
 ) -> BuildResult:
     result = BuildResult()
     if not project.exists():
@@ -44,7 +45,7 @@ def build(
                 f"no project at {project.root} and no recipe to create one",
                 hint="pass --recipe recipes/llama/tiny.yaml",
             )
-        prepare(project, load_recipe(recipe, overrides), inputs, reporter=reporter)
+        prepare(project, load_recipe(recipe, overrides), inputs, reporter=reporter, val_inputs=val_inputs)
         result.ran.append("prepare")
     elif recipe is not None:
         wanted = load_recipe(recipe, overrides)

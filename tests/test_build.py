@@ -219,3 +219,18 @@ def test_an_init_error_names_where_the_init_came_from(project):
     with pytest.raises(ProjectError, match="^rack.init copy duplicates stack 0") as e:
         grow(project, blocks=3)
     assert "rack.init: random" in e.value.hint
+
+
+def test_build_takes_val_from_val_input(tmp_path, tiny_recipe_path):
+    from stackwise_cli.data.corpus import iter_documents
+
+    text = "\n".join(d.text for d in iter_documents([], 80_000))
+    (tmp_path / "train.txt").write_text(text[: len(text) // 2])
+    (tmp_path / "val.txt").write_text(text[len(text) // 2 :])
+    root = tmp_path / "proj"
+    args = ["build", "-p", str(root), "--recipe", str(tiny_recipe_path), "--set", "train.steps=4", "--json"]
+    args += ["--input", str(tmp_path / "train.txt"), "--val-input", str(tmp_path / "val.txt")]
+    result = CliRunner().invoke(app, args, env=ENV)
+    assert result.exit_code == 0, result.output
+    m = Project(root).load()
+    assert m.data.holdout.method == "val-input" and m.data.documents == {"train": 1, "val": 1}

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stackwise_cli.commands.eval import render_eval
-from stackwise_cli.commands.options import DeviceOpt, InputOpt, JsonOpt, ProjectOpt, RecipeOpt, SetOpt
+from stackwise_cli.commands.options import DeviceOpt, InputOpt, JsonOpt, ProjectOpt, RecipeOpt, SetOpt, ValInputOpt
 from stackwise_cli.console import CliReporter, out, print_json
 
 
@@ -11,6 +11,7 @@ def build(
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
     input_: InputOpt = None,
+    val_input: ValInputOpt = None,
     device: DeviceOpt = "auto",
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
@@ -22,7 +23,7 @@ def build(
     from stackwise_cli.build import build as run
     from stackwise_cli.store.project import Project
 
-    result = run(Project(project), recipe, set_, input_, device, CliReporter(quiet=json_))
+    result = run(Project(project), recipe, set_, input_, device, CliReporter(quiet=json_), val_input)
     if json_:
         print_json({"ran": result.ran, "eval": result.eval.to_data() if result.eval else None, "no_fuse": result.fused})
         return

@@ -18,3 +18,11 @@ InputOpt = Annotated[
     list[Path] | None,
     typer.Option("--input", help="Text file, folder, JSONL, Parquet or Arrow (repeatable). Default: built-in corpus."),
 ]
+ValInputOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--val-input",
+        help="Take the val split from this text file, folder, JSONL, Parquet or Arrow (repeatable); "
+        "all of --input is then train.",
+    ),
+]

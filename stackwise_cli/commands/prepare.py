@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from stackwise_cli.commands.options import InputOpt, JsonOpt, ProjectOpt, SetOpt
+from stackwise_cli.commands.options import InputOpt, JsonOpt, ProjectOpt, SetOpt, ValInputOpt
 from stackwise_cli.console import CliReporter, out, print_json
 
 
@@ -16,14 +16,7 @@ def prepare(
     tokenizer: Annotated[
         Path | None, typer.Option("--tokenizer", help="Use this tokenizer.json instead of training one.")
     ] = None,
-    val_input: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--val-input",
-            help="Take the val split from this text file, folder, JSONL, Parquet or Arrow (repeatable); "
-            "all of --input is then train.",
-        ),
-    ] = None,
+    val_input: ValInputOpt = None,
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
 ) -> None:
