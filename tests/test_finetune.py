@@ -354,7 +354,7 @@ def test_finetune_by_default_runs_what_bench_plan_plans(trained, monkeypatch, mo
     """The plan's fuse stages assume what the command does with no options: every block checkpointed
     (train.finetune_checkpointing), the LoRA base's linears in FINETUNE_BASE_STORAGE and the rest of the frozen
     model (norms, ends) in FINETUNE_ENDS_DTYPE; the bytes the live base holds are the plan's frozen row."""
-    from stackwise_cli.bench.plan import ActDtypes, PlanOptions, lora_base_bytes, plan
+    from stackwise_cli.bench.plan import ActDtypes, PlanOptions, dequantised_block_bytes, plan
     from stackwise_cli.train import frozen
     from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_ENDS_DTYPE
 
@@ -375,7 +375,8 @@ def test_finetune_by_default_runs_what_bench_plan_plans(trained, monkeypatch, mo
     rest = [p for p in done.model.parameters() if not p.requires_grad]
     assert {p.dtype for p in rest} == {dtypes[FINETUNE_ENDS_DTYPE]}
     held = sum(t.numel() * t.element_size() for t in [*rest, *(b.qweight for b in bases)])
-    one_block = lora_base_bytes(recipe.model, recipe.attention, ActDtypes.of("fp32"))  # dequantised, recomputed
+    # one block's base weights dequantised to fp32 while it is recomputed
+    one_block = dequantised_block_bytes(recipe.model, recipe.attention, ActDtypes.of("fp32"), "bf16")
     assert planned.bytes["frozen"] == held + one_block
 
 

@@ -137,9 +137,11 @@ def test_nf4_suffix_is_smaller_than_bf16():
     counts = param_counts(r)
     block_matmul = counts["block"] - 2 * r.model.d_model  # the two norm weights are not matmul weights
     # the suffix in bf16, the frozen final norm and head in fp32 (with a suffix only the new stack and embedding
-    # train, as train/loop.py does), and one block's weights dequantised and cast to bf16 for its backward
+    # train, as train/loop.py does), and one block's weights dequantised and cast to bf16 for its backward (all but
+    # o and down, which read bf16 inputs and use the stored weight: the next test)
     head_and_norm = counts["head"] + counts["final_norm"]
-    assert by["bf16"] == pytest.approx(2 * suffix + 4 * head_and_norm + 2 * block_matmul, rel=1e-3)
+    o_and_down = r.model.d_model * (r.model.n_heads * r.model.head_dim + r.model.ffn_dim)
+    assert by["bf16"] == pytest.approx(2 * suffix + 4 * head_and_norm + 2 * (block_matmul - o_and_down), rel=1e-3)
     nf4_suffix = by["nf4"] - 4 * head_and_norm  # + one dequantised layer
     assert nf4_suffix / suffix == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), abs=0.01)
 
@@ -305,7 +307,7 @@ def test_grad_accum_multiplies_tokens_and_flops_per_step_not_bytes():
 def test_lora_activation_estimate_matches_what_autograd_saves(precision):
     """A LoRA fine-tune's blocks as train/finetune.py builds them (bf16 FrozenLinear base, rank-r adapters, fp32
     residual): the plan's per-block bytes plus the dequantised base weights each block keeps for backward."""
-    from stackwise_cli.bench.plan import lora_base_bytes
+    from stackwise_cli.bench.plan import dequantised_block_bytes
     from stackwise_cli.train.frozen import freeze
     from stackwise_cli.train.lora import add_lora
 
@@ -328,7 +330,7 @@ def test_lora_activation_estimate_matches_what_autograd_saves(precision):
         stack(x)
     dt = ActDtypes.of(precision)
     expected = 2 * block_bytes_per_token(r.model, r.attention, T, dt, rank) * B * T
-    expected += 2 * lora_base_bytes(r.model, r.attention, dt)  # each block's dequantised base weights (frozen row)
+    expected += 2 * dequantised_block_bytes(r.model, r.attention, dt, "bf16")  # the base weights each block keeps
     if precision == "bf16":  # autocast's bf16 copies of the adapters, the plan's "weights" row
         expected += 2 * sum(p.numel() for p in stack.parameters() if p.requires_grad)
     assert sum(saved.values()) == pytest.approx(expected, rel=0.05)
@@ -344,3 +346,25 @@ def test_frozen_norm_weights_stay_fp32_in_every_storage():
         assert frozen_bytes(Params.of([(64,)]), dtype) == 4 * 64, dtype
     frozen = freeze(stack, "bf16")
     assert {p.dtype for n, p in frozen.named_parameters() if "norm" in n} == {torch.float32}
+
+
+def test_a_bf16_suffix_under_autocast_keeps_no_copy_of_o_and_down():
+    """Under bf16 autocast a bf16 FrozenLinear reading a bf16 tensor (o reads the attention output, down the SwiGLU
+    product) computes with its stored weight: only the other layers' casts are new bytes while a block recomputes
+    (what autograd saves for such a block: test_lora_activation_estimate_matches_what_autograd_saves)."""
+    r = load_recipe(B70)
+    m = r.model
+    bf16 = plan(r, BIG, PlanOptions(frozen_dtype="bf16")).stage("train-stack-r2l")
+    fp8 = plan(r, BIG, PlanOptions(frozen_dtype="fp8")).stage("train-stack-r2l")
+    counts = param_counts(r)
+    suffix_blocks = r.rack.stacks * r.rack.blocks_per_stack - r.rack.blocks_per_stack
+    norms = 2 * m.d_model * suffix_blocks
+    suffix_matmul = counts["blocks"] - counts["stack"] - norms
+    head_and_norm = counts["head"] + counts["final_norm"]
+    block_matmul = counts["block"] - 2 * m.d_model
+    o_and_down = m.d_model * m.n_heads * m.head_dim + m.d_model * m.ffn_dim
+    stored = 2 * suffix_matmul + 4 * norms + 4 * head_and_norm
+    assert bf16.bytes["frozen"] == stored + 2 * (block_matmul - o_and_down)
+    # fp8 decodes every layer into a new tensor: a whole block's weights in bf16, beside the codes and row scales
+    rows = sum(s[0] for s in block_shapes(m, r.attention).values() if len(s) == 2) * suffix_blocks
+    assert fp8.bytes["frozen"] == suffix_matmul + 4 * rows + 4 * norms + 4 * head_and_norm + 2 * block_matmul

@@ -374,20 +374,22 @@ def block_bytes_per_token(
         # A LoRA base (train/lora.py: y = base(x) + s B(A x) on every linear layer): the frozen norm weights need no
         # gradient, so each norm saves only its input; each adapter saves A(x) for B's backward. What a linear
         # saves of its input (counted above) is now the adapter's, for A's gradient; the base keeps its weight only
-        # (``lora_base_bytes``).
+        # (``dequantised_block_bytes``).
         norms = 2 * r * d
         lora = c * lora_rank * sum(1 for s in block_shapes(model, attn).values() if len(s) == 2)
     return norms + n_in * li * d + att + mlp + lora
 
 
-def lora_base_bytes(model: ModelConfig, attn: AttentionConfig, dt: ActDtypes) -> float:
-    """What one block of a bf16 ``FrozenLinear`` base keeps for its backward: each layer dequantises its weight to
-    its input's dtype and ``F.linear`` keeps that weight to differentiate through. In fp32 that is a 4-byte copy of
-    every weight; under autocast a 2-byte cast of the weights whose input is fp32 (the layers reading a norm), while
-    ``o`` and ``down`` read a bf16 matmul output and keep the stored bf16 weight itself (no new bytes)."""
+def dequantised_block_bytes(model: ModelConfig, attn: AttentionConfig, dt: ActDtypes, storage: str) -> float:
+    """What one block of bf16 or fp8 ``FrozenLinear`` layers (a LoRA base, a right-to-left suffix) keeps for its
+    backward: each layer dequantises its weight to its input's dtype and ``F.linear`` keeps that weight to
+    differentiate through. Computing in fp32 (c = 4) that is a 4-byte copy of every weight. Under autocast (c = 2)
+    a 2-byte cast of every weight, except that a bf16-stored ``o`` or ``down`` reads a bf16 matmul output and keeps
+    the stored weight itself (no new bytes); an fp8 weight is always decoded into a new tensor."""
     total = 0.0
     for name, shape in block_shapes(model, attn).items():
-        if len(shape) == 2 and (dt.shared or name not in ("attn.o.weight", "mlp.down.weight")):
+        reused = storage == "bf16" and dt.compute == 2 and name in ("attn.o.weight", "mlp.down.weight")
+        if len(shape) == 2 and not reused:
             total += dt.compute * numel(shape)
     return total
 
@@ -648,9 +650,9 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         dequant = (4 if o.device == "cpu" else dt.compute) * block.largest
         dequant_note = f"includes one dequantised {o.frozen_dtype} layer"
     elif suffix_blocks and o.frozen_dtype in ("bf16", "fp8"):
-        # FrozenLinear dequantises to the input's dtype (fp32) and F.linear keeps that weight (or autocast's
-        # 2-byte cast of it) for backward: a whole block's weights while it is recomputed.
-        dequant = dt.compute * block.matmul
+        # FrozenLinear dequantises to the input's dtype and F.linear keeps that weight (or autocast's 2-byte cast
+        # of it) for backward: a whole block's weights while it is recomputed.
+        dequant = dequantised_block_bytes(m, at, dt, o.frozen_dtype)
         dequant_note = f"includes one block's {o.frozen_dtype} weights dequantised for its backward"
     act = blocks_and_head_act(k, on, a_block, a_in, a_head, suffix_blocks)
     flops = (
@@ -775,7 +777,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
             # FrozenLinear dequantises its weight to the input's dtype (fp32) and F.linear keeps it, or autocast's
             # 2-byte cast of it, for backward: every block's without checkpointing, one block's with it.
             note = f"includes the {base_dtype} weights of {'one block' if on else 'every block'} dequantised"
-            base_bytes += (1 if on else L) * lora_base_bytes(m, at, fdt)
+            base_bytes += (1 if on else L) * dequantised_block_bytes(m, at, fdt, base_dtype)
         if not fdt.shared:  # autocast casts the frozen fp32 head (or tied embedding) for its matmul, and keeps it
             base_bytes += 2 * head_mm
         flops = (
