@@ -602,8 +602,8 @@ def trainable_for(
 
 def forward_for(checkpointed: bool) -> Callable:
     """How a stack runs: whole, or (``checkpointed``: ``train.activation_checkpointing`` for a trained stack,
-    ``train.suffix_checkpointing`` for a frozen suffix) block by block under checkpoint, keeping only each block's
-    input for backward and recomputing the rest."""
+    ``train.suffix_checkpointing`` for a frozen suffix, ``train.finetune_checkpointing`` in a fuse fine-tune) block by
+    block under checkpoint, keeping only each block's input for backward and recomputing the rest."""
     if checkpointed:
         from stackwise_cli.train.frozen import run_checkpointed
 
