@@ -70,7 +70,8 @@ def test_eval_causal_reads_a_masked_rack_through_a_mask_at_the_next_position(alp
         logits = rack.eval()(t, causal=True)[:, :-1]
     shifted_loss = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].ravel()))
     shifted_accuracy = float((logits.argmax(-1) == t[:, 1:]).float().mean())
-    assert r.loss < shifted_loss / 2 and r.accuracy > 0.5 > 0.2 > shifted_accuracy, (r.loss, shifted_loss)
+    # Measured: ~2.5 nats / accuracy ~0.6 against ~6.3 / ~0.01; the bounds leave room for other CPUs and seeds.
+    assert r.loss < 0.6 * shifted_loss and r.accuracy > 0.4 > 0.15 > shifted_accuracy, (r.loss, shifted_loss)
     assert r.per_stack[-1].loss == pytest.approx(r.loss)
     bidirectional = evaluate(alphabet_mlm, device="cpu")
     assert bidirectional.causal_readout is None and bidirectional.objective == "mlm"
