@@ -393,3 +393,23 @@ def test_objective_needs_a_mask_token():
     r = Recipe(name="x", objective="mlm")
     with pytest.raises(ProjectError, match=r"\[MASK\]"):
         objective_for(r, None, VOCAB, 0.15)
+
+
+def test_eval_masks_as_training_does(project: Project, monkeypatch):
+    # eval's mlm readout must corrupt with the objective a stack trained with: the same ids never drawn as
+    # random replacements, so its masked loss is the training objective's on held-out text.
+    import stackwise_cli.evaluate.eval as ev
+
+    _set(project, objective="mlm")
+    grow(project)
+    train_stack(project, 0, steps=2)
+    made: list[Objective] = []
+
+    def recording(*args, **kwargs):
+        made.append(objective_for(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(ev, "objective_for", recording)
+    ev.evaluate(project, max_sequences=4)
+    trained = stack_objective(project.load(), 0)
+    assert made and all(o.excluded_ids() == trained.excluded_ids() for o in made)

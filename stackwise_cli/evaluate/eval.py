@@ -19,7 +19,7 @@ from stackwise_cli.store.manifest import Manifest, StackEntry
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_token_shard
 from stackwise_cli.store.weights import load_current_rack
-from stackwise_cli.train.objectives import Objective, objective_for
+from stackwise_cli.train.objectives import Objective, objective_for, tokenizer_special_ids
 from stackwise_cli.train.precision import pick_device
 
 
@@ -186,8 +186,10 @@ def evaluate(
     # (time-as-depth: the objective the stack was given) or t = 0.5 (t drawn per sequence).
     scored_as = dataclasses.replace(recipe, objective=kind)
 
+    special = tokenizer_special_ids(m)  # replacements skip them, as in training: the masks are training's masks
+
     def at(ratio: float | None) -> Objective:
-        return objective_for(scored_as, mask_id, vocab, ratio)
+        return objective_for(scored_as, mask_id, vocab, ratio, special)
 
     if kind == "diffusion":
         readout = [at(e.mask_ratio if e.mask_ratio is not None else 0.5) for e in entries]
