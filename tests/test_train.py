@@ -43,7 +43,14 @@ def test_sampler_covers_every_row_once_per_epoch_and_resumes_exactly():
     assert all((s3.next() == b).all() for b in seen[4:])
 
 
-def test_leftmost_stack_trains_embedding_and_head_later_stacks_leave_the_embedding(project):
+@pytest.mark.parametrize("tied", [False, True])
+def test_leftmost_stack_trains_embedding_and_head_later_stacks_leave_the_embedding(project, tied):
+    # Tied, the head is the embedding matrix, which stays; the output side that is not (the final norm) trains on.
+    if tied:
+        import dataclasses
+
+        with project.update() as m:
+            m.recipe = dataclasses.replace(m.recipe, model=dataclasses.replace(m.recipe.model, tie_embeddings=True))
     grow(project)
     grow(project)
     m0 = project.load()
@@ -58,7 +65,7 @@ def test_leftmost_stack_trains_embedding_and_head_later_stacks_leave_the_embeddi
     train_stack(project, 1, steps=5)
     m2 = project.load()
     assert m2.ends.input_sha256 == m1.ends.input_sha256  # embedding untouched by stack 1
-    assert m2.ends.sha256 != m1.ends.sha256  # but the head trained (train.head: train)
+    assert m2.ends.sha256 != m1.ends.sha256  # but the head (tied: the final norm) trained (train.head: train)
     assert m2.stack(0).sha256 == m1.stack(0).sha256  # the prefix is frozen
     assert project.fresh_cache(m2, 1, "train")  # so the cache stays fresh
     assert not project.ckpt_dir(1).exists()  # checkpoints cleared once the result is in the manifest

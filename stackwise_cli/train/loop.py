@@ -589,13 +589,15 @@ def trainable_for(
     The embedding trains with the leftmost stack. Right to left with tied embeddings it is also the head that the
     trained suffix reads out through, so it trains only with the first stack. The first stack trained always trains
     the final norm and head (a random head makes every readout useless); left to right the later ones do too with
-    `train.head: train`. Right to left the head stays frozen: the trained suffix was fitted to it."""
+    `train.head: train`, tied or not: with tied embeddings the output side is what is not the embedding matrix (the
+    final norm, BERT's MLM transform and output bias), which no cache depends on. Right to left the head stays
+    frozen: the trained suffix was fitted to it."""
     trainable = {f"stack.{n}": p for n, p in stack.named_parameters()}
     tied_head_in_use = right_to_left and ends.head is None and has_suffix
     if pos == 0 and tr.embedding == "train" and not tied_head_in_use:
         trainable.update({f"ends.{n}": p for n, p in ends.named_input_parameters().items()})
     first = not has_suffix if right_to_left else pos == 0
-    if first or (tr.head == "train" and ends.head is not None and not right_to_left):
+    if first or (tr.head == "train" and not right_to_left):
         trainable.update({f"ends.{n}": p for n, p in ends.named_output_parameters().items()})
     return trainable
 
