@@ -513,3 +513,19 @@ def test_a_fused_adamw_resumes_from_its_checkpoint_tensors():
     step(resumed, opt2, grads[2])
     for n in init:
         assert torch.equal(resumed[n], straight[n])
+
+
+def test_precision_auto_is_what_bench_plan_plans_on_a_gpu_and_fp32_on_the_cpu(project, monkeypatch):
+    from stackwise_cli.bench.plan import PlanOptions
+    from stackwise_cli.train.precision import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("fp16", cuda) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda) == PlanOptions().precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", cuda) == "fp32"
+    monkeypatch.undo()
+    grow(project)
+    train_stack(project, 0, steps=4)  # the default, on this CPU: fp32, recorded as such
+    assert project.load().stack(0).precision == "fp32"

@@ -29,7 +29,13 @@ from dataclasses import asdict, dataclass, field
 from stackwise_cli.errors import StackwiseError
 from stackwise_cli.model.config import AttentionConfig, ModelConfig
 from stackwise_cli.recipe import Recipe
-from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_ENDS_DTYPE, FINETUNE_PRECISIONS, adamw_step
+from stackwise_cli.train.defaults import (
+    FINETUNE_BASE_STORAGE,
+    FINETUNE_ENDS_DTYPE,
+    FINETUNE_PRECISIONS,
+    GPU_PRECISION,
+    adamw_step,
+)
 
 # Total memory of each GPU as ``nvidia-smi`` (and ``torch.cuda.mem_get_info``) reports it: 81,559 MiB for the
 # H100 SXM 80 GB and 143,771 MiB for the H200 141 GB. What a process can use is that minus the CUDA context,
@@ -93,7 +99,7 @@ class PlanOptions:
     batch_size: int | None = None  # sequences per micro-batch (default train.batch_size)
     grad_accum: int | None = None  # micro-batches per optimizer step (default train.grad_accum)
     seq_len: int | None = None  # tokens per sequence (default data.seq_len)
-    precision: str = "bf16"
+    precision: str = GPU_PRECISION  # what train-stack and fuse run on a GPU by default (--precision auto)
     optimizer: str = "adamw"
     activation_checkpointing: bool | None = None  # None: off for train-stack and end-to-end, on for fuse
     frozen_dtype: str = "nf4"  # right-to-left: storage of the frozen suffix

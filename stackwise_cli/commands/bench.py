@@ -7,6 +7,7 @@ import typer
 
 from stackwise_cli.commands.options import JsonOpt, SetOpt
 from stackwise_cli.console import out, print_json, print_table
+from stackwise_cli.train.defaults import GPU_PRECISION
 
 
 def step(
@@ -149,7 +150,9 @@ def plan(
     gpu: Annotated[str, typer.Option("--gpu", help="h100, h200, or the device's bytes (e.g. 150e9).")] = "h200",
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Sequences per micro-batch.")] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence.")] = None,
-    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, fp16 or fp8.")] = "bf16",
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32, bf16 (what --precision auto runs on a GPU), fp16 or fp8.")
+    ] = GPU_PRECISION,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or adamw8bit (bitsandbytes).")] = "adamw",
     activation_checkpointing: Annotated[
         bool | None,

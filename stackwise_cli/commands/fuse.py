@@ -29,8 +29,13 @@ def fuse(
         float | None, typer.Option("--lora-alpha", help="LoRA alpha; the update is scaled by alpha/r (default r).")
     ] = None,
     precision: Annotated[
-        str, typer.Option("--precision", help="Fine-tune compute: fp32, or bf16 (autocast, fp32 master weights).")
-    ] = "fp32",
+        str,
+        typer.Option(
+            "--precision",
+            help="Fine-tune compute: auto (bf16 on a GPU with bf16, else fp32), fp32, or bf16 (autocast, fp32 master "
+            "weights).",
+        ),
+    ] = "auto",
     resume: Annotated[
         str, typer.Option("--resume", help="auto: continue an interrupted fine-tune; never: start it over.")
     ] = "auto",

@@ -20,9 +20,10 @@ def train_stack(
         str,
         typer.Option(
             "--precision",
-            help="fp32; bf16 or fp16 (mixed, fp32 master weights; fp16 with loss scaling); fp8 (scaled e4m3 matmuls).",
+            help="auto (bf16 on a GPU with bf16, else fp32); fp32; bf16 or fp16 (mixed, fp32 master weights; fp16 with "
+            "loss scaling); fp8 (scaled e4m3 matmuls).",
         ),
-    ] = "fp32",
+    ] = "auto",
     resume: Annotated[
         str, typer.Option("--resume", help="auto: continue from the newest checkpoint; never: start over.")
     ] = "auto",

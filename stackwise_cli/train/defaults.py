@@ -13,6 +13,11 @@ FINETUNE_ENDS_DTYPE = "fp32"
 FINETUNE_PRECISIONS = ("fp32", "bf16")  # a fine-tune computes in fp32, or under bf16 autocast (fp32 master weights)
 
 
+# What ``--precision auto`` (the default of train-stack and fuse) computes in on a GPU that has bf16, and what
+# ``bench plan`` plans by default: mixed bf16 with fp32 master weights. Elsewhere (the CPU) ``auto`` is fp32.
+GPU_PRECISION = "bf16"
+
+
 def adamw_step(device_type: str) -> str:
     """Which AdamW step ``train.optimizer: adamw`` runs on a device: ``fused`` on CUDA (one multi-tensor kernel that
     updates parameters and moments in place, no per-parameter temporaries), ``foreach`` elsewhere (torch's default

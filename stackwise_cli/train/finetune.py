@@ -45,7 +45,7 @@ from stackwise_cli.train.loop import (
 )
 from stackwise_cli.train.lora import Adapters, add_lora, merge_lora
 from stackwise_cli.train.objectives import stack_objective
-from stackwise_cli.train.precision import autocast, pick_device
+from stackwise_cli.train.precision import autocast, pick_device, resolve_precision
 
 MODES = ("full", "lora", "qlora")
 # How the frozen base's linear weights are held, and the precisions a fine-tune computes in: in train/defaults.py,
@@ -147,7 +147,7 @@ def finetune(
     project: Project,
     spec: FinetuneSpec,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     resume: str = "auto",
     reporter: Reporter = QUIET,
     stop_at: int | None = None,
@@ -157,8 +157,10 @@ def finetune(
     (exit 75) after checkpointing on SIGTERM/SIGUSR1 or at ``stop_at`` (tests): rerun to resume."""
     if spec.mode not in MODES:
         raise StackwiseError(f"--finetune must be one of {', '.join(MODES)}, got {spec.mode!r}")
-    if precision not in PRECISIONS:
-        raise StackwiseError(f"--precision for a fine-tune must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in (*PRECISIONS, "auto"):
+        raise StackwiseError(
+            f"--precision for a fine-tune must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}"
+        )
     if resume not in RESUME:
         raise StackwiseError(f"--resume must be one of {', '.join(RESUME)}, got {resume!r}")
     m, rack = load_current_rack(project)  # fp32, checked against the manifest's checksums
@@ -170,6 +172,7 @@ def finetune(
             hint=f"pass --finetune-steps greater than {tr.warmup_steps}, or lower train.warmup_steps in the recipe",
         )
     dev = pick_device(device)
+    precision = resolve_precision(precision, dev)
     autocast(precision, dev)  # a precision the device cannot do fails here, before any work
     obj = stack_objective(m, None)
     fingerprint = _fingerprint(project, m, spec, obj.key())

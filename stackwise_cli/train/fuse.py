@@ -41,7 +41,7 @@ def fuse(
     project: Project,
     finetune: FinetuneSpec | None = None,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     resume: str = "auto",
     reporter: Reporter = QUIET,
     stop_at: int | None = None,

@@ -37,7 +37,7 @@ from stackwise_cli.store.weights import load_ends, load_stack, save_ends, save_s
 from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train.defaults import adamw_step
 from stackwise_cli.train.objectives import CACHE_EPOCH, Objective, stack_objective
-from stackwise_cli.train.precision import autocast, grad_scaler, pick_device
+from stackwise_cli.train.precision import autocast, grad_scaler, pick_device, resolve_precision
 
 RESUME = ("auto", "never")
 
@@ -488,7 +488,7 @@ def train_stack(
     project: Project,
     stack_id: int | str,
     steps: int | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     resume: str = "auto",
     device: str = "auto",
     reporter: Reporter = QUIET,
@@ -673,6 +673,7 @@ def _train(
     if resume not in RESUME:
         raise StackwiseError(f"--resume must be one of {', '.join(RESUME)}, got {resume!r}")
     dev = pick_device(device)
+    precision = resolve_precision(precision, dev)
     autocast(precision, dev)  # an impossible precision fails here, before the manifest is touched
     label = "all" if stack_id is None else str(stack_id)
     entries = [m.stack(i) for i in ids]

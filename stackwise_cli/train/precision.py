@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from stackwise_cli.errors import StackwiseError
+from stackwise_cli.train.defaults import GPU_PRECISION
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 
@@ -21,6 +22,15 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise StackwiseError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` = ``GPU_PRECISION`` (bf16, what ``bench plan`` plans) on a CUDA device with bf16 support, else fp32
+    (the CPU computes bf16 ~100x slower than fp32). Any other value is returned as it is, to be checked by
+    ``autocast``."""
+    if precision != "auto":
+        return precision
+    return GPU_PRECISION if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
