@@ -15,6 +15,7 @@ from stackwise_cli.bench.plan import (
     GPUS,
     KINDS,
     ActDtypes,
+    Params,
     PlanOptions,
     block_bytes_per_token,
     block_shapes,
@@ -368,3 +369,35 @@ def test_a_bf16_suffix_under_autocast_keeps_no_copy_of_o_and_down():
     # fp8 decodes every layer into a new tensor: a whole block's weights in bf16, beside the codes and row scales
     rows = sum(s[0] for s in block_shapes(m, r.attention).values() if len(s) == 2) * suffix_blocks
     assert fp8.bytes["frozen"] == suffix_matmul + 4 * rows + 4 * norms + 4 * head_and_norm + 2 * block_matmul
+
+
+def test_cache_from_tokens_streams_one_stack_at_any_position_and_incremental_only_where_cache_runs_it():
+    """train/cache.py from the tokens: the ends + one stack on the device, one batch there and back, p stack passes
+    at position p; incremental: one stack pass. Diffusion time-as-depth and fp8 caches always run from the tokens."""
+    from stackwise_cli.bench.plan import FlopShapes, cache_flops_per_token, frozen_bytes
+
+    r = load_recipe(TINY, ["rack.stacks=4", "cache.dtype=bf16"])
+    p = plan(r, BIG, PlanOptions(precision="fp32"))
+    tokens, incremental = p.stage("cache", "from-tokens"), p.stage("cache", "incremental")
+    assert tokens.bytes["cache_buffers"] == incremental.bytes["cache_buffers"]
+    assert tokens.bytes["cache_buffers"] == 2 * 4 * r.model.d_model * r.cache.batch_size * r.data.seq_len
+    k = r.rack.blocks_per_stack
+    stack = Params.of(block_shapes(r.model, r.attention).values(), k)
+    ends = Params.of(ends_shapes(r.model).values())
+    assert tokens.bytes["frozen"] == frozen_bytes(stack + ends, "fp32")  # one stack, whatever the depth
+    one = 2 * Params.of(block_shapes(r.model, r.attention).values(), k).matmul + k * FlopShapes.of(r).attention
+    assert incremental.flops_per_token == pytest.approx(one)
+    assert tokens.flops_per_token == pytest.approx(3 * one)  # the last stack's cache: 3 stacks from the tokens
+    for position in (1, 2, 3):
+        assert cache_flops_per_token(FlopShapes.of(r), [k] * position) == pytest.approx(position * one)
+    assert tokens.flops_per_step == pytest.approx(tokens.flops_per_token * r.cache.batch_size * r.data.seq_len)
+    for only_tokens in (
+        load_recipe(TINY, ["rack.stacks=4", "cache.dtype=fp8"]),
+        load_recipe("recipes/llama/tiny-diffusion.yaml", ["rack.stacks=4"]),
+    ):
+        planned = plan(only_tokens, BIG, PlanOptions(precision="fp32"))
+        assert [v.variant for v in planned.variants if v.name == "cache"] == ["from-tokens"]
+    time_input = load_recipe(
+        "recipes/llama/tiny-diffusion.yaml", ["rack.stacks=4", "diffusion.time=input", "model.time_embedding=true"]
+    )
+    assert plan(time_input, BIG).stage("cache", "incremental")  # t drawn per sequence: one corruption, incremental

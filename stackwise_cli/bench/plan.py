@@ -420,15 +420,101 @@ def inference_bytes_per_token(model: ModelConfig, attn: AttentionConfig, seq_len
 # FLOPs per token
 
 
-def attention_flops_forward(model: ModelConfig, attn: AttentionConfig, seq_len: int) -> float:
+def attention_flops_forward(model: ModelConfig, attn: AttentionConfig, seq_len: int, causal: bool = True) -> float:
     """Forward FLOPs per token of one layer's attention scores and weighted sum (the matmuls are in 2 N):
-    2 H (Dqk + Dv) x the mean context (T/2 causal). Linear attention: 4 H D^2 (state update and read) plus
-    its in-chunk part."""
+    2 H (Dqk + Dv) x the mean context (T/2 causal, T bidirectional, at most the window). Linear attention: 4 H D^2
+    (state update and read) plus its in-chunk part."""
     H, D = model.n_heads, model.head_dim
     if attn.kind == "linear":
         return 4 * H * D * D + 2 * H * 2 * D * LINEAR_CHUNK / 2
     dqk = D + (attn.mla_rope_dim(model) if attn.kind == "mla" else 0)
-    return 2 * H * (dqk + D) * attention_context(model, attn, seq_len)
+    return 2 * H * (dqk + D) * attention_context(model, attn, seq_len, causal)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs per token of each stage: one definition, read by the plan below, by the trainers (train-stack, cache and
+# the fuse fine-tunes record tokens x these in the manifest) and by ``bench compare`` (docs/memory.md, "FLOPs").
+# The convention: 2 FLOPs per multiply-add of a matmul weight per token forward, twice that backward (the input's
+# gradient and the weight's), the weight's half only where the weight trains; attention scores and weighted sums
+# as ``attention_flops_forward``, backward twice the forward; activation checkpointing adds one forward of every
+# checkpointed block. Not counted: the embedding lookup and its gradient (an index, not a matmul), norms, RoPE,
+# softmax, activations, the loss and the optimizer step (elementwise: a few FLOPs per value, not per weight).
+
+
+def matmul_params_per_block(model: ModelConfig, attn: AttentionConfig) -> int:
+    """The weights one block multiplies every token by: its attention projections and MLP matrices (biases and
+    norm gains are elementwise). Any family: the MLP is gate, up, down (swiglu, geglu) or up, down (gelu)."""
+    attention = sum(numel(s) for n, s in block_shapes(model, attn).items() if n.startswith("attn.") and len(s) == 2)
+    return attention + (2 if model.mlp_kind == "gelu" else 3) * model.d_model * model.ffn_dim
+
+
+@dataclass(frozen=True)
+class FlopShapes:
+    """The per-token terms every stage's FLOPs are made of, for one recipe's shapes at one sequence length."""
+
+    block: int  # matmul weights of one block
+    time: int  # matmul weights of one stack's time network (0 without one)
+    head: int  # the logits matmul (vocab x d, tied or not), plus an MLM transform's d x d
+    attention: float  # one block's attention forward FLOPs per token (``attention_flops_forward``)
+
+    @staticmethod
+    def of(recipe: Recipe, seq_len: int | None = None) -> FlopShapes:
+        m = recipe.model
+        T = seq_len or recipe.data.seq_len
+        return FlopShapes(
+            block=matmul_params_per_block(m, recipe.attention),
+            time=sum(numel(s) for s in time_shapes(m).values() if len(s) == 2),
+            head=m.vocab_size * m.d_model + (m.d_model * m.d_model if m.mlm_head else 0),
+            attention=attention_flops_forward(m, recipe.attention, T, causal=not recipe.bidirectional),
+        )
+
+    def stack(self, blocks: int) -> int:
+        """Matmul weights of one stack of ``blocks`` blocks (and its time network)."""
+        return blocks * self.block + self.time
+
+
+def train_stack_flops_per_token(
+    f: FlopShapes,
+    blocks: int,
+    *,
+    head_trains: bool,
+    checkpointing: bool,
+    suffix_blocks: int = 0,
+    suffix_stacks: int = 0,
+) -> float:
+    """train-stack of one stack of ``blocks`` blocks: its forward and backward (6 per weight; checkpointed, one more
+    forward), the head (6 per weight when its weight trains, else 4: forward and the gradient to its input), and
+    right to left the frozen suffix of ``suffix_blocks`` blocks in ``suffix_stacks`` stacks, always checkpointed:
+    forward, recomputed forward and the gradient to its input (6 per weight, no weight gradient)."""
+    n = f.stack(blocks)
+    total = 6 * n + (2 * n if checkpointing else 0) + blocks * f.attention * (4 if checkpointing else 3)
+    total += (6 if head_trains else 4) * f.head
+    if suffix_blocks:
+        total += 6 * (suffix_blocks * f.block + suffix_stacks * f.time) + 4 * suffix_blocks * f.attention
+    return total
+
+
+def cache_flops_per_token(f: FlopShapes, prefix_blocks: list[int] | tuple[int, ...]) -> float:
+    """A cache pass: one no-grad forward through each stack it runs, ``prefix_blocks`` their block counts (from the
+    tokens every stack to the left of the cached one; incremental only the left neighbour)."""
+    return float(sum(2 * f.stack(b) + b * f.attention for b in prefix_blocks))
+
+
+def whole_model_flops_per_token(
+    f: FlopShapes, blocks: int, stacks: int, *, checkpointing: bool, head_trains: bool = True
+) -> float:
+    """The whole model trained at once (end to end, a full fine-tune): ``blocks`` blocks in ``stacks`` stacks."""
+    n = blocks * f.block + stacks * f.time
+    total = 6 * n + (2 * n if checkpointing else 0) + blocks * f.attention * (4 if checkpointing else 3)
+    return total + (6 if head_trains else 4) * f.head
+
+
+def lora_flops_per_token(f: FlopShapes, blocks: int, stacks: int, adapter_params: int, *, checkpointing: bool) -> float:
+    """A LoRA or QLoRA fine-tune: the frozen base forward and backward to its input (4 per weight, the head too),
+    the adapters' forward and backward (6 per adapter weight); checkpointed, one more forward of both."""
+    base = blocks * f.block + stacks * f.time
+    total = 4 * (base + f.head) + 6 * adapter_params + (2 * (base + adapter_params) if checkpointing else 0)
+    return total + blocks * f.attention * (4 if checkpointing else 3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -540,7 +626,10 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     a_block = block_bytes_per_token(m, at, T, dt) * n_tok
     a_in = dt.residual * m.d_model * n_tok  # what a checkpointed block keeps: its input
     a_head = head_bytes_per_token(m, dt) * n_tok
-    att_f = attention_flops_forward(m, at, T)
+    fs = FlopShapes.of(recipe, T)
+    # The head's weight trains with the leftmost stack (the first trained always trains the head; tied, it is the
+    # embedding, unless train.embedding is frozen), with a later one when train.head says so and it is not tied.
+    tied_frozen = m.tie_embeddings and recipe.train.embedding != "train"
     # train/finetune.py checkpoints every block of a fine-tune when train.finetune_checkpointing says so (the default)
     ft_ckpt = recipe.train.finetune_checkpointing
     ckpt_default = {"fuse-full": ft_ckpt, "fuse-lora": ft_ckpt, "fuse-qlora": ft_ckpt}
@@ -605,8 +694,8 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     head_train = out_ends if train_head else Params()
     head_frozen = Params() if train_head else out_ends
     stack_act = blocks_and_head_act(k, on, a_block, a_in, a_head)
-    head_flops = (6 if train_head else 4) * head_mm
-    flops = 6 * stack.matmul + (2 * stack.matmul if on else 0) + k * att_f * (4 if on else 3) + head_flops
+    flops = train_stack_flops_per_token(fs, k, head_trains=not tied_frozen, checkpointing=on)
+    flops_later = train_stack_flops_per_token(fs, k, head_trains=train_head and not m.tie_embeddings, checkpointing=on)
     first = make(
         name,
         "leftmost",
@@ -631,7 +720,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         frozen_bytes(later_frozen, "fp32"),
         stack_act - a_in,  # block 0's input is the cache buffer
         4.0 * m.d_model * n_tok,  # the cached batch on the device, in fp32 (loop.Sequences.get)
-        flops,
+        flops_later,
         frozen_count=later_frozen.count,
         on=on,
     )
@@ -661,12 +750,13 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         dequant = dequantised_block_bytes(m, at, dt, o.frozen_dtype)
         dequant_note = f"includes one block's {o.frozen_dtype} weights dequantised for its backward"
     act = blocks_and_head_act(k, on, a_block, a_in, a_head, suffix_blocks)
-    flops = (
-        6 * stack.matmul
-        + (2 * stack.matmul if on else 0)
-        + 6 * suffix.matmul  # forward, backward to the input, and the recomputed forward
-        + (k * (4 if on else 3) + suffix_blocks * 4) * att_f
-        + (4 if suffix_blocks else 6) * head_mm
+    flops = train_stack_flops_per_token(
+        fs,
+        k,
+        head_trains=not suffix_blocks and not tied_frozen,
+        checkpointing=on,
+        suffix_blocks=suffix_blocks,
+        suffix_stacks=n_stacks - 1,
     )
     stages.append(
         make(
@@ -686,24 +776,30 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         )
     )
 
-    # --- cache: a no-grad fp32 forward (train/cache.py) with cache.batch_size sequences. The cache entering
-    # position 1 runs from the tokens through the ends and stack 0; later ones run incrementally, one stack on
-    # the cache before it (input + output batch on the device). The worse of the two is planned.
+    # --- cache: a no-grad fp32 forward (train/cache.py) with cache.batch_size sequences. From the tokens (at any
+    # position p >= 1) the shard's states stay on the host and the prefix streams through the device one stack at a
+    # time: the ends + one stack, one batch there and back, p stack passes of FLOPs. Incremental (position >= 2, the
+    # left neighbour's cache fresh): one stack on the cache before it, the same bytes and one stack pass. Diffusion
+    # time-as-depth (each stack's input has its own mask ratio) and fp8 caches (no rounding on rounding) always run
+    # from the tokens. The worse of the two is planned.
     name = "cache"
     Bc = recipe.cache.batch_size
     inf = inference_bytes_per_token(m, at, T) * Bc * T
     hbuf = 4.0 * m.d_model * Bc * T  # one (B, T, d) fp32 batch on the device
-    flops_c = 2 * stack.matmul + k * att_f
+    deepest = max(1, n_stacks - 1)  # from the tokens, the last stack's cache runs the most stacks
+    flops_tokens = cache_flops_per_token(fs, [k] * deepest)
+    flops_incremental = cache_flops_per_token(fs, [k])
     all_ends = embed + out_ends
     from_tokens = make(
         name,
         "from-tokens",
-        "cache entering position 1: the ends + stack 0 in fp32, from the tokens, no grad",
+        f"cache entering position p >= 1 from the tokens: the ends + one stack in fp32, streamed, no grad; FLOPs at "
+        f"p = {deepest} (p stack passes)",
         Params(),
         frozen_bytes(stack + all_ends, "fp32"),
         inf,
-        hbuf,
-        flops_c,
+        2 * hbuf,
+        flops_tokens,
         frozen_count=(stack + all_ends).count,
         on=False,
     )
@@ -715,15 +811,18 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         frozen_bytes(stack, "fp32"),
         inf,
         2 * hbuf,
-        flops_c,
+        flops_incremental,
         frozen_count=stack.count,
         on=False,
         notes=["a cache whose left neighbour's cache is missing or stale runs from the tokens through every stack"],
     )
     for st in (from_tokens, incremental):  # one forward pass of cache.batch_size sequences: no optimizer step
         st.batch_size, st.grad_accum, st.tokens_per_step = Bc, 1, Bc * T
-        st.flops_per_step = flops_c * Bc * T
-    cache_variants = [from_tokens, incremental] if n_stacks > 2 else [from_tokens]
+        st.flops_per_step = st.flops_per_token * Bc * T
+    # train/cache.py never runs incrementally for these: each stack's input is masked at its own ratio, or an fp8
+    # cache would add one e4m3 rounding per stack.
+    only_tokens = (recipe.objective == "diffusion" and recipe.diffusion.time == "depth") or recipe.cache.dtype == "fp8"
+    cache_variants = [from_tokens, incremental] if n_stacks > 2 and not only_tokens else [from_tokens]
     variants += cache_variants
     stages.append(max(cache_variants, key=lambda s: s.total_bytes))
 
@@ -741,7 +840,9 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         ("end-to-end", "the whole model trained at once (the baseline)", o.precision, (a_block, a_in, a_head)),
     ):
         on = ckpt(name)
-        flops = 6 * (blocks_all.matmul + head_mm) + (2 * blocks_all.matmul if on else 0) + L * att_f * (4 if on else 3)
+        flops = whole_model_flops_per_token(
+            fs, L, n_stacks, checkpointing=on, head_trains=name == "fuse-full" or not tied_frozen
+        )
         stages.append(
             make(
                 name,
@@ -786,12 +887,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
             base_bytes += (1 if on else L) * dequantised_block_bytes(m, at, fdt, base_dtype)
         if not fdt.shared:  # autocast casts the frozen fp32 head (or tied embedding) for its matmul, and keeps it
             base_bytes += 2 * head_mm
-        flops = (
-            4 * (blocks_all.matmul + head_mm)  # frozen: forward + backward to the input
-            + 6 * adapters.count
-            + (2 * (blocks_all.matmul + adapters.count) if on else 0)
-            + L * att_f * (4 if on else 3)
-        )
+        flops = lora_flops_per_token(fs, L, n_stacks, adapters.count, checkpointing=on)
         stages.append(
             make(
                 name,
