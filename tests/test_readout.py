@@ -262,3 +262,31 @@ def test_eval_fused_scores_the_fine_tuned_model_as_transformers_does(project: Pr
     # A rack changed since the fuse makes fused/ stale: refused rather than scored as if current.
     train_stack(project, 0, steps=2, device="cpu", resume="never")
     refused(cli("eval", "--fused", "-p", root), "fused from an earlier rack", "stackwise fuse")
+
+
+def test_a_fused_model_too_big_for_the_device_leaves_val_loss_unset_and_says_how(project: Project, monkeypatch):
+    # fused/ is written before it is scored: an fp32 model the GPU cannot hold is a line, not a lost fine-tune.
+    import stackwise_cli.evaluate.eval as ev
+    from stackwise_cli.progress import Reporter
+    from stackwise_cli.train.finetune import finetune_spec
+    from stackwise_cli.train.fuse import fuse
+    from stackwise_cli.train.grow import grow
+    from stackwise_cli.train.loop import train_stack
+
+    class Lines(Reporter):
+        said: list[str] = []
+
+        def info(self, message: str) -> None:
+            self.said.append(message)
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    grow(project, "right")
+    train_stack(project, 0, steps=3, device="cpu")
+    monkeypatch.setattr(ev, "evaluate", no_room)
+    fuse(project, finetune_spec(5), device="cpu", reporter=(lines := Lines()))
+    m = project.load()
+    assert m.fused is not None and m.fused.finetune_steps == 5 and m.fused.val_loss is None
+    assert (project.root / "fused" / "model.safetensors").exists()
+    assert any("eval --fused --device cpu" in s for s in lines.said)

@@ -139,6 +139,7 @@ def evaluate(
     reporter: Reporter = QUIET,
     causal: bool = False,
     fused: bool = False,
+    fused_rack: Rack | None = None,
 ) -> EvalResult:
     """The rack's validation loss by its objective, with the readout after each stack.
 
@@ -150,7 +151,8 @@ def evaluate(
     that sees tokens 0..i (``evaluate/causal.py``: about twice the work of a causal forward, position by position).
     ``fused``: score the model in fused/ (what `fuse --finetune-steps` fine-tuned, and what users load) instead of
     the rack's files; scored on split val with the defaults, its loss is recorded as the manifest's
-    ``fused.val_loss``.
+    ``fused.val_loss``. ``fused_rack``: the fused model already in memory (``fuse``, right after writing fused/ from
+    it: the same weights, without reading them back).
     """
     m = project.load()
     if not m.rack:
@@ -163,7 +165,8 @@ def evaluate(
     if fused:
         from stackwise_cli.evaluate.fused import load_fused
 
-        rack, entries = load_fused(project, m), m.rack  # fused/ is whole: fuse refuses untrained stacks
+        rack = fused_rack if fused_rack is not None else load_fused(project, m)
+        entries = m.rack  # fused/ is whole: fuse refuses untrained stacks
     else:
         scored_stacks(project, m)  # refuses before any weights are read
         m, rack = load_current_rack(project, manifest=m)

@@ -65,17 +65,33 @@ def fuse(
 
     with project.job_lock("fuse-finetune", "the fine-tune of the fused model"):
         m, done = run(project, finetune, device, precision, resume, reporter, stop_at)
-        entry = _write(project, m, done.merged, finetune, done.result.last_loss, f" {finetune.label()}")
+        entry = _write(project, m, done.merged, finetune, done.result.last_loss, f" {finetune.label()}", done.flops)
         clear_checkpoints(project)  # fused/ and the manifest now hold the result
-    # The fine-tuned model is no longer the rack: score fused/ itself, which records it as fused.val_loss.
+    # The fine-tuned model is no longer the rack: score it as fused/ holds it (the merged rack written there, not
+    # read back), which records fused.val_loss. The fine-tune held its base in bf16 or NF4; the fp32 model may not
+    # fit the device, and fused/ is already safe on disk, so that is a line saying how to score it, not a failure.
+    import torch
+
     from stackwise_cli.evaluate.eval import evaluate
 
-    evaluate(project, device=device, reporter=reporter, fused=True)
+    try:
+        evaluate(project, device=device, reporter=reporter, fused=True, fused_rack=done.merged)
+    except torch.OutOfMemoryError:
+        reporter.info(
+            "fused.val_loss not recorded: the fp32 fused model does not fit the device; "
+            f"score it with `stackwise eval --fused --device cpu -p {project.root}`"
+        )
     return project.load().fused or entry
 
 
 def _write(
-    project: Project, m: Manifest, rack: Rack, spec: FinetuneSpec | None, loss: float | None, label: str
+    project: Project,
+    m: Manifest,
+    rack: Rack,
+    spec: FinetuneSpec | None,
+    loss: float | None,
+    label: str,
+    flops: float = 0.0,
 ) -> FusedEntry:
     sha = write_fused(
         project.path("fused"),
@@ -92,7 +108,9 @@ def _write(
         stacks=[StackRef(id=s.id, sha256=s.sha256) for s in m.rack],
         **_finetune_fields(spec),
         finetune_loss=loss,
+        finetune_flops=flops,
     )
     with project.update(f"fuse{label} -> fused/ ({sum(s.blocks for s in m.rack)} blocks)") as mm:
         mm.fused = entry
+        mm.recount_flops()
     return entry
