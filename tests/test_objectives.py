@@ -413,3 +413,15 @@ def test_eval_masks_as_training_does(project: Project, monkeypatch):
     ev.evaluate(project, max_sequences=4)
     trained = stack_objective(project.load(), 0)
     assert made and all(o.excluded_ids() == trained.excluded_ids() for o in made)
+
+
+def test_a_project_from_before_special_ids_keeps_its_masks(project: Project):
+    # Its stacks and caches were made with replacements drawn from every id but [MASK]: the objective (and so
+    # every cache key) must stay that one, or an upgrade would call all its mlm caches stale.
+    _set(project, objective="mlm")
+    with project.update() as m:
+        m.tokenizer.special_ids, m.tokenizer.pad_id = [], None
+    m = project.load()
+    old = Objective("mlm", seed=m.recipe.train.seed, mask_id=m.tokenizer.mask_id, vocab=m.tokenizer.vocab_size,
+                    ratio=m.recipe.mask.ratio)
+    assert stack_objective(m, None).key() == old.key() and "special" not in old.key()

@@ -216,7 +216,10 @@ def stack_objective(m: Manifest, stack_id: int | None) -> Objective:
 
 
 def tokenizer_special_ids(m: Manifest) -> tuple[int, ...]:
-    """The project's special token ids: EOS, PAD and any other the tokenizer declares (manifests written before
-    ``special_ids`` was recorded: EOS and PAD); the mask token is excluded from replacements regardless."""
+    """The project's special token ids: EOS, PAD and any other the tokenizer declares; the mask token is excluded
+    from replacements regardless. A manifest written before ``special_ids`` was recorded gets none: its stacks
+    trained with replacements drawn from every id but the mask, and its masks (and caches) stay those."""
     t = m.tokenizer
+    if not t.special_ids:
+        return ()
     return tuple(sorted({t.eos_id, *t.special_ids} | ({t.pad_id} if t.pad_id is not None else set())))
