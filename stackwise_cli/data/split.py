@@ -168,20 +168,6 @@ def _not_in_train(units: list[Document], splits: list[Split], train: list[str] |
             log.warning("val: containment in the train text checked for part of the val units only (a big corpus)")
             warned = True
     return keep
-    train_text = _SEP.join(u.text for u, s in zip(units, splits, strict=True) if s == "train")
-    train_set = {u.text for u, s in zip(units, splits, strict=True) if s == "train"}
-    scanned = 0
-    for n, i in enumerate(val):
-        text = units[i].text
-        if text in train_set:  # an exact duplicate: found in O(1) whatever the budget
-            keep[i] = False
-        elif scanned < _MAX_SCAN_CHARS:
-            keep[i] = text not in train_text
-            scanned += len(train_text)
-        elif n == len(val) - 1 or scanned == _MAX_SCAN_CHARS:
-            log.warning("val: containment in train checked for the first %d of %d val units only", n, len(val))
-            scanned += 1
-    return keep
 
 
 def _plan(method: Method, units: Sequence[Document], splits: list[Split], keep: list[bool]) -> SplitPlan:
