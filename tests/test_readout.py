@@ -290,3 +290,18 @@ def test_a_fused_model_too_big_for_the_device_leaves_val_loss_unset_and_says_how
     assert m.fused is not None and m.fused.finetune_steps == 5 and m.fused.val_loss is None
     assert (project.root / "fused" / "model.safetensors").exists()
     assert any("eval --fused --device cpu" in s for s in lines.said)
+
+
+def test_causal_readout_of_a_masked_rack_without_a_mask_token_is_refused(project: Project):
+    import dataclasses
+
+    from stackwise_cli.train.grow import grow
+
+    with project.update() as m:
+        m.recipe = dataclasses.replace(m.recipe, objective="mlm")
+    grow(project, "right")
+    set_states(project, s0="trained")
+    with project.update() as m:  # a hand-edited (or very old) manifest
+        m.tokenizer.mask_id = None
+    for args in (["eval", "--causal"], ["generate", "--causal", "--prompt", "a", "--max-new-tokens", "2"]):
+        refused(cli(*args, "-p", project.root), "no [MASK] token", "prepare")

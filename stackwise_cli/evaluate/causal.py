@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from stackwise_cli.errors import ProjectError
 from stackwise_cli.model.model import Rack
 
 
@@ -35,6 +36,16 @@ def decode_stacks(
         if i in read:
             out[i] = rack.ends.logits(h)  # (B, n, V)
     return out, caches
+
+
+def require_mask_id(mask_id: int | None, why: str) -> int:
+    """``mask_id``, or a ProjectError saying the tokenizer has no [MASK] token and ``why`` one is needed."""
+    if mask_id is None:
+        raise ProjectError(
+            f"this project's tokenizer has no [MASK] token (tokenizer.mask_id is null): {why}",
+            hint="prepare the project again (prepare adds [MASK] to every tokenizer)",
+        )
+    return mask_id
 
 
 def mask_probe(rack: Rack, caches: list | None, start: int, mask_id: int, batch: int, read: Sequence[int] = ()):

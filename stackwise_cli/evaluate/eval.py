@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from stackwise_cli.errors import ProjectError
-from stackwise_cli.evaluate.causal import masked_next_token_logits
+from stackwise_cli.evaluate.causal import masked_next_token_logits, require_mask_id
 from stackwise_cli.evaluate.trained import require_trained, trained_prefix
 from stackwise_cli.model.model import Rack
 from stackwise_cli.progress import QUIET, Reporter
@@ -180,6 +180,8 @@ def evaluate(
     kind = "clm" if causal else recipe.objective
     # A masked objective trains position i to predict token i: read causally, token i+1 comes from a [MASK] there.
     from_mask = causal and recipe.objective != "clm"
+    if from_mask:
+        require_mask_id(m.tokenizer.mask_id, "--causal on an mlm or diffusion rack reads each next token from one")
     max_sequences = max_sequences if max_sequences is not None else recipe.eval.max_sequences
     tokens, seq_ids = val_sequences(project, m, split, max_sequences)
     batch = recipe.eval.batch_size

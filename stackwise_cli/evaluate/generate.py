@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from stackwise_cli.errors import ProjectError, StackwiseError
-from stackwise_cli.evaluate.causal import decode_stacks, mask_probe
+from stackwise_cli.evaluate.causal import decode_stacks, mask_probe, require_mask_id
 from stackwise_cli.evaluate.trained import require_trained
 from stackwise_cli.model.model import Rack
 from stackwise_cli.progress import QUIET, Reporter
@@ -509,6 +509,8 @@ def generate(
         settings.update(causal=True, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
         # mlm and diffusion predict the token under a [MASK]: the next token is read from one at the next position.
         settings.update(causal_readout="shifted" if recipe.objective == "clm" else "mask")
+        if settings["causal_readout"] == "mask":
+            require_mask_id(mask_id, "--causal on an mlm or diffusion rack reads each next token from one")
     else:
         if mask_id is None:
             raise ProjectError(
