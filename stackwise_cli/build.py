@@ -37,6 +37,7 @@ def build(
     device: str = "auto",
     reporter: Reporter = QUIET,
     val_inputs: list[Path] | None = None,
+    precision: str = "auto",
 ) -> BuildResult:
     result = BuildResult()
     if not project.exists():
@@ -57,10 +58,10 @@ def build(
     project.sweep()
     recipe = project.load().recipe
     if recipe.curriculum == "end-to-end":
-        _end_to_end(project, recipe.rack.stacks, device, reporter, result.ran)
+        _end_to_end(project, recipe.rack.stacks, device, precision, reporter, result.ran)
     else:
         side = "right" if recipe.curriculum == "left-to-right" else "left"
-        _stack_by_stack(project, recipe.rack.stacks, device, reporter, result.ran, side)
+        _stack_by_stack(project, recipe.rack.stacks, device, precision, reporter, result.ran, side)
     problem = export_problem_for(project.load().recipe)
     if problem:
         result.fused = problem
@@ -76,7 +77,9 @@ def export_problem_for(recipe: Recipe) -> str | None:
     return export_problem(recipe.attention, recipe.model, bidirectional=recipe.bidirectional)
 
 
-def _stack_by_stack(project: Project, planned: int, device: str, reporter: Reporter, ran: list[str], side: str) -> None:
+def _stack_by_stack(
+    project: Project, planned: int, device: str, precision: str, reporter: Reporter, ran: list[str], side: str
+) -> None:
     """Grow one stack at a time on ``side`` and train it: left to right (side right) on the cache of the trained
     stacks to its left; right to left (side left) through the frozen, trained suffix to its right."""
     flag = "" if side == "right" else f" --side {side}"
@@ -92,15 +95,17 @@ def _stack_by_stack(project: Project, planned: int, device: str, reporter: Repor
         if side == "right" and i > 0 and not is_fresh(project, m, entry.id, "train"):
             build_cache(project, entry.id, "train", device=device, reporter=reporter)
             ran.append(f"cache {entry.id}")
-        train_stack(project, entry.id, device=device, reporter=reporter)
+        train_stack(project, entry.id, precision=precision, device=device, reporter=reporter)
         ran.append(f"train-stack {entry.id}")
 
 
-def _end_to_end(project: Project, planned: int, device: str, reporter: Reporter, ran: list[str]) -> None:
+def _end_to_end(
+    project: Project, planned: int, device: str, precision: str, reporter: Reporter, ran: list[str]
+) -> None:
     """Grow the whole planned rack, then train it at once: the baseline."""
     while len(project.load().rack) < planned:
         entry = grow(project, "right")
         ran.append(f"grow -> {entry.id}")
     if any(s.state != "trained" for s in project.load().rack):
-        train_stack(project, "all", device=device, reporter=reporter)
+        train_stack(project, "all", precision=precision, device=device, reporter=reporter)
         ran.append("train-stack all")

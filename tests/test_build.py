@@ -234,3 +234,13 @@ def test_build_takes_val_from_val_input(tmp_path, tiny_recipe_path):
     assert result.exit_code == 0, result.output
     m = Project(root).load()
     assert m.data.holdout.method == "val-input" and m.data.documents == {"train": 1, "val": 1}
+
+
+def test_build_trains_in_the_precision_it_is_given(tmp_path, tiny_recipe_path):
+    # A stage build reruns after a kill resumes a checkpoint only in the precision it was made with.
+    root = tmp_path / "proj"
+    args = ["build", "-p", str(root), "--recipe", str(tiny_recipe_path), "--precision", "fp8", "--json"]
+    args += ["--set", "train.steps=4", "--set", "data.max_bytes=100000"]
+    result = CliRunner().invoke(app, args, env=ENV)
+    assert result.exit_code == 0, result.output
+    assert {s.precision for s in Project(root).load().rack} == {"fp8"}

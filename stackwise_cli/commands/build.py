@@ -3,7 +3,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from stackwise_cli.commands.eval import render_eval
-from stackwise_cli.commands.options import DeviceOpt, InputOpt, JsonOpt, ProjectOpt, RecipeOpt, SetOpt, ValInputOpt
+from stackwise_cli.commands.options import (
+    DeviceOpt,
+    InputOpt,
+    JsonOpt,
+    PrecisionOpt,
+    ProjectOpt,
+    RecipeOpt,
+    SetOpt,
+    ValInputOpt,
+)
 from stackwise_cli.console import CliReporter, out, print_json
 
 
@@ -13,6 +22,7 @@ def build(
     input_: InputOpt = None,
     val_input: ValInputOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
 ) -> None:
@@ -23,7 +33,7 @@ def build(
     from stackwise_cli.build import build as run
     from stackwise_cli.store.project import Project
 
-    result = run(Project(project), recipe, set_, input_, device, CliReporter(quiet=json_), val_input)
+    result = run(Project(project), recipe, set_, input_, device, CliReporter(quiet=json_), val_input, precision)
     if json_:
         print_json({"ran": result.ran, "eval": result.eval.to_data() if result.eval else None, "no_fuse": result.fused})
         return

@@ -18,6 +18,14 @@ InputOpt = Annotated[
     list[Path] | None,
     typer.Option("--input", help="Text file, folder, JSONL, Parquet or Arrow (repeatable). Default: built-in corpus."),
 ]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Training compute: auto (bf16 on a GPU with bf16, else fp32); fp32; bf16 or fp16 (mixed, fp32 master "
+        "weights; fp16 with loss scaling); fp8 (scaled e4m3 matmuls).",
+    ),
+]
 ValInputOpt = Annotated[
     list[Path] | None,
     typer.Option(

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from stackwise_cli.commands.options import DeviceOpt, JsonOpt, ProjectOpt
+from stackwise_cli.commands.options import DeviceOpt, JsonOpt, PrecisionOpt, ProjectOpt
 from stackwise_cli.console import CliReporter, out, print_json
 
 
@@ -16,14 +16,7 @@ def train_stack(
     steps: Annotated[
         int | None, typer.Option("--steps", min=1, help="Optimizer steps (default: the recipe's train.steps).")
     ] = None,
-    precision: Annotated[
-        str,
-        typer.Option(
-            "--precision",
-            help="auto (bf16 on a GPU with bf16, else fp32); fp32; bf16 or fp16 (mixed, fp32 master weights; fp16 with "
-            "loss scaling); fp8 (scaled e4m3 matmuls).",
-        ),
-    ] = "auto",
+    precision: PrecisionOpt = "auto",
     resume: Annotated[
         str, typer.Option("--resume", help="auto: continue from the newest checkpoint; never: start over.")
     ] = "auto",
