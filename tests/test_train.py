@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -529,3 +530,79 @@ def test_precision_auto_is_what_bench_plan_plans_on_a_gpu_and_fp32_on_the_cpu(pr
     grow(project)
     train_stack(project, 0, steps=4)  # the default, on this CPU: fp32, recorded as such
     assert project.load().stack(0).precision == "fp32"
+
+
+def test_sampler_computes_one_permutation_per_epoch_not_per_batch():
+    s = Sampler(1000, 7, seed=3)
+    for _ in range(300):  # 2,100 rows: epochs 0, 1 and 2
+        s.next()
+    assert s.permutations == 3 and s.state() == {"epoch": 2, "offset": 100}
+    resumed = Sampler(1000, 7, seed=3)
+    resumed.load_state(s.state())
+    assert (resumed.next() == s.next()).all() and resumed.permutations == 1
+
+
+def test_sampler_start_is_a_position_in_one_stream_of_epochs():
+    straight = Sampler(10, 4, seed=0)
+    rows = [straight.next() for _ in range(5)]  # 20 rows: epochs 0 and 1
+    later = Sampler(10, 4, seed=0, start=8)  # where a run of two batches stops
+    got = later.next()
+    assert (got == np.concatenate(rows)[8:12]).all()
+    assert later.last_epochs.tolist() == [0, 0, 1, 1]  # each row's epoch is the one it was drawn in
+    assert straight.last_epochs.tolist() == [1, 1, 1, 1] and later.position() == 12
+    with pytest.raises(StackwiseError, match="other data"):
+        later.load_state({"epoch": 0, "offset": 10})
+
+
+def _record_rows(monkeypatch) -> list[list[int]]:
+    """Every training batch's sequence ids, one list per train_stack call (a new list at each sampler made)."""
+    from stackwise_cli.train import loop
+
+    runs: list[list[int]] = []
+    init, get = loop.Sampler.__init__, loop.Sequences.get
+
+    def sampler_init(self, *a, **k):
+        runs.append([])
+        init(self, *a, **k)
+
+    def recording_get(self, rows, device, epochs=None):
+        batch = get(self, rows, device, epochs)
+        runs[-1].extend(int(i) for i in batch.seq_ids)
+        return batch
+
+    monkeypatch.setattr(loop.Sampler, "__init__", sampler_init)
+    monkeypatch.setattr(loop.Sequences, "get", recording_get)
+    return runs
+
+
+def test_stacks_trained_left_to_right_read_what_end_to_end_reads_at_the_same_budget(project, tmp_path, monkeypatch):
+    import dataclasses
+
+    from stackwise_cli.train.cache import build_cache
+
+    e2e = Project(tmp_path / "e2e")
+    shutil.copytree(project.root, e2e.root)
+    with e2e.update() as m:
+        m.recipe = dataclasses.replace(m.recipe, curriculum="end-to-end")
+    runs = _record_rows(monkeypatch)
+    grow(project)
+    grow(project)
+    train_stack(project, 0, steps=5)
+    build_cache(project, 1, "train")
+    train_stack(project, 1, steps=5)
+    grow(e2e)
+    grow(e2e)
+    train_stack(e2e, "all", steps=10)
+    first, second, whole = runs
+    n = sum(s.sequences for s in project.load().data.splits["train"].shards)
+    assert len(first) == len(second) == 5 * 8 and 2 * 5 * 8 < n  # the budget is under one epoch
+    assert not set(first) & set(second)  # the second stack reads new rows
+    assert first + second == whole  # and together they are what end to end reads, in order
+
+
+def test_a_retrained_stack_reads_on_after_its_first_run(project, monkeypatch):
+    runs = _record_rows(monkeypatch)
+    grow(project)
+    train_stack(project, 0, steps=3)
+    train_stack(project, 0, steps=3, resume="never")
+    assert len(runs[0]) == len(runs[1]) == 24 and not set(runs[0]) & set(runs[1])

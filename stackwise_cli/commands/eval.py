@@ -63,11 +63,20 @@ def eval_(
 ) -> None:
     """Validation loss by the recipe's objective (next-token, masked-token, diffusion ELBO), and the readout after
     each stack."""
+    from dataclasses import asdict
+
     from stackwise_cli.evaluate.eval import evaluate
     from stackwise_cli.store.project import Project
 
     result = evaluate(Project(project), split, max_sequences, device, CliReporter(quiet=json_), causal, fused)
+    # The training FLOPs that produced what was scored (the manifest's count: train-stack, cache, fine-tune), so a
+    # score can be set against its compute.
+    flops = asdict(Project(project).load().count_flops())
     if json_:
-        print_json(result.to_data())
+        print_json({**result.to_data(), "flops": flops})
     else:
         render_eval(result, project)
+        out.print(
+            f"training FLOPs: {flops['total']:.4g} (train-stack {flops['train']:.4g}, cache {flops['cache']:.4g}, "
+            f"fine-tune {flops['finetune']:.4g})"
+        )

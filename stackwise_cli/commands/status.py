@@ -21,14 +21,33 @@ def _render(report, verb: str) -> None:
             r["last_loss"],
             r["precision"],
             r["trained_by"] or "-",
+            f"{r['total_flops']:.3g}",
         ]
         for r in report.rack
     ]
     print_table(
         "rack (left = input side)",
-        ["pos", "id", "blocks", "state", "mask ratio", "steps", "tokens", "last loss", "precision", "trained by"],
+        [
+            "pos",
+            "id",
+            "blocks",
+            "state",
+            "mask ratio",
+            "steps",
+            "tokens",
+            "last loss",
+            "precision",
+            "trained by",
+            "FLOPs",
+        ],
         rows,
     )
+    f = report.flops
+    if f.get("total"):
+        out.print(
+            f"training FLOPs: {f['total']:.4g} (train-stack {f['train']:.4g}, cache {f['cache']:.4g}, "
+            f"fine-tune {f['finetune']:.4g})"
+        )
     if report.caches:
         rows = [
             [

@@ -87,6 +87,9 @@ class StackEntry:
     precision: str | None = None
     mask_ratio: float | None = None  # mlm: the recipe's ratio; diffusion time-as-depth: this stack's t
     trained_by: str | None = None  # the curriculum that trained it: left-to-right, right-to-left, end-to-end
+    # Training FLOPs of its train-stack runs (every run, as steps and tokens add up), by the planner's formulas
+    # (docs/memory.md, "FLOPs"); end to end, the whole run's, on every stack of it as its steps and tokens are.
+    flops: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -122,6 +125,7 @@ class CacheEntry:
     complete: bool
     upstream: Upstream
     shards: list[CacheShard] = field(default_factory=list)
+    flops: float = 0.0  # the forward passes that computed its shards (each shard written, rewrites included)
 
 
 @dataclass(kw_only=True)
@@ -139,6 +143,18 @@ class FusedEntry:
     # The validation loss of fused/ itself, as `eval --fused` scores it (split val, eval.max_sequences, the recipe's
     # objective); written by `eval --fused` and by a fine-tuning fuse. None: not scored yet.
     val_loss: float | None = None
+    finetune_flops: float = 0.0  # training FLOPs of the fine-tune that made fused/ (0: none)
+
+
+@dataclass(kw_only=True)
+class FlopsEntry:
+    """The training FLOPs that produced the current rack, its train caches and fused/, by stage (the sum of the
+    ``flops`` recorded on the stacks, the train-split caches and fused/; an end-to-end run counts once)."""
+
+    train: float = 0.0  # train-stack runs
+    cache: float = 0.0  # cache passes over the train split
+    finetune: float = 0.0  # the fuse fine-tune
+    total: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -161,6 +177,7 @@ class Manifest:
     rack: list[StackEntry] = field(default_factory=list)
     caches: list[CacheEntry] = field(default_factory=list)
     fused: FusedEntry | None = None
+    flops: FlopsEntry | None = None  # None: nothing counted yet (or a manifest from before FLOPs were recorded)
     history: list[HistoryEntry] = field(default_factory=list)
 
     def problems(self) -> list[tuple[str, str]]:
@@ -215,6 +232,19 @@ class Manifest:
             and f.ends == self.ends.sha256
             and [(r.id, r.sha256) for r in f.stacks] == [(s.id, s.sha256) for s in self.rack]
         )
+
+    def count_flops(self) -> FlopsEntry:
+        """The training FLOPs recorded on the stacks, the train caches of stacks in the rack, and fused/."""
+        ids = set(self.ids())
+        e2e = [s.flops for s in self.rack if s.trained_by == "end-to-end"]  # one run, recorded on every stack
+        train = sum(s.flops for s in self.rack if s.trained_by != "end-to-end") + max(e2e, default=0.0)
+        cache = sum(c.flops for c in self.caches if c.split == "train" and c.stack in ids)
+        finetune = self.fused.finetune_flops if self.fused is not None else 0.0
+        return FlopsEntry(train=train, cache=cache, finetune=finetune, total=train + cache + finetune)
+
+    def recount_flops(self) -> None:
+        """Refresh the ``flops`` totals after a stage recorded what it spent."""
+        self.flops = self.count_flops()
 
     def cache(self, stack_id: int, split: str) -> CacheEntry | None:
         for c in self.caches:

@@ -21,6 +21,7 @@ class Report:
     rack: list[dict] = field(default_factory=list)
     caches: list[dict] = field(default_factory=list)
     fused: dict | None = None
+    flops: dict = field(default_factory=dict)  # training FLOPs by stage and in total (``Manifest.count_flops``)
     problems: list[Problem] = field(default_factory=list)
     files_checked: int = 0
 
@@ -51,7 +52,13 @@ def status(project: Project, rehash: bool = False) -> Report:
     m = project.load()
     report = Report()
     for pos, s in enumerate(m.rack):
-        report.rack.append({"position": pos, **asdict(s)})
+        # flops: its train-stack runs; cache_flops: the train cache feeding it; total_flops: the two together
+        train_cache = m.cache(s.id, "train")
+        cache_flops = train_cache.flops if train_cache is not None else 0.0
+        report.rack.append(
+            {"position": pos, **asdict(s), "cache_flops": cache_flops, "total_flops": s.flops + cache_flops}
+        )
+    report.flops = asdict(m.count_flops())
     for c in m.caches:
         reasons = project.stale_reasons(m, c) if c.stack in m.ids() else ["its stack is no longer in the rack"]
         report.caches.append(
@@ -73,7 +80,7 @@ def status(project: Project, rehash: bool = False) -> Report:
             )
     if m.fused is not None:
         fused_stale = not m.fused_is_current()
-        report.fused = {"dir": m.fused.dir, "stale": fused_stale}
+        report.fused = {"dir": m.fused.dir, "stale": fused_stale, "finetune_flops": m.fused.finetune_flops}
         if fused_stale:
             report.problems.append(
                 Problem("stale", m.fused.dir, "the rack changed since it was fused", "`stackwise fuse`")

@@ -39,6 +39,7 @@ def _start_entry(project: Project, stack_id: int, split: str) -> tuple[CacheEntr
             return old, old.complete
         if old is not None:
             m.caches.remove(old)
+            m.recount_flops()
         shutil.rmtree(project.cache_dir(stack_id, split), ignore_errors=True)
         entry = CacheEntry(
             stack=stack_id,
@@ -53,8 +54,9 @@ def _start_entry(project: Project, stack_id: int, split: str) -> tuple[CacheEntr
         return entry, False
 
 
-def _commit_shard(project: Project, entry: CacheEntry, shard: CacheShard | None) -> None:
-    """Record one finished shard (or, with ``shard=None``, that the cache is complete) under the lock."""
+def _commit_shard(project: Project, entry: CacheEntry, shard: CacheShard | None, flops: float = 0.0) -> None:
+    """Record one finished shard and the FLOPs that computed it (or, with ``shard=None``, that the cache is
+    complete) under the lock."""
     with project.update() as m:
         current = m.cache(entry.stack, entry.split)
         if current is None or current.upstream != entry.upstream:
@@ -67,6 +69,8 @@ def _commit_shard(project: Project, entry: CacheEntry, shard: CacheShard | None)
             record(m, f"cache {entry.stack} --split {entry.split}")
         else:
             current.shards = sorted([s for s in current.shards if s.file != shard.file] + [shard], key=lambda s: s.file)
+            current.flops += flops
+            m.recount_flops()
 
 
 def is_fresh(project: Project, m: Manifest, stack_id: int, split: str) -> bool:
@@ -174,6 +178,12 @@ def _build_cache(project: Project, stack_id: int, split: str, dev: torch.device,
         prefix = [s.id for s in m.rack[: m.position(stack_id)]]
         reporter.info(f"cache {stack_id}/{split}: from the tokens, through the embedding and {len(prefix)} stack(s)")
     stacks = _OneStack(project, m, dev)
+    # FLOPs per cached token: one no-grad forward through every stack this pass runs (bench/plan.py's formula).
+    from stackwise_cli.bench.plan import FlopShapes, cache_flops_per_token
+
+    flops_per_token = cache_flops_per_token(
+        FlopShapes.of(m.recipe, m.data.seq_len), [m.stack(sid).blocks for sid in prefix]
+    )
 
     batch = m.recipe.cache.batch_size
     T, D = m.data.seq_len, m.recipe.model.d_model
@@ -212,6 +222,6 @@ def _build_cache(project: Project, stack_id: int, split: str, dev: torch.device,
                     advance(rows.stop - rows.start)
                 del stack
             sha = write_hidden_shard(project.path(out_rel), hidden, np.asarray(tokens.seq_ids), entry.dtype)
-            _commit_shard(project, entry, CacheShard(file=out_rel, sequences=n, sha256=sha))
+            _commit_shard(project, entry, CacheShard(file=out_rel, sequences=n, sha256=sha), n * T * flops_per_token)
     _commit_shard(project, entry, None)
     return project.load().cache(stack_id, split)

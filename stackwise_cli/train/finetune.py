@@ -120,6 +120,7 @@ class Finetuned:
     result: Result
     model: Rack
     merged: Rack
+    flops: float = 0.0  # training FLOPs of the run: its tokens x the planner's FLOPs per token (``flops_per_token``)
 
 
 def _fingerprint(project: Project, m: Manifest, spec: FinetuneSpec, objective_key: str) -> str:
@@ -217,7 +218,20 @@ def finetune(
         tr.checkpoint_every_min,
     )
     rack.eval()
-    return m, Finetuned(result, rack, _merged(project, m, spec, rack))
+    flops = result.tokens * flops_per_token(m, spec, sum(p.numel() for p in trainable.values()))
+    return m, Finetuned(result, rack, _merged(project, m, spec, rack), flops)
+
+
+def flops_per_token(m: Manifest, spec: FinetuneSpec, trainable_params: int) -> float:
+    """Training FLOPs per token of a fine-tune of the rack, by the planner's formulas (``bench/plan.py``): the whole
+    model trained (full), or the frozen base with the ``trainable_params`` adapter weights (lora, qlora)."""
+    from stackwise_cli.bench.plan import FlopShapes, lora_flops_per_token, whole_model_flops_per_token
+
+    f = FlopShapes.of(m.recipe, m.data.seq_len)
+    blocks, stacks, on = sum(e.blocks for e in m.rack), len(m.rack), m.recipe.train.finetune_checkpointing
+    if spec.mode == "full":
+        return whole_model_flops_per_token(f, blocks, stacks, checkpointing=on)
+    return lora_flops_per_token(f, blocks, stacks, trainable_params, checkpointing=on)
 
 
 @torch.no_grad()

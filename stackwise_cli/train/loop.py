@@ -30,7 +30,7 @@ from stackwise_cli.errors import ProjectError, StackwiseError, Stopped
 from stackwise_cli.model.model import Ends, Stack
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import TrainRecipe
-from stackwise_cli.store.manifest import Manifest
+from stackwise_cli.store.manifest import Manifest, StackEntry
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.shards import HiddenShard, TokenShard, read_hidden_shard, read_token_shard
 from stackwise_cli.store.weights import load_ends, load_stack, save_ends, save_stack
@@ -83,40 +83,62 @@ class Sequences:
 
 
 class Sampler:
-    """Shuffled batches without replacement, epoch after epoch. Its whole state is (epoch, offset), so a
-    resumed run draws exactly the batches the uninterrupted run would have."""
+    """Shuffled batches without replacement from one endless seeded stream: epoch e is a permutation of the split
+    seeded by (``train.seed``, e), and the stream is epoch 0, epoch 1, ... one after the other. ``start`` is where a
+    run begins in that stream (in sequences): a stack trained after others starts where they stopped, so stacks
+    trained one after another read consecutive, disjoint slices of the data, as one end-to-end run of their total
+    length does (docs/training.md, "What each stack sees"). The whole state is the position (epoch, offset), so a
+    resumed run draws exactly the batches the uninterrupted run would have. The permutation of the current epoch is
+    computed once, when the stream enters it, not per batch: drawing a batch costs O(batch size)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
         if n < batch_size:
             raise ProjectError(
                 f"the split holds {n} sequences, fewer than train.batch_size ({batch_size})",
                 hint="lower train.batch_size or prepare more text",
             )
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.epoch, self.offset = 0, 0
+        self.epoch, self.offset = divmod(start, n)
         self.last_epochs = np.zeros(0, dtype=np.int64)  # the epoch of each row of the last batch
+        self.permutations = 0  # how many epoch permutations were computed (each O(n)); tests count them
+        self._perm_epoch, self._perm = -1, np.zeros(0, dtype=np.int64)
 
-    def _perm(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+            self._perm_epoch = self.epoch
+            self.permutations += 1
+        return self._perm
 
     def next(self) -> np.ndarray:
-        perm, out, epochs = self._perm(), [], []
-        while len(out) < self.batch_size:
-            take = min(self.batch_size - len(out), self.n - self.offset)
-            out.extend(perm[self.offset : self.offset + take])
-            epochs.extend([self.epoch] * take)
+        out, epochs, need = [], [], self.batch_size
+        while need:
+            take = min(need, self.n - self.offset)
+            out.append(self._permutation()[self.offset : self.offset + take])
+            epochs.append(np.full(take, self.epoch, dtype=np.int64))
             self.offset += take
+            need -= take
             if self.offset == self.n:
                 self.epoch, self.offset = self.epoch + 1, 0
-                perm = self._perm()
-        self.last_epochs = np.asarray(epochs, dtype=np.int64)
-        return np.asarray(out)
+        self.last_epochs = np.concatenate(epochs)
+        return np.concatenate(out)
+
+    def position(self) -> int:
+        """Sequences drawn from the start of the stream (all runs before this one included)."""
+        return self.epoch * self.n + self.offset
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
 
     def load_state(self, state: dict[str, int]) -> None:
-        self.epoch, self.offset = state["epoch"], state["offset"]
+        epoch, offset = int(state["epoch"]), int(state["offset"])
+        if epoch < 0 or not 0 <= offset < self.n:
+            raise StackwiseError(
+                f"the checkpoint's data position (epoch {epoch}, offset {offset}) does not fit a split of {self.n} "
+                "sequences: it was made on other data",
+                hint="use --resume never to start again",
+            )
+        self.epoch, self.offset = epoch, offset
 
 
 # --- optimisation ------------------------------------------------------------------------------------------
@@ -190,6 +212,7 @@ class Job:
     data: Sequences
     fingerprint: str  # the inputs this run trains on; a checkpoint made on other inputs is refused
     extra: dict = field(default_factory=dict)  # caller's state kept in checkpoints and restored on resume
+    start: int = 0  # where the run begins in the sampler's stream, in sequences (``Sampler``, ``stream_start``)
 
 
 @dataclass
@@ -270,7 +293,7 @@ def run(
     opt = make_optimizer(job.trainable, tr)
     scaler = grad_scaler(precision, device)
     names = {p: n for n, p in job.trainable.items()}
-    sampler = Sampler(len(job.data), tr.batch_size, tr.seed)
+    sampler = Sampler(len(job.data), tr.batch_size, tr.seed, job.start)
     step, tokens, last_loss, resumed_from = 0, 0, None, None
     window: list[torch.Tensor] = []  # losses since the last log line (saved, so a resumed log is identical)
 
@@ -412,6 +435,15 @@ def run(
         save(step)  # the final state: if we die before the stack file and manifest are written, a rerun finishes it
     elapsed = time.perf_counter() - t0
     return Result(step, tokens, last_loss, elapsed, (tokens - tokens0) / max(elapsed, 1e-9), resumed_from)
+
+
+def stream_start(m: Manifest, before: list[StackEntry]) -> int:
+    """Where a run begins in the train split's sample stream: after every sequence the runs recorded on the stack
+    entries ``before`` drew (each run draws its ``tokens / data.seq_len`` sequences in turn; the stacks of one
+    end-to-end run share it, so it counts once)."""
+    runs = [e.tokens for e in before if e.trained_by != "end-to-end"]
+    runs.append(max((e.tokens for e in before if e.trained_by == "end-to-end"), default=0))
+    return sum(runs) // m.data.seq_len
 
 
 # --- curricula -------------------------------------------------------------------------------------------
@@ -648,6 +680,32 @@ def _setup_all(project: Project, m: Manifest, stacks: list[Stack], ends: Ends) -
     return Setup(modules, trainable, loss_fn, Sequences(token_data(project, m)), fingerprint)
 
 
+def train_flops_per_token(
+    m: Manifest, stack_id: int | None, pos: int | None, trainable: dict[str, nn.Parameter], ends: Ends
+) -> float:
+    """The training FLOPs per token of this run, by the planner's formulas (``bench/plan.py``) for the rack as it
+    is: the stack's own blocks (or every block end to end), right to left the frozen suffix, and the head, whose
+    weight's gradient counts only where it trains (``trainable``)."""
+    from stackwise_cli.bench.plan import FlopShapes, train_stack_flops_per_token, whole_model_flops_per_token
+
+    f = FlopShapes.of(m.recipe, m.data.seq_len)
+    head = ends.embed.weight if ends.head is None else ends.head.weight
+    head_trains = any(p is head for p in trainable.values())
+    ckpt_on = m.recipe.train.activation_checkpointing
+    if stack_id is None:
+        blocks = sum(e.blocks for e in m.rack)
+        return whole_model_flops_per_token(f, blocks, len(m.rack), checkpointing=ckpt_on, head_trains=head_trains)
+    suffix = m.rack[pos + 1 :] if m.recipe.curriculum == "right-to-left" else []
+    return train_stack_flops_per_token(
+        f,
+        m.rack[pos].blocks,
+        head_trains=head_trains,
+        checkpointing=ckpt_on,
+        suffix_blocks=sum(e.blocks for e in suffix),
+        suffix_stacks=len(suffix),
+    )
+
+
 def _train(
     project: Project,
     stack_id: int | None,
@@ -698,10 +756,11 @@ def _train(
     # of the weights in the stack file are the entry's, unless an interrupted run already moved the entry on: then
     # its checkpoints remember what the file held when that run began.
     ckpt_dir = project.ckpt_dir(label)
-    prior_steps, prior_tokens = entries[0].steps, entries[0].tokens
+    prior_steps, prior_tokens, prior_flops = entries[0].steps, entries[0].tokens, entries[0].flops
     if states != {"trained"} and ckpt.list_checkpoints(ckpt_dir):
         extra = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())["extra"]
         prior_steps, prior_tokens = extra["prior_steps"], extra["prior_tokens"]
+        prior_flops = extra.get("prior_flops", 0.0)  # a checkpoint from before FLOPs were counted: none before it
     have_ckpt = resume == "auto" and bool(ckpt.list_checkpoints(ckpt_dir))
 
     # With a checkpoint to resume from, the weights come from it: the files may be one step ahead or behind.
@@ -724,6 +783,15 @@ def _train(
         for i in ids:
             mm.stack(i).state = "training"
 
+    # The stacks trained before this one (left to right: those to its left; right to left: its suffix) drew the
+    # start of the stream, and an earlier run of this stack (--resume never) what follows: this run reads on.
+    if stack_id is None:
+        before = []
+    elif m.recipe.curriculum == "right-to-left":
+        before = m.rack[pos + 1 :]
+    else:
+        before = m.rack[:pos]
+    start = stream_start(m, before) + prior_tokens // m.data.seq_len
     job = Job(
         f"train-stack {label}",
         setup.modules,
@@ -731,8 +799,10 @@ def _train(
         setup.loss,
         setup.data,
         setup.fingerprint,
-        {"prior_steps": prior_steps, "prior_tokens": prior_tokens},
+        {"prior_steps": prior_steps, "prior_tokens": prior_tokens, "prior_flops": prior_flops},
+        start,
     )
+    flops_per_token = train_flops_per_token(m, stack_id, pos, setup.trainable, ends)
     try:
         result = run(
             job,
@@ -755,11 +825,14 @@ def _train(
                 e.steps = state["extra"]["prior_steps"] + state["step"]
                 e.tokens = state["extra"]["prior_tokens"] + state["tokens"]
                 e.last_loss, e.precision = state["last_loss"], precision
+                e.flops = state["extra"].get("prior_flops", 0.0) + state["tokens"] * flops_per_token
+            mm.recount_flops()
         raise
 
     trained_ends = ends if any(n.startswith("ends.") for n in setup.trainable) else None
     curriculum = m.recipe.curriculum
-    _finish(project, dict(zip(ids, stacks)), trained_ends, result, precision, job.extra, curriculum)
+    flops = result.tokens * flops_per_token
+    _finish(project, dict(zip(ids, stacks)), trained_ends, result, precision, job.extra, curriculum, flops)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the stack files and the manifest now hold the result
     return result
 
@@ -772,6 +845,7 @@ def _finish(
     precision: str,
     prior: dict,
     curriculum: str,
+    flops: float,
 ) -> None:
     shas = {i: save_stack(project, stack.cpu(), i) for i, stack in stacks.items()}
     ends_sha = save_ends(project, ends.cpu()) if ends is not None else None
@@ -782,6 +856,8 @@ def _finish(
             e.sha256, e.state, e.last_loss, e.precision = sha, "trained", result.last_loss, precision
             e.steps = prior["prior_steps"] + result.steps
             e.tokens = prior["prior_tokens"] + result.tokens
+            e.flops = prior.get("prior_flops", 0.0) + flops
             e.trained_by = curriculum
+        m.recount_flops()
         if ends_sha is not None:
             m.ends.sha256, m.ends.input_sha256 = ends_sha
