@@ -168,6 +168,7 @@ def test_three_arms_run_report_and_resume_without_retraining(tmp_path, monkeypat
         assert abs(a["flops"] / budget - 1) < 0.05, a["name"]
         assert np.isfinite(a["val_loss"]) and a["val_loss"] < np.log(512)  # learned something
         assert a["peak_bytes"] > 0 and a["planned_peak_bytes"] > 0
+        assert a["peak_rss_bytes"] is not None  # on the CPU, the whole resident set too
         assert a["val_sequences"] == 32
     # the curve: one point per stack (cumulative FLOPs, rising, ending at the arm's total), e2e's final point, the
     # peer's own eval points

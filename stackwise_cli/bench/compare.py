@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,16 +440,19 @@ def _cpu_setup() -> None:
 
 class PeakMemory:
     """The peak memory a block allocates above where it started. CUDA: the allocator's peak
-    (``torch.cuda.max_memory_allocated``) above what was allocated at the start. CPU: the peak resident set (VmHWM,
-    reset through /proc/self/clear_refs) above the resident set at the start, with exact accounting."""
+    (``torch.cuda.max_memory_allocated``) above what was allocated at the start. CPU, with exact accounting: the
+    anonymous resident memory (RssAnon: tensors and the heap, not the pages of memory-mapped shards and caches), sampled
+    every 5 ms, above where it started (``peak_bytes``); and the whole resident set's peak (VmHWM, reset through
+    /proc/self/clear_refs, file pages included) above its start (``rss_peak_bytes``)."""
 
     def __init__(self, device) -> None:
         self.cuda = getattr(device, "type", str(device)).startswith("cuda")
         self.peak_bytes = 0
+        self.rss_peak_bytes: int | None = None
         self.how = (
             "torch.cuda.max_memory_allocated above the stage's start"
             if self.cuda
-            else "peak RSS (VmHWM) above the stage's start, exact glibc accounting"
+            else "peak anonymous RSS above the stage's start, sampled every 5 ms, exact glibc accounting"
         )
 
     def __enter__(self) -> PeakMemory:
@@ -464,8 +468,17 @@ class PeakMemory:
             return self
         _cpu_setup()
         gc.collect()
-        self._base = _rss_bytes("VmRSS")
+        self._base = self._max = _rss_bytes("RssAnon")
+        self._rss_base = _rss_bytes("VmRSS")
         _reset_peak_rss()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.005):
+                self._max = max(self._max, _rss_bytes("RssAnon"))
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -474,8 +487,11 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
-        else:
-            self.peak_bytes = _rss_bytes("VmHWM") - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self._max, _rss_bytes("RssAnon")) - self._base
+        self.rss_peak_bytes = _rss_bytes("VmHWM") - self._rss_base
 
 
 # --- data, once ------------------------------------------------------------------------------------------------
@@ -585,16 +601,27 @@ class _Progress:
     points: list[dict] = field(default_factory=list)  # {"after", "flops", "loss"}
     peak_bytes: int = 0
     wall_s: float = 0.0
+    rss_peak_bytes: int | None = None  # CPU: the whole resident set's peak, file pages included
+
+    def measured(self, meter: PeakMemory) -> None:
+        self.peak_bytes = max(self.peak_bytes, meter.peak_bytes)
+        if meter.rss_peak_bytes is not None:
+            self.rss_peak_bytes = max(self.rss_peak_bytes or 0, meter.rss_peak_bytes)
 
     @staticmethod
     def load(path: Path) -> _Progress:
         if not path.exists():
             return _Progress(path)
         d = json.loads(path.read_text())
-        return _Progress(path, d["points"], d["peak_bytes"], d["wall_s"])
+        return _Progress(path, d["points"], d["peak_bytes"], d["wall_s"], d.get("rss_peak_bytes"))
 
     def save(self) -> None:
-        data = {"points": self.points, "peak_bytes": self.peak_bytes, "wall_s": self.wall_s}
+        data = {
+            "points": self.points,
+            "peak_bytes": self.peak_bytes,
+            "wall_s": self.wall_s,
+            "rss_peak_bytes": self.rss_peak_bytes,
+        }
         atomic_write_text(self.path, json.dumps(data, indent=1))
 
 
@@ -657,6 +684,7 @@ def run_arm(c: Comparison, ap: ArmPlan, device: str = "auto", reporter: Reporter
             "val_sequences": int(len(val)),
             "peak_bytes": progress.peak_bytes,
             "peak_how": how,
+            "peak_rss_bytes": progress.rss_peak_bytes,
             "planned_peak_bytes": ap.planned_peak_bytes,
             "device": str(dev),
             "wall_s": progress.wall_s,
@@ -693,7 +721,7 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
                     build_cache(project, entry.id, "train", device=device, reporter=reporter)
                 with PeakMemory(dev) as meter:
                     train_stack(project, entry.id, device=device, reporter=reporter)
-                progress.peak_bytes = max(progress.peak_bytes, meter.peak_bytes)
+                progress.measured(meter)
                 progress.save()
             if len(progress.points) <= i:
                 loss = evaluate(project, max_sequences=c.spec.eval.max_sequences, device=device).loss
@@ -705,7 +733,7 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
         with PeakMemory(dev) as meter:
             res = build(project, device=device, reporter=reporter)
         if "train-stack all" in res.ran:
-            progress.peak_bytes = max(progress.peak_bytes, meter.peak_bytes)
+            progress.measured(meter)
         if not progress.points:
             progress.points.append(
                 {"after": "train-stack all", "flops": counted_flops(project, ap.stages), "loss": res.eval.loss}
@@ -736,7 +764,8 @@ def _run_peer(c, ap, dp: Project, val, dev, progress: _Progress, reporter) -> tu
             model, stream, r.train, r.data.seq_len, steps, dev, eval_at, lambda mod: next_token_loss(mod, val, bs, dev)
         )
     fps = ap.stages[0].flops_per_step
-    progress.peak_bytes = meter.peak_bytes
+    progress.peak_bytes, progress.rss_peak_bytes = 0, None  # a peer run starts over
+    progress.measured(meter)
     progress.points = [{"after": f"step {s}", "flops": s * fps, "loss": loss} for s, loss in run.points]
     progress.save()
     folder = c.arm_dir(ap.arm.name) / "model"
@@ -777,6 +806,7 @@ COLUMNS = [
     "val loss",
     "val ppl",
     "peak MiB",
+    "RSS MiB",
     "plan MiB",
     "wall s",
 ]
@@ -799,6 +829,7 @@ def table_rows(report: Report) -> list[list[Any]]:
                 a["val_loss"],
                 a["val_perplexity"],
                 f"{a['peak_bytes'] / 2**20:,.1f}",
+                None if a.get("peak_rss_bytes") is None else f"{a['peak_rss_bytes'] / 2**20:,.1f}",
                 f"{a['planned_peak_bytes'] / 2**20:,.1f}",
                 f"{a['wall_s']:,.0f}",
             ]
@@ -808,7 +839,7 @@ def table_rows(report: Report) -> list[list[Any]]:
 
 def _markdown(report: Report) -> str:
     def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
     lines = [
         f"# Comparison: {report.spec}",
@@ -825,7 +856,8 @@ def _markdown(report: Report) -> str:
         "",
         "steps: train.steps of a stack-wise arm (per stack; end to end runs rack.stacks x that), the peer's total "
         "optimizer steps; * = the budget's reference arm at its recipe's steps. peak MiB: measured training peak "
-        f"({'; '.join(how)}); plan MiB: `bench plan`'s largest training stage for the device.",
+        f"({'; '.join(how)}); RSS MiB (CPU): the whole resident set's peak above the stage's start, pages of the "
+        "memory-mapped shards and cache included; plan MiB: `bench plan`'s largest training stage for the device.",
     ]
     if report.missing:
         lines += ["", f"Not finished: {', '.join(report.missing)}."]
@@ -849,6 +881,7 @@ def _plot(report: Report, path: Path) -> None:
         xs = [p["flops"] for p in a["points"]]
         ys = [p["loss"] for p in a["points"]]
         ax.plot(xs, ys, marker="o", label=f"{a['name']} ({a['kind']}, {a['curriculum']})")
+    ax.axvline(report.budget_flops, color="grey", linestyle="--", linewidth=0.8, label="budget")
     ax.set_xlabel("cumulative training FLOPs")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"{Path(report.spec).name}: budget {report.budget_flops:.3g} FLOPs")
