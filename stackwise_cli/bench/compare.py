@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
-from stackwise_cli.bench.plan import PlanOptions, param_counts, plan
+from stackwise_cli.bench.plan import FlopShapes, PlanOptions, cache_flops_per_token, param_counts, plan
 from stackwise_cli.bench.step import _reset_peak_rss, _rss_bytes, exact_rss_accounting
 from stackwise_cli.build import export_problem_for
 from stackwise_cli.errors import RecipeError, StackwiseError
@@ -299,12 +299,12 @@ class FlopStage:
     label: str
     flops_per_step: float
     steps_per_unit: int = 1
-    cache_flops_per_token: float = 0.0  # the cache pass before this stage (left to right, stacks after the first)
+    cache_per_token: float = 0.0  # FLOPs per token of the cache pass before this stage (l2r, after the first)
     cache_tokens: int = 0
 
     @property
     def fixed(self) -> float:
-        return self.cache_flops_per_token * self.cache_tokens
+        return self.cache_per_token * self.cache_tokens
 
 
 def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopStage]:
@@ -319,12 +319,14 @@ def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopSt
         return [FlopStage("all", plan_for(recipe).stage("end-to-end").flops_per_step, steps_per_unit=n)]
     if recipe.curriculum == "left-to-right":
         p = plan_for(recipe)
-        cache = p.stage("cache", "from-tokens").flops_per_token
+        # build caches the train split only, so each cache after the first is incremental (from its left
+        # neighbour's) and the first runs the ends and stack 0: one stack's forward either way
+        cache = cache_flops_per_token(FlopShapes.of(recipe), [recipe.rack.blocks_per_stack])
         return [
             FlopStage(
                 f"stack {i}",
                 p.stage("train-stack-l2r", "leftmost" if i == 0 else "cached").flops_per_step,
-                cache_flops_per_token=cache if i else 0.0,
+                cache_per_token=cache if i else 0.0,
                 cache_tokens=train_tokens if i else 0,
             )
             for i in range(n)
@@ -625,21 +627,10 @@ class _Progress:
         atomic_write_text(self.path, json.dumps(data, indent=1))
 
 
-def counted_flops(project: Project, stages: list[FlopStage]) -> float:
-    """FLOPs of what the arm's manifest says ran: each stack's steps (in growth order) at its stage's FLOPs per
-    step, and every complete train-split cache shard at the cache pass's FLOPs per token."""
-    m = project.load()
-    rc = m.recipe
-    if rc.curriculum == "end-to-end":
-        return (m.rack[0].steps if m.rack else 0) * stages[0].flops_per_step
-    grown = m.rack if rc.curriculum == "left-to-right" else list(reversed(m.rack))
-    total = sum(e.steps * s.flops_per_step for e, s in zip(grown, stages))
-    if rc.curriculum == "left-to-right":
-        for cache in m.caches:
-            if cache.split == "train" and cache.stack in m.ids() and m.position(cache.stack) > 0:
-                per_token = stages[m.position(cache.stack)].cache_flops_per_token
-                total += per_token * sum(s.sequences for s in cache.shards) * cache.seq_len
-    return total
+def counted_flops(project: Project) -> float:
+    """The training FLOPs the arm's manifest records (every train-stack run and train cache pass, by the planner's
+    formulas: ``Manifest.count_flops``)."""
+    return project.load().count_flops().total
 
 
 def run_arm(c: Comparison, ap: ArmPlan, device: str = "auto", reporter: Reporter = QUIET) -> dict:
@@ -725,7 +716,7 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
                 progress.save()
             if len(progress.points) <= i:
                 loss = evaluate(project, max_sequences=c.spec.eval.max_sequences, device=device).loss
-                flops = counted_flops(project, ap.stages)
+                flops = counted_flops(project)
                 progress.points.append({"after": f"stack {entry.id}", "flops": flops, "loss": loss})
                 progress.save()
         build(project, device=device, reporter=reporter)  # every stack trained: fuse and eval
@@ -735,12 +726,10 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
         if "train-stack all" in res.ran:
             progress.measured(meter)
         if not progress.points:
-            progress.points.append(
-                {"after": "train-stack all", "flops": counted_flops(project, ap.stages), "loss": res.eval.loss}
-            )
+            progress.points.append({"after": "train-stack all", "flops": counted_flops(project), "loss": res.eval.loss})
         progress.save()
     val_loss = score_folder(project.path("fused"), val, c.spec.eval.batch_size, dev)
-    return counted_flops(project, ap.stages), meter_how, val_loss, {}
+    return counted_flops(project), meter_how, val_loss, {}
 
 
 def _run_peer(c, ap, dp: Project, val, dev, progress: _Progress, reporter) -> tuple[float, str, float, dict]:
