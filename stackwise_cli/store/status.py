@@ -80,7 +80,7 @@ def status(project: Project, rehash: bool = False) -> Report:
             )
     if m.fused is not None:
         fused_stale = not m.fused_is_current()
-        report.fused = {"dir": m.fused.dir, "stale": fused_stale, "finetune_flops": m.fused.finetune_flops}
+        report.fused = {"dir": m.fused.dir, "stale": fused_stale}
         if fused_stale:
             report.problems.append(
                 Problem("stale", m.fused.dir, "the rack changed since it was fused", "`stackwise fuse`")
