@@ -606,3 +606,16 @@ def test_a_retrained_stack_reads_on_after_its_first_run(project, monkeypatch):
     train_stack(project, 0, steps=3)
     train_stack(project, 0, steps=3, resume="never")
     assert len(runs[0]) == len(runs[1]) == 24 and not set(runs[0]) & set(runs[1])
+
+
+def test_right_to_left_the_new_stack_reads_on_after_its_suffix(project, monkeypatch):
+    import dataclasses
+
+    with project.update() as m:
+        m.recipe = dataclasses.replace(m.recipe, curriculum="right-to-left")
+    runs = _record_rows(monkeypatch)
+    grow(project)
+    train_stack(project, 0, steps=3)
+    new = grow(project, side="left")
+    train_stack(project, new.id, steps=3)
+    assert len(runs[0]) == len(runs[1]) == 24 and not set(runs[0]) & set(runs[1])
