@@ -431,6 +431,7 @@ def test_grad_accum_resumes_bit_identically(project, tmp_path):
         ({"grad_accum": 2}, "train.grad_accum was 1, now 2"),
         ({"batch_size": 4}, "train.batch_size was 8, now 4"),
         ({"seed": 1}, "train.seed was 0, now 1"),
+        ({"embedding": "frozen"}, "train.embedding was 'train', now 'frozen'"),
     ],
 )
 def test_resume_refuses_changed_settings_naming_them(project, change, message):
@@ -443,6 +444,24 @@ def test_resume_refuses_changed_settings_naming_them(project, change, message):
     assert "--resume never" in err.value.hint
     r = train_stack(project, 0, steps=20, resume="never")  # starting again with the new value is allowed
     assert r.resumed_from is None and r.steps == 20
+
+
+def test_resume_refuses_a_checkpoint_that_trained_other_parameters(project):
+    # As a checkpoint made before a rule about what trains changed (e.g. the tied head side): its optimizer state
+    # is for other parameters, so it cannot be resumed; one error, not a KeyError, and --resume never still works.
+    import json
+
+    grow(project)
+    with pytest.raises(Stopped):
+        train_stack(project, 0, steps=20, stop_at=5)
+    (newest,) = ckpt.list_checkpoints(project.ckpt_dir(0))[-1:]
+    state = json.loads((newest / "state.json").read_text())
+    state["trainable"] = [n for n in state["trainable"] if not n.startswith("ends.")]
+    (newest / "state.json").write_text(json.dumps(state))
+    with pytest.raises(StackwiseError, match="trained other parameters than this run would") as err:
+        train_stack(project, 0, steps=20)
+    assert "ends.embed.weight" in str(err.value) and "--resume never" in err.value.hint
+    assert train_stack(project, 0, steps=20, resume="never").steps == 20
 
 
 def test_resume_refuses_a_changed_precision(project):

@@ -256,6 +256,8 @@ def run_settings(tr: TrainRecipe, precision: str, seq_len: int) -> dict[str, obj
                 ("betas", tr.betas),
                 ("grad_clip", tr.grad_clip),
                 ("seed", tr.seed),
+                ("embedding", tr.embedding),  # what trains: the checkpoint's optimizer holds exactly those
+                ("head", tr.head),
             )
         },
     }
@@ -317,6 +319,18 @@ def run(
                 "(the learning-rate schedule depends on it)",
                 hint=f"pass --steps {state['steps_total']}, or --resume never to start again",
             )
+        # What trains must be what the checkpoint trained (a setting outside run_settings, or a version of stackwise
+        # with another rule for it, may have changed it): its optimizer state is for those parameters alone. Older
+        # checkpoints do not list them; their optimizer tensors name every parameter that had a gradient.
+        now = set(job.trainable)
+        held = set(state["trainable"]) if "trainable" in state else {key.partition("::")[0] for key in optim}
+        if held - now or ("trainable" in state and now - held):
+            gone, new = sorted(held - now), sorted(now - held)
+            raise StackwiseError(
+                f"the checkpoint {existing[-1]} trained other parameters than this run would "
+                f"(only in the checkpoint: {', '.join(gone) or 'none'}; only now: {', '.join(new) or 'none'})",
+                hint="rerun with the settings it was made with, or pass --resume never to start again",
+            )
         _load_weights(job, weights)
         ckpt.load_optimizer_tensors(opt, job.trainable, optim)
         ckpt.restore_rng(rng)
@@ -341,6 +355,7 @@ def run(
             "fingerprint": job.fingerprint,
             "precision": precision,
             "settings": settings,
+            "trainable": sorted(job.trainable),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "time": time.time(),
         }
