@@ -138,3 +138,17 @@ def test_mlm_bf16_caches_stay_incremental_and_load_one_stack(project, monkeypatc
     monkeypatch.setattr(cache_mod, "load_stack", lambda p, m, sid, *a, **k: loads.append(sid) or real(p, m, sid))
     cache_mod.build_cache(project, 2, "train")
     assert loads == [1]
+
+
+def test_a_bf16_cache_is_never_built_from_an_fp8_neighbour(project, monkeypatch):
+    """After cache.dtype changes from fp8 to bf16, the left neighbour's fp8 cache may still be fresh; building on its
+    codes would carry their rounding into the bf16 cache, so it is computed from the tokens."""
+    _recipe(project, stacks=3, cache_dtype="fp8")
+    _train_prefix(project, 2)
+    _recipe(project, stacks=3, cache_dtype="bf16")
+    m = project.load()
+    assert m.cache(m.rack[1].id, "train").dtype == "fp8" and cache_mod.is_fresh(project, m, m.rack[1].id, "train")
+    real, loads = cache_mod.load_stack, []
+    monkeypatch.setattr(cache_mod, "load_stack", lambda p, m, sid, *a, **k: loads.append(sid) or real(p, m, sid))
+    cache_mod.build_cache(project, 2, "train")
+    assert set(loads) == {0, 1}  # the whole prefix, streamed per shard (incremental would load stack 1 alone)
