@@ -6,6 +6,8 @@ finishes the job: prepare -> for each planned stack: grow, cache, train-stack ->
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from stackwise_cli.evaluate.eval import EvalResult, evaluate
 from stackwise_cli.model.hf import export_problem
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import Recipe, load_recipe
+from stackwise_cli.store.manifest import StackEntry
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache, is_fresh
 from stackwise_cli.train.fuse import ANY, fuse, is_fused
@@ -61,7 +64,7 @@ def build(
         _end_to_end(project, recipe.rack.stacks, device, precision, reporter, result.ran)
     else:
         side = "right" if recipe.curriculum == "left-to-right" else "left"
-        _stack_by_stack(project, recipe.rack.stacks, device, precision, reporter, result.ran, side)
+        stack_by_stack(project, recipe.rack.stacks, side, device, precision, reporter, result.ran)
     problem = export_problem_for(project.load().recipe)
     if problem:
         result.fused = problem
@@ -77,11 +80,22 @@ def export_problem_for(recipe: Recipe) -> str | None:
     return export_problem(recipe.attention, recipe.model, bidirectional=recipe.bidirectional)
 
 
-def _stack_by_stack(
-    project: Project, planned: int, device: str, precision: str, reporter: Reporter, ran: list[str], side: str
+def stack_by_stack(
+    project: Project,
+    planned: int,
+    side: str,
+    device: str = "auto",
+    precision: str = "auto",
+    reporter: Reporter = QUIET,
+    ran: list[str] | None = None,
+    around_train: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    after_each: Callable[[int, StackEntry], None] | None = None,
 ) -> None:
     """Grow one stack at a time on ``side`` and train it: left to right (side right) on the cache of the trained
-    stacks to its left; right to left (side left) through the frozen, trained suffix to its right."""
+    stacks to its left; right to left (side left) through the frozen, trained suffix to its right. ``ran`` collects
+    the stages run; each train-stack runs inside ``around_train()`` (``bench compare`` measures its memory there),
+    and ``after_each(i, entry)`` is called once the i-th stack grown is trained (now or before)."""
+    ran = [] if ran is None else ran
     flag = "" if side == "right" else f" --side {side}"
     for i in range(planned):
         m = project.load()
@@ -90,13 +104,15 @@ def _stack_by_stack(
             ran.append(f"grow{flag} -> {entry.id}")
             m = project.load()
         entry = m.rack[i] if side == "right" else m.rack[len(m.rack) - 1 - i]  # the i-th grown, from its side
-        if entry.state == "trained":  # however many steps: a stack trained by hand is the user's choice
-            continue
-        if side == "right" and i > 0 and not is_fresh(project, m, entry.id, "train"):
-            build_cache(project, entry.id, "train", device=device, reporter=reporter)
-            ran.append(f"cache {entry.id}")
-        train_stack(project, entry.id, precision=precision, device=device, reporter=reporter)
-        ran.append(f"train-stack {entry.id}")
+        if entry.state != "trained":  # however many steps: a stack trained by hand is the user's choice
+            if side == "right" and i > 0 and not is_fresh(project, m, entry.id, "train"):
+                build_cache(project, entry.id, "train", device=device, reporter=reporter)
+                ran.append(f"cache {entry.id}")
+            with around_train():
+                train_stack(project, entry.id, precision=precision, device=device, reporter=reporter)
+            ran.append(f"train-stack {entry.id}")
+        if after_each is not None:
+            after_each(i, entry)
 
 
 def _end_to_end(

@@ -15,6 +15,7 @@ so it imports the build core like a command would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -689,36 +690,30 @@ def run_arm(c: Comparison, ap: ArmPlan, device: str = "auto", reporter: Reporter
 
 def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tuple[float, str, float, dict]:
     from stackwise_cli.bench.peer import score_folder
-    from stackwise_cli.build import build
+    from stackwise_cli.build import build, stack_by_stack
     from stackwise_cli.evaluate.eval import evaluate
-    from stackwise_cli.train.cache import build_cache, is_fresh
-    from stackwise_cli.train.grow import grow
-    from stackwise_cli.train.loop import train_stack
 
     project = _arm_project(c, ap)
     meter_how = PeakMemory(dev).how
     r = ap.recipe
     if r.curriculum != "end-to-end":
-        # build's stack-by-stack loop, with the val loss read after each stack (the curve's points)
-        side = "right" if r.curriculum == "left-to-right" else "left"
-        for i in range(r.rack.stacks):
-            m = project.load()
-            if len(m.rack) <= i:
-                grow(project, side)
-                m = project.load()
-            entry = m.rack[i] if side == "right" else m.rack[len(m.rack) - 1 - i]
-            if entry.state != "trained":
-                if side == "right" and i > 0 and not is_fresh(project, m, entry.id, "train"):
-                    build_cache(project, entry.id, "train", device=device, reporter=reporter)
-                with PeakMemory(dev) as meter:
-                    train_stack(project, entry.id, device=device, reporter=reporter)
-                progress.measured(meter)
-                progress.save()
+        # build's stack-by-stack loop, each train-stack's peak measured, the val loss read after each stack (the
+        # curve's points)
+        @contextlib.contextmanager
+        def measured():
+            with PeakMemory(dev) as meter:
+                yield
+            progress.measured(meter)
+            progress.save()
+
+        def point(i: int, entry) -> None:
             if len(progress.points) <= i:
                 loss = evaluate(project, max_sequences=c.spec.eval.max_sequences, device=device).loss
-                flops = counted_flops(project)
-                progress.points.append({"after": f"stack {entry.id}", "flops": flops, "loss": loss})
+                progress.points.append({"after": f"stack {entry.id}", "flops": counted_flops(project), "loss": loss})
                 progress.save()
+
+        side = "right" if r.curriculum == "left-to-right" else "left"
+        stack_by_stack(project, r.rack.stacks, side, device, reporter=reporter, around_train=measured, after_each=point)
         build(project, device=device, reporter=reporter)  # every stack trained: fuse and eval
     else:
         with PeakMemory(dev) as meter:
