@@ -38,12 +38,13 @@ def decode_stacks(
     return out, caches
 
 
-def require_mask_id(mask_id: int | None, why: str) -> int:
+def require_mask_id(
+    mask_id: int | None, why: str, hint: str = "prepare the project again (prepare adds [MASK] to every tokenizer)"
+) -> int:
     """``mask_id``, or a ProjectError saying the tokenizer has no [MASK] token and ``why`` one is needed."""
     if mask_id is None:
         raise ProjectError(
-            f"this project's tokenizer has no [MASK] token (tokenizer.mask_id is null): {why}",
-            hint="prepare the project again (prepare adds [MASK] to every tokenizer)",
+            f"this project's tokenizer has no [MASK] token (tokenizer.mask_id is null): {why}", hint=hint
         )
     return mask_id
 

@@ -512,11 +512,11 @@ def generate(
         if settings["causal_readout"] == "mask":
             require_mask_id(mask_id, "--causal on an mlm or diffusion rack reads each next token from one")
     else:
-        if mask_id is None:
-            raise ProjectError(
-                "this project's tokenizer has no [MASK] token (tokenizer.mask_id is null), which unmasking needs",
-                hint="generate left to right with --causal, or prepare the project with an mlm or diffusion recipe",
-            )
+        require_mask_id(
+            mask_id,
+            "unmasking needs one",
+            hint="generate left to right with --causal, or prepare the project with an mlm or diffusion recipe",
+        )
         length = length or min(m.data.seq_len, max_len)
         if length > max_len:
             raise StackwiseError(
