@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stackwise_cli.errors import ProjectError, StackwiseError, Stopped
+from stackwise_cli.errors import EXIT_INTERRUPTED, ProjectError, StackwiseError, Stopped
 from stackwise_cli.model.model import Ends, Stack
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import TrainRecipe
@@ -174,14 +174,27 @@ def make_optimizer(params: dict[str, nn.Parameter], tr: TrainRecipe) -> torch.op
     return torch.optim.AdamW(groups, lr=tr.lr, betas=tr.betas, eps=1e-8, fused=True if fused else None)
 
 
-class SignalFlag:
-    """SIGTERM / SIGUSR1 (what Slurm sends before preemption with --signal) ask the loop to checkpoint and stop
-    at the next step boundary. Installed only in the main thread; the previous handlers come back after."""
+class Interrupted(Stopped):
+    """Ctrl-C (SIGINT) during training: checkpointed at the step boundary as for SIGTERM, but exit 130, as an
+    interrupted command exits."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    exit_code = EXIT_INTERRUPTED
+
+
+class SignalFlag:
+    """SIGTERM / SIGUSR1 (what Slurm sends before preemption with --signal) and SIGINT (Ctrl-C) ask the loop to
+    checkpoint and stop at the next step boundary. Installed only in the main thread; the previous handlers come
+    back after. A second Ctrl-C while the step finishes interrupts at once (the last checkpoint stays)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: int | None = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the step
+        self.received = signum
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[SignalFlag]:
@@ -190,7 +203,7 @@ class SignalFlag:
             return
         previous = {s: signal.getsignal(s) for s in self.SIGNALS}
         for s in self.SIGNALS:
-            signal.signal(s, lambda signum, frame: setattr(self, "received", signum))
+            signal.signal(s, self._handle)
         try:
             yield self
         finally:
@@ -376,7 +389,7 @@ def run(
             if flag.received is not None or (stop_at is not None and step >= stop_at):
                 save(step)
                 why = signal.Signals(flag.received).name if flag.received else "stop requested"
-                raise Stopped(
+                raise (Interrupted if flag.received == signal.SIGINT else Stopped)(
                     f"{job.name}: {why}; checkpoint saved at step {step}/{steps}",
                     hint="rerun the same command to resume",
                 )
