@@ -188,6 +188,7 @@ def pack_corpus(
     sequences_per_shard: int,
     project_root: Path,
     on_document: Callable[[int], None] | None = None,
+    eos: int | None = None,
 ) -> Packed:
     """Tokenize each (document, split) of ``units`` and write ``data/train/*.arrow`` and ``data/val/*.arrow``
     under ``project_root``; val sequences that occur verbatim in the train stream are dropped.
@@ -200,7 +201,7 @@ def pack_corpus(
     so a failure or a kill leaves the previous data untouched (and no stale shards of an earlier, longer run).
     """
     project_root = Path(project_root)
-    eos = eos_id(tok)
+    eos = eos_id(tok) if eos is None else eos  # None: <|endoftext|>; a Hugging Face tokenizer names its own
     data_dir = project_root / "data"
     writers: dict[str, _SplitWriter] = {}
     for split in SPLITS:

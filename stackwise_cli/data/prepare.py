@@ -18,9 +18,11 @@ from stackwise_cli.data.corpus import Document, describe_inputs, iter_documents
 from stackwise_cli.data.pack import pack_corpus
 from stackwise_cli.data.split import MAX_VAL_SHARE, SplitPlan, by_chunks, by_documents, by_val_input, unit_hash
 from stackwise_cli.data.tokenizer import (
+    EOS,
+    MASK,
     eos_id,
+    eos_token_of,
     load_tokenizer,
-    mask_id,
     pad_id,
     special_ids,
     text_encoder,
@@ -64,7 +66,8 @@ def prepare(
     data = recipe.data
     docs = _read(inputs, data.max_bytes, reporter, "corpus")
     val_docs = _read(val_inputs, data.max_bytes, reporter, "val input") if val_inputs else None
-    given = load_tokenizer(tokenizer, recipe.model.vocab_size) if tokenizer is not None else None
+    given = load_tokenizer(tokenizer, recipe.model.vocab_size, recipe.objective) if tokenizer is not None else None
+    eos_token = eos_token_of(tokenizer, given) if given is not None else EOS  # a Hugging Face tokenizer's own
 
     def fit(plan: SplitPlan) -> Tokenizer:
         if given is not None:
@@ -91,6 +94,7 @@ def prepare(
             sequences_per_shard=data.sequences_per_shard,
             project_root=project.root,
             on_document=advance,
+            eos=eos_id(tok, eos_token),
         )
     splits = packed.shards
     n_val = sum(s.sequences for s in splits["val"])
@@ -125,8 +129,9 @@ def prepare(
             file="tokenizer.json",
             sha256=sha256_file(project.root / "tokenizer.json"),
             vocab_size=tok.get_vocab_size(),
-            eos_id=eos_id(tok),
-            mask_id=mask_id(tok),
+            eos_id=eos_id(tok, eos_token),
+            eos_token=eos_token,
+            mask_id=tok.token_to_id(MASK),
             pad_id=pad_id(tok),
             special_ids=special_ids(tok),
             trained=given is None,

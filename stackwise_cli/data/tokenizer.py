@@ -46,30 +46,99 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return tok
 
 
-def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
-    """Load a tokenizers-library JSON file and check that it fits a model with ``vocab_size`` embeddings.
-
-    A tokenizer without ``MASK`` or ``PAD`` gets it added as a special token (a new id after the existing ones),
-    so every project can train a masked objective and export a tokenizer that pads."""
+def tokenizer_file(path: Path) -> Path:
+    """The tokenizers-library JSON file that ``--tokenizer`` names: the file itself, or ``tokenizer.json`` inside a
+    folder (a Hugging Face model folder)."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise DataError(
+                f"{path} is a folder without a tokenizer.json",
+                hint="give a tokenizers JSON file, or a Hugging Face folder that has one (a fast tokenizer)",
+            )
+        return path / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"tokenizer file {path} does not exist")
+    return path
+
+
+def _special_content(value: object) -> str | None:
+    # tokenizer_config.json spells a special token as a string or as an AddedToken dict {"content": ...}.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def eos_token_of(path: Path, tok: Tokenizer) -> str:
+    """The token that separates documents, from the tokenizer's own config: ``eos_token`` in the
+    ``tokenizer_config.json`` (or ``special_tokens_map.json``) beside the tokenizer file; a tokenizer whose config
+    has none but a ``sep_token`` (BERT's ``[SEP]``) separates with that. Without a config, ``EOS``."""
+    import json
+
+    path = tokenizer_file(path)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        config_path = path.parent / name
+        if not config_path.is_file():
+            continue
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{config_path} is not readable JSON ({e})") from None
+        for key in ("eos_token", "sep_token"):
+            token = _special_content(config.get(key))
+            if token is None:
+                continue
+            if tok.token_to_id(token) is None:
+                raise DataError(f"{config_path}: {key} {token!r} is not in {path}'s vocabulary")
+            return token
+    if tok.token_to_id(EOS) is None:
+        raise DataError(
+            f"{path} has no {EOS} token and no tokenizer_config.json beside it naming its eos_token; "
+            "stackwise separates documents with it",
+            hint=f"add {EOS} as a special token, or a tokenizer_config.json with an eos_token",
+        )
+    return EOS
+
+
+def needs_mask(objective: str | None) -> bool:
+    """Whether the objective feeds ``[MASK]`` to the model (mlm, diffusion); None: unknown, assume it does."""
+    return objective is None or objective in ("mlm", "diffusion")
+
+
+def read_tokenizer(path: Path) -> tuple[Tokenizer, str]:
+    """The tokenizer that ``--tokenizer`` names (a file or a folder) as it is, and its end-of-text token."""
+    path = tokenizer_file(path)
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for any parse problem
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path} is not a tokenizers JSON file ({first})") from e
-    if tok.token_to_id(EOS) is None:
-        raise DataError(
-            f"{path} has no {EOS} token; stackwise separates documents with it", hint=f"add {EOS} as a special token"
-        )
-    for special in (MASK, PAD):
-        if tok.token_to_id(special) is None:
-            tok.add_special_tokens([special])
+    return tok, eos_token_of(path, tok)
+
+
+def add_specials(tok: Tokenizer, objective: str | None, spare_rows: bool = True) -> Tokenizer:
+    """``tok`` with ``[MASK]`` added if the objective needs it, and ``[PAD]`` if ``spare_rows`` (the model has
+    embedding rows to give it); each a new special token after the existing ids."""
+    if needs_mask(objective) and tok.token_to_id(MASK) is None:
+        tok.add_special_tokens([MASK])
+    if spare_rows and tok.token_to_id(PAD) is None:
+        tok.add_special_tokens([PAD])
+    return tok
+
+
+def load_tokenizer(path: Path, vocab_size: int, objective: str | None = None) -> Tokenizer:
+    """Load a tokenizers-library JSON file (or the ``tokenizer.json`` of a Hugging Face folder) and check that it
+    fits a model with ``vocab_size`` embeddings.
+
+    A tokenizer without ``MASK`` gets it added where the objective needs it (None: any objective), and one without
+    ``PAD`` gets it, each as a special token with a new id after the existing ones. Its end-of-text token is
+    ``eos_token_of``'s."""
+    tok, _ = read_tokenizer(path)
+    add_specials(tok, objective)
     needed = id_bound(tok)
     if needed > vocab_size:
         raise DataError(
-            f"{path} has {needed} tokens but model.vocab_size is {vocab_size}",
+            f"{tokenizer_file(path)} has {needed} tokens but model.vocab_size is {vocab_size}",
             hint=f"--set model.vocab_size={needed}",
         )
     return tok
@@ -93,11 +162,12 @@ def id_bound(tok: Tokenizer) -> int:
     return max(tok.get_vocab(with_added_tokens=True).values()) + 1
 
 
-def eos_id(tok: Tokenizer) -> int:
-    """The id of the end-of-text token that separates documents."""
-    i = tok.token_to_id(EOS)
+def eos_id(tok: Tokenizer, token: str = EOS) -> int:
+    """The id of the end-of-text token that separates documents (``token``: the tokenizer's own, see
+    ``eos_token_of``)."""
+    i = tok.token_to_id(token)
     if i is None:
-        raise DataError(f"the tokenizer has no {EOS} token")
+        raise DataError(f"the tokenizer has no {token} token")
     return i
 
 

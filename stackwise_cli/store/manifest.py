@@ -39,6 +39,7 @@ class TokenizerEntry:
     vocab_size: int  # tokens the tokenizer defines (<= model.vocab_size)
     eos_id: int
     trained: bool  # trained by prepare, or loaded from --tokenizer
+    eos_token: str = "<|endoftext|>"  # separates documents: the tokenizer config's eos_token for a loaded one
     mask_id: int | None = None  # [MASK], the input of masked positions (mlm, diffusion)
     pad_id: int | None = None  # [PAD]: pads batches in a Hugging Face fine-tune of the export; never in the data
     special_ids: list[int] = field(default_factory=list)  # every special token (never an mlm random replacement)

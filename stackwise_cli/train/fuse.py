@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from stackwise_cli.data.tokenizer import EOS
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.evaluate.trained import require_trained
 from stackwise_cli.model.hf import write_fused
@@ -97,7 +96,7 @@ def _write(
         project.path("fused"),
         rack,
         project.path(m.tokenizer.file),
-        EOS,
+        m.tokenizer.eos_token,
         m.tokenizer.eos_id,
         bidirectional=m.recipe.bidirectional,
     )
