@@ -54,12 +54,15 @@ class DataRecipe:
     max_bytes: int | None = 8_000_000  # cap on the input text read (None = all of it)
     sequences_per_shard: int = 2048
     min_frequency: int = 2  # tokenizer training: merges need this many occurrences
+    text_field: str = "text"  # the JSONL field / Parquet, Arrow, CSV column holding the text
 
     def __post_init__(self) -> None:
         check(self)
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
+        if not self.text_field:
+            out.append(("text_field", "must name a field or column, got an empty string"))
         if self.seq_len < 2:
             out.append(("seq_len", f"must be >= 2, got {self.seq_len}"))
         if not 0 < self.val_fraction < 1:

@@ -16,7 +16,11 @@ SetOpt = Annotated[
 ]
 InputOpt = Annotated[
     list[Path] | None,
-    typer.Option("--input", help="Text file, folder, JSONL, Parquet or Arrow (repeatable). Default: built-in corpus."),
+    typer.Option(
+        "--input",
+        help="Text file, folder, JSONL, CSV/TSV (these also .gz/.zst), Parquet, Arrow, or a datasets save_to_disk "
+        "folder (repeatable). Default: built-in corpus.",
+    ),
 ]
 PrecisionOpt = Annotated[
     str,

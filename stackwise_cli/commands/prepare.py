@@ -17,6 +17,10 @@ def prepare(
         Path | None, typer.Option("--tokenizer", help="Use this tokenizer.json instead of training one.")
     ] = None,
     val_input: ValInputOpt = None,
+    text_field: Annotated[
+        str | None,
+        typer.Option("--text-field", help="JSONL field / Parquet, Arrow, CSV column with the text (default: text)."),
+    ] = None,
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
 ) -> None:
@@ -25,6 +29,7 @@ def prepare(
     from stackwise_cli.recipe import load_recipe
     from stackwise_cli.store.project import Project
 
+    set_ = [*(set_ or []), *([f"data.text_field={text_field}"] if text_field is not None else [])]
     m = run(Project(project), load_recipe(recipe, set_), input_, tokenizer, CliReporter(quiet=json_), val_input)
     h = m.data.holdout
     result = {

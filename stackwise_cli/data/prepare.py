@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from stackwise_cli.data.corpus import Document, describe_inputs, iter_documents
+from stackwise_cli.data.corpus import Document, ReadStats, describe_inputs, iter_documents
 from stackwise_cli.data.pack import pack_corpus
 from stackwise_cli.data.split import MAX_VAL_SHARE, SplitPlan, by_chunks, by_documents, by_val_input, unit_hash
 from stackwise_cli.data.tokenizer import (
@@ -64,8 +64,9 @@ def prepare(
     inputs = list(inputs or [])
     shutil.rmtree(project.root / "data", ignore_errors=True)  # leftovers of a killed prepare
     data = recipe.data
-    docs = _read(inputs, data.max_bytes, reporter, "corpus")
-    val_docs = _read(val_inputs, data.max_bytes, reporter, "val input") if val_inputs else None
+    warnings: list[str] = []  # said once each as they happen, and kept in the manifest (data.warnings)
+    docs = _read(inputs, data, reporter, "corpus", warnings)
+    val_docs = _read(val_inputs, data, reporter, "val input", warnings) if val_inputs else None
     given = load_tokenizer(tokenizer, recipe.model.vocab_size, recipe.objective) if tokenizer is not None else None
     eos_token = eos_token_of(tokenizer, given) if given is not None else EOS  # a Hugging Face tokenizer's own
 
@@ -82,6 +83,7 @@ def prepare(
     else:
         plan, tok = _split(docs, data, fit, given, recipe.model.vocab_size)
     reporter.info(_describe(plan, data, val_inputs))
+    _warn(reporter, warnings, _small_vocab(tok, recipe.model.vocab_size, given is None))
     project.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(project.root / "tokenizer.json", tok.to_str())
 
@@ -137,7 +139,12 @@ def prepare(
             trained=given is None,
         ),
         data=DataEntry(
-            source=describe_inputs(inputs), seq_len=data.seq_len, documents=documents, splits=entries, holdout=holdout
+            source=describe_inputs(inputs),
+            seq_len=data.seq_len,
+            documents=documents,
+            splits=entries,
+            holdout=holdout,
+            warnings=warnings,
         ),
     )
     command = f"prepare --recipe {recipe.name}" + (f" --tokenizer {tokenizer}" if tokenizer else "")
@@ -148,15 +155,46 @@ def prepare(
     return manifest
 
 
-def _read(inputs: Sequence[Path], max_bytes: int | None, reporter: Reporter, what: str) -> list[Document]:
+def _read(
+    inputs: Sequence[Path], data: DataRecipe, reporter: Reporter, what: str, warnings: list[str]
+) -> list[Document]:
+    stats = ReadStats()
     with reporter.task(f"read {what}") as advance:
         docs = []
-        for d in iter_documents(inputs, max_bytes):
+        for d in iter_documents(inputs, data.max_bytes, data.text_field, stats):
             docs.append(d)
             advance(1)
-    n_bytes = sum(len(d.text.encode()) for d in docs)
-    reporter.info(f"{what}: {len(docs)} documents, {n_bytes / 1e6:.1f} MB from {', '.join(describe_inputs(inputs))}")
+    reporter.info(
+        f"{what}: {stats.documents} documents, {stats.bytes / 1e6:.1f} MB from {', '.join(describe_inputs(inputs))}"
+    )
+    for note in stats.notes:
+        reporter.info(f"{what}: {note}")
+    if stats.truncated:
+        _warn(
+            reporter,
+            warnings,
+            f"{what} cut at data.max_bytes={data.max_bytes:,}: {stats.documents:,} documents read, the rest of the "
+            "input is unused (--set data.max_bytes=null reads all of it)",
+        )
     return docs
+
+
+def _warn(reporter: Reporter, warnings: list[str], message: str | None) -> None:
+    if message:
+        warnings.append(message)
+        reporter.info(f"warning: {message}")
+
+
+def _small_vocab(tok: Tokenizer, vocab_size: int, trained: bool) -> str | None:
+    """A tokenizer with fewer tokens than model.vocab_size leaves embedding and head rows no token ever uses."""
+    n = tok.get_vocab_size()
+    if n >= vocab_size:
+        return None
+    how = "the tokenizer trained on this text has" if trained else "the given tokenizer has"
+    return (
+        f"{how} {n:,} tokens, fewer than model.vocab_size={vocab_size:,}: {vocab_size - n:,} embedding rows will "
+        f"never be used (--set model.vocab_size={n} fits it{', or give more text' if trained else ''})"
+    )
 
 
 def _split(

@@ -65,6 +65,7 @@ class DataEntry:
     documents: dict[str, int]
     splits: dict[str, SplitEntry]
     holdout: HoldoutEntry | None = None  # None: a project prepared before this was recorded
+    warnings: list[str] = field(default_factory=list)  # what prepare warned about (input cut at max_bytes, ...)
 
 
 @dataclass(kw_only=True)
