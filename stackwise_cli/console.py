@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -22,6 +23,21 @@ from stackwise_cli.progress import Advance, Reporter
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+_LOG_WIDTH = 10_000  # off a terminal (a Slurm log, a pipe) nothing wraps or is cut: a table is as wide as it needs
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _eta(done: float, total: int | None, elapsed: float) -> str:
+    """``  eta 3m05s`` from the rate so far; empty without a total, or in the first second (no rate yet)."""
+    if not total or done <= 0 or elapsed < 1.0:
+        return ""
+    return f"  eta {_duration(elapsed / done * max(0.0, total - done))}"
 
 
 def _fmt(fields: dict[str, Any]) -> str:
@@ -76,7 +92,8 @@ class CliReporter(Reporter):
             if now - state["last"] >= self.plain_every_s:
                 state["last"] = now
                 of = f"/{total}" if total else ""
-                err.print(f"{description}: {state['done']}{of}  {_fmt(state['fields'])}", markup=False)
+                eta = _eta(state["done"], total, now - start)
+                err.print(f"{description}: {state['done']}{of}{eta}  {_fmt(state['fields'])}", markup=False)
 
         yield advance
         of = f"/{total}" if total else ""
@@ -102,7 +119,12 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         )
     for r in rows:
         table.add_row(*["-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in r])
-    out.print(table)
+    if out.is_terminal:
+        out.print(table)
+        return
+    # Off a terminal rich would squeeze the table into 80 columns and cut cells ("train…"): print it whole.
+    natural = Measurement.get(out, out.options.update(width=_LOG_WIDTH), table).maximum
+    Console(highlight=False, soft_wrap=True, width=max(out.width, natural)).print(table)
 
 
 def error_line(message: str, hint: str | None) -> None:
