@@ -36,6 +36,18 @@ from stackwise_cli.store.shards import HiddenShard, TokenShard, read_hidden_shar
 from stackwise_cli.store.weights import load_ends, load_stack, save_ends, save_stack
 from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train.defaults import adamw_step
+from stackwise_cli.train.metrics import (
+    EventWriter,
+    Metrics,
+    Validation,
+    device_peak,
+    epochs_line,
+    keep_best,
+    progress_fields,
+    reset_peak_memory,
+    save_best,
+    tb_dir,
+)
 from stackwise_cli.train.objectives import CACHE_EPOCH, Objective, stack_objective
 from stackwise_cli.train.precision import autocast, grad_scaler, pick_device, resolve_precision
 
@@ -302,9 +314,15 @@ def run(
     reporter: Reporter = QUIET,
     stop_at: int | None = None,
     checkpoint_every_min: float = 0.0,
+    metrics: Metrics | None = None,
 ) -> Result:
     """Train ``job`` to ``steps`` optimizer steps, checkpointing every ``train.checkpoint_every`` steps and every
-    ``checkpoint_every_min`` minutes of wall time (0 = off). ``stop_at`` (tests) stops as a signal would."""
+    ``checkpoint_every_min`` minutes of wall time (0 = off). ``stop_at`` (tests) stops as a signal would.
+    ``metrics``: FLOPs per token, device peak and validation scorer for the log (``train/metrics.py``); every run
+    writes TensorBoard event files beside its JSONL log when tensorboard is installed."""
+    metrics = metrics if metrics is not None else Metrics()
+    if metrics.events is None:
+        metrics.events = EventWriter(tb_dir(log_path), reporter)
     opt = make_optimizer(job.trainable, tr)
     scaler = grad_scaler(precision, device)
     names = {p: n for n, p in job.trainable.items()}
@@ -376,6 +394,10 @@ def run(
             ckpt_dir, at, _weights(job), ckpt.optimizer_tensors(opt, names), state, tr.keep_checkpoints
         )
 
+    for line in epochs_line(job.name, steps, tr.batch_size * tr.grad_accum, len(job.data)):
+        if line:
+            reporter.info(line)
+    reset_peak_memory(device)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     flag = SignalFlag()
     t0, tokens0 = time.perf_counter(), tokens
@@ -440,6 +462,7 @@ def run(
                 window.clear()
                 elapsed = time.perf_counter() - t0
                 tok_s = (tokens - tokens0) / max(elapsed, 1e-9)
+                logged = metrics.logged(step, last_loss, lr, norm.item(), tokens, tok_s, device)
                 log.write(
                     json.dumps(
                         {
@@ -449,18 +472,30 @@ def run(
                             "tokens": tokens,
                             "tokens_per_s": tok_s,
                             "elapsed_s": elapsed,
+                            **logged,
                         }
                     )
                     + "\n"
                 )
                 log.flush()
-                advance(step - shown, loss=last_loss, tok_s=tok_s)
+                advance(step - shown, **progress_fields(last_loss, lr, logged, tok_s))
                 shown = step
+            if metrics.validation_due(step, steps):
+                val_loss = metrics.validation.score(job.modules, device, precision)
+                best = job.extra.get("best_val")
+                if best is None or val_loss < best["val_loss"]:
+                    job.extra["best_val"] = {"step": step, "val_loss": val_loss}
+                    save_best(ckpt_dir, _weights(job), step, val_loss)
+                log.write(json.dumps({"step": step, "val_loss": val_loss, "tokens": tokens}) + "\n")
+                log.flush()
+                metrics.events.scalars({"val/loss": val_loss}, step)
+                reporter.info(f"{job.name}: step {step}/{steps} val_loss {val_loss:.4f}")
             due_by_time = checkpoint_every_min > 0 and time.monotonic() - last_save >= 60 * checkpoint_every_min
             if step < steps and ((tr.checkpoint_every and step % tr.checkpoint_every == 0) or due_by_time):
                 save(step)
                 last_save = time.monotonic()
         save(step)  # the final state: if we die before the stack file and manifest are written, a rerun finishes it
+    metrics.close()
     elapsed = time.perf_counter() - t0
     return Result(step, tokens, last_loss, elapsed, (tokens - tokens0) / max(elapsed, 1e-9), resumed_from)
 
@@ -842,6 +877,7 @@ def _train(
             resume,
             project.log_path(f"train-stack-{label}"),
             reporter,
+    metrics = Metrics(flops_per_token, device_peak(dev, precision), run_validation(project, m, stack_id, setup, dev))
             stop_at,
             tr.checkpoint_every_min if checkpoint_every_min is None else checkpoint_every_min,
         )
@@ -855,6 +891,7 @@ def _train(
                 e.last_loss, e.precision = state["last_loss"], precision
                 e.flops = state["extra"].get("prior_flops", 0.0) + state["tokens"] * flops_per_token
             mm.recount_flops()
+            metrics,
         raise
 
     trained_ends = ends if any(n.startswith("ends.") for n in setup.trainable) else None
@@ -872,10 +909,38 @@ def _finish(
     result: Result,
     precision: str,
     prior: dict,
+    keep_best(ckpt_dir, project.path(f"best/{label}.safetensors"))  # train.eval_every: the best-validation weights
     curriculum: str,
     flops: float,
 ) -> None:
     shas = {i: save_stack(project, stack.cpu(), i) for i, stack in stacks.items()}
+def val_data(project: Project, m: Manifest) -> Sequences:
+    """The validation split's rows, for ``train.eval_every`` (scored from the first, ``eval.max_sequences`` of them)."""
+    return Sequences(
+        [read_token_shard(project.path(s.file), expect_seq_len=m.data.seq_len) for s in m.data.splits["val"].shards]
+    )
+
+
+def run_validation(
+    project: Project, m: Manifest, stack_id: int | None, setup: Setup, dev: torch.device
+) -> Validation | None:
+    """``train.eval_every``: the run's loss on a fixed subset of the validation split. A run that reads tokens
+    scores its own loss; a stack trained on a cache (left to right, not leftmost) has no val cache to read, so it
+    scores the readout after it: the trained stacks to its left (frozen, read from their files), then it, then the
+    head."""
+    tr, ev = m.recipe.train, m.recipe.eval
+    if not tr.eval_every:
+        return None
+    loss = setup.loss
+    if setup.data.hidden is not None:
+        pos = m.position(stack_id)
+        left = [load_stack(project, m, e.id).to(dev) for e in m.rack[:pos]]
+        _freeze(left)
+        stack, ends = setup.modules["stack"], setup.modules["ends"]
+        loss = whole_rack_loss(stack_objective(m, stack_id), ends, [*left, stack], forward_for(False))
+    return Validation(tr.eval_every, loss, val_data(project, m), ev.max_sequences, ev.batch_size)
+
+
     ends_sha = save_ends(project, ends.cpu()) if ends is not None else None
     label = "all" if len(stacks) > 1 else str(next(iter(stacks)))
     with project.update(f"train-stack {label}: trained to step {result.steps}, loss {result.last_loss}") as m:
