@@ -866,6 +866,7 @@ def _train(
         start,
     )
     flops_per_token = train_flops_per_token(m, stack_id, pos, setup.trainable, ends)
+    metrics = Metrics(flops_per_token, device_peak(dev, precision), run_validation(project, m, stack_id, setup, dev))
     try:
         result = run(
             job,
@@ -877,9 +878,9 @@ def _train(
             resume,
             project.log_path(f"train-stack-{label}"),
             reporter,
-    metrics = Metrics(flops_per_token, device_peak(dev, precision), run_validation(project, m, stack_id, setup, dev))
             stop_at,
             tr.checkpoint_every_min if checkpoint_every_min is None else checkpoint_every_min,
+            metrics,
         )
     except Stopped:
         state = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())
@@ -891,29 +892,17 @@ def _train(
                 e.last_loss, e.precision = state["last_loss"], precision
                 e.flops = state["extra"].get("prior_flops", 0.0) + state["tokens"] * flops_per_token
             mm.recount_flops()
-            metrics,
         raise
 
     trained_ends = ends if any(n.startswith("ends.") for n in setup.trainable) else None
     curriculum = m.recipe.curriculum
     flops = result.tokens * flops_per_token
     _finish(project, dict(zip(ids, stacks)), trained_ends, result, precision, job.extra, curriculum, flops)
+    keep_best(ckpt_dir, project.path(f"best/{label}.safetensors"))  # train.eval_every: the best-validation weights
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the stack files and the manifest now hold the result
     return result
 
 
-def _finish(
-    project: Project,
-    stacks: dict[int, Stack],
-    ends: Ends | None,
-    result: Result,
-    precision: str,
-    prior: dict,
-    keep_best(ckpt_dir, project.path(f"best/{label}.safetensors"))  # train.eval_every: the best-validation weights
-    curriculum: str,
-    flops: float,
-) -> None:
-    shas = {i: save_stack(project, stack.cpu(), i) for i, stack in stacks.items()}
 def val_data(project: Project, m: Manifest) -> Sequences:
     """The validation split's rows, for ``train.eval_every`` (scored from the first, ``eval.max_sequences`` of them)."""
     return Sequences(
@@ -941,6 +930,17 @@ def run_validation(
     return Validation(tr.eval_every, loss, val_data(project, m), ev.max_sequences, ev.batch_size)
 
 
+def _finish(
+    project: Project,
+    stacks: dict[int, Stack],
+    ends: Ends | None,
+    result: Result,
+    precision: str,
+    prior: dict,
+    curriculum: str,
+    flops: float,
+) -> None:
+    shas = {i: save_stack(project, stack.cpu(), i) for i, stack in stacks.items()}
     ends_sha = save_ends(project, ends.cpu()) if ends is not None else None
     label = "all" if len(stacks) > 1 else str(next(iter(stacks)))
     with project.update(f"train-stack {label}: trained to step {result.steps}, loss {result.last_loss}") as m:
