@@ -173,10 +173,10 @@ class TrainRecipe:
     checkpoint_every_min: float = 0.0  # minutes of wall time between checkpoints; 0 = off
     keep_checkpoints: int = 2
     log_every: int = 10
+    eval_every: int = 0  # steps between validation scores during training (eval.max_sequences of val); 0 = off
     seed: int = 0
 
     def __post_init__(self) -> None:
-    eval_every: int = 0  # steps between validation scores during training (eval.max_sequences of val); 0 = off
         check(self)
 
     def problems(self) -> list[tuple[str, str]]:
@@ -196,11 +196,11 @@ class TrainRecipe:
             out.append(("grad_clip", f"must be >= 0, got {self.grad_clip}"))
         if self.checkpoint_every < 0:
             out.append(("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"))
+        if self.eval_every < 0:
+            out.append(("eval_every", f"must be >= 0 (0 = off), got {self.eval_every}"))
         if self.checkpoint_every_min < 0:
             out.append(("checkpoint_every_min", f"must be >= 0, got {self.checkpoint_every_min}"))
         if self.keep_checkpoints < 2:
-        if self.eval_every < 0:
-            out.append(("eval_every", f"must be >= 0 (0 = off), got {self.eval_every}"))
             out.append(
                 ("keep_checkpoints", f"must be >= 2 (a crash mid-write must leave one), got {self.keep_checkpoints}")
             )
