@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -16,6 +17,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from safetensors import SafetensorError
 
 from stackwise_cli.errors import ProjectError, StackwiseError
 from stackwise_cli.store import faults
@@ -36,12 +39,42 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _disk_error(path: Path, e: OSError) -> StackwiseError:
-    if e.errno == errno.ENOSPC:
+# What writers raise: OSError from Python, SafetensorError from safetensors' Rust writer (which reports a full disk
+# as "... No space left on device (os error 28)" inside its own message, not as an OSError).
+WRITE_ERRORS = (OSError, SafetensorError)
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _errno_of(e: BaseException) -> int | None:
+    if isinstance(e, OSError):
+        return e.errno
+    # safetensors: "Error while serializing: I/O error: No space left on device (os error 28)"
+    found = re.search(r"os error (\d+)|code: (\d+)", str(e))
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+def disk_error(path: Path, e: BaseException) -> StackwiseError:
+    """One user-facing line for a failed write (``WRITE_ERRORS``): disk full, read-only, or the OS's reason."""
+    code = _errno_of(e)
+    if code == errno.ENOSPC:
         return StackwiseError(
-            f"disk full while writing {path}; the previous version is untouched", hint="free space and rerun"
+            f"disk full while writing {path}; the previous version is untouched",
+            hint=f"free space on that disk (`df -h {path.parent}`; `stackwise clean` removes caches and old "
+            "checkpoints) and rerun the same command",
         )
-    return StackwiseError(f"cannot write {path}: {e.strerror}")
+    if code in _READ_ONLY:
+        return read_only_error(path.parent, e)
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+    return StackwiseError(f"cannot write {path}: {reason}")
+
+
+def read_only_error(folder: Path, e: BaseException) -> ProjectError:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else "permission denied"
+    return ProjectError(
+        f"cannot write in {folder} ({reason}): the project is read-only here; nothing was changed",
+        hint="commands that change a project need write access: make it writable (`chmod -R u+w`) or work on a "
+        "copy (`cp -r`); `stackwise status` reads it as it is",
+    )
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -63,7 +96,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         _fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _disk_error(path, e) from e
+        raise disk_error(path, e) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -89,9 +122,9 @@ def atomic_write_with(path: str | Path, write_to: Callable[[Path], None]) -> Non
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         tmp.unlink(missing_ok=True)
-        raise _disk_error(path, e) from e
+        raise disk_error(path, e) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -191,12 +224,22 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _open_lock(lock_path: Path) -> int:
+    """The lock file's descriptor, made if missing; a project the user cannot write is one ProjectError."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno in _READ_ONLY:
+            raise read_only_error(lock_path.parent, e) from None
+        raise disk_error(lock_path, e) from None
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_path: Path) -> Iterator[None]:
     """An exclusive advisory lock (flock) held for the block. The kernel releases it if the process dies,
     so a killed Slurm job can never leave the project locked."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(lock_path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -213,8 +256,7 @@ def holder_lock(lock_path: Path, what: str) -> Iterator[None]:
     is free for the next one to take over; the host, pid and start time written into the file are only there
     to say who holds a live lock.
     """
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(lock_path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

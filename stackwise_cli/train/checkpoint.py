@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from stackwise_cli.errors import CorruptFileError
 from stackwise_cli.store import faults
-from stackwise_cli.store.files import TMP_MARK, atomic_replace_dir, tmp_name
+from stackwise_cli.store.files import TMP_MARK, WRITE_ERRORS, atomic_replace_dir, disk_error, tmp_name
 
 PREFIX = "step-"
 
@@ -71,18 +71,22 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / _dir_name(step)
     tmp = tmp_name(final)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-    faults.point()  # a half-written checkpoint folder: only its temporary name exists
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["torch_cuda"] = torch.cuda.get_rng_state()
-    save_file({**optim, **{f"rng::{k}": v for k, v in rng.items()}}, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    atomic_replace_dir(tmp, final)
+    try:  # a full disk (safetensors raises its own error for it) leaves the older checkpoints as they were
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        faults.point()  # a half-written checkpoint folder: only its temporary name exists
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        save_file({**optim, **{f"rng::{k}": v for k, v in rng.items()}}, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        atomic_replace_dir(tmp, final)
+    except WRITE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_error(final, e) from None
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
