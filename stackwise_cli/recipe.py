@@ -154,6 +154,9 @@ class DiffusionRecipe:
 @dataclass(frozen=True, kw_only=True)
 class TrainRecipe:
     steps: int = 300  # optimizer steps per stack
+    # Each stack's steps as a multiple of train.steps, in the order the stacks are grown (left to right: from the
+    # input; right to left: from the output), e.g. [2.2, 0.6, 0.6, 0.6]; null = train.steps for every stack.
+    step_scale: list[float] | None = None
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step: a step trains on grad_accum * batch_size sequences
     lr: float = 3e-3
@@ -206,6 +209,17 @@ class TrainRecipe:
             )
         if self.log_every < 1:
             out.append(("log_every", f"must be >= 1, got {self.log_every}"))
+        if self.step_scale is not None:
+            if any(x <= 0 for x in self.step_scale):
+                out.append(("step_scale", f"must be > 0 each, got {self.step_scale}"))
+            elif any(round(self.steps * x) <= self.warmup_steps for x in self.step_scale):
+                out.append(
+                    (
+                        "step_scale",
+                        f"gives a stack {min(round(self.steps * x) for x in self.step_scale)} steps, not more than "
+                        f"train.warmup_steps ({self.warmup_steps})",
+                    )
+                )
         return out
 
 
@@ -269,6 +283,15 @@ class Recipe:
                 (
                     "diffusion.schedule",
                     f"needs one ratio per planned stack (rack.stacks = {self.rack.stacks}), got {len(d.schedule)}",
+                )
+            )
+        scale = self.train.step_scale
+        if scale is not None and (self.curriculum == "end-to-end" or len(scale) != self.rack.stacks):
+            why = "end to end trains every stack together" if self.curriculum == "end-to-end" else ""
+            out.append(
+                (
+                    "train.step_scale",
+                    why or f"needs one factor per planned stack (rack.stacks = {self.rack.stacks}), got {len(scale)}",
                 )
             )
         if self.model.tie_embeddings and self.train.embedding == "frozen":

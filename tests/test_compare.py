@@ -130,6 +130,38 @@ def test_like_gives_every_arm_the_reference_flops_within_one_step(tmp_path):
     assert plans["wide"].steps < e2e.steps  # a wider model gets fewer steps for the same FLOPs
 
 
+def test_step_scale_and_a_finetune_share_spend_the_budget_as_planned(tmp_path):
+    arms = [
+        {"name": "l2r", "set": {"train.steps": 40}},
+        {"name": "front", "set": {"train.step_scale": [1.5, 0.5]}, "finetune": {"share": 0.2}},
+    ]
+    c = cmp.load_comparison(write_spec(tmp_path, arms))
+    plans = {p.arm.name: p for p in cmp.plan_arms(c, train_tokens=150_000)}
+    front = plans["front"]
+    ft = front.finetune_steps * cmp.finetune_flops_per_step(front.recipe)
+    assert front.finetune_steps >= 2 and ft == pytest.approx(0.2 * plans["l2r"].flops, rel=0.1)
+    assert abs(front.flops / plans["l2r"].flops - 1) < 0.1
+
+    r = cmp.compare(c.spec_path, arm="front", device="cpu")
+    (res,) = r.arms
+    m = cmp.Project(c.arm_dir("front") / "project").load()
+    n = front.steps
+    assert [e.steps for e in m.rack] == [round(1.5 * n), round(0.5 * n)]  # in growth order: the leftmost first
+    assert m.fused.finetune_steps == front.finetune_steps
+    # the recorded FLOPs (stacks, cache, fine-tune) are what the budget was solved with
+    assert res["flops"] == pytest.approx(res["flops_planned"], rel=1e-9)
+    assert [p["after"] for p in res["points"]][-1] == "fine-tune"
+
+
+def test_step_scale_is_checked_against_the_rack_and_the_curriculum(tmp_path):
+    arms = [{"name": "a", "set": {"train.step_scale": [1.0, 1.0, 1.0]}}]
+    text = error_text(cli("bench", "compare", write_spec(tmp_path, arms)))
+    assert "arms[0] 'a'" in text and "train.step_scale" in text and "rack.stacks = 2" in text
+    arms = [{"name": "a"}, {"name": "b", "set": {"curriculum": "end-to-end"}, "finetune": {"share": 0.2}}]
+    text = error_text(cli("bench", "compare", write_spec(tmp_path, arms)))
+    assert "arms[1] 'b': finetune: only a stack-wise arm" in text
+
+
 # --- a run -----------------------------------------------------------------------------------------------------
 
 

@@ -31,13 +31,20 @@ from typing import Any, Literal
 
 import yaml
 
-from stackwise_cli.bench.plan import FlopShapes, PlanOptions, cache_flops_per_token, param_counts, plan
+from stackwise_cli.bench.plan import (
+    FlopShapes,
+    PlanOptions,
+    cache_flops_per_token,
+    param_counts,
+    plan,
+    whole_model_flops_per_token,
+)
 from stackwise_cli.bench.step import _reset_peak_rss, _rss_bytes, exact_rss_accounting
 from stackwise_cli.build import export_problem_for
 from stackwise_cli.errors import RecipeError, StackwiseError
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import DataRecipe, Recipe, load_recipe
-from stackwise_cli.schema import SchemaError, from_data, to_data
+from stackwise_cli.schema import SchemaError, check, from_data, to_data
 from stackwise_cli.store.files import atomic_write_text, exclusive_lock
 from stackwise_cli.store.project import Project
 
@@ -103,11 +110,26 @@ class EvalSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FinetuneArm:
+    """A full fine-tune of the fused rack after the last stack (``fuse --finetune-steps N``), given ``share`` of the
+    budget."""
+
+    share: float
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [] if 0 < self.share < 1 else [("share", f"must be between 0 and 1 (of the budget), got {self.share}")]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ArmSpec:
     name: str
     recipe: str
     kind: ArmKind = "stackwise"
     set: dict[str, Any] = field(default_factory=dict)  # recipe overrides, as --set key=value: {train.lr: 0.003}
+    finetune: FinetuneArm | None = None  # stack-wise arms: a fine-tune of the fused rack inside the budget
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +150,7 @@ class Arm:
     recipe_path: Path
     overrides: list[str]
     recipe: Recipe
+    finetune: FinetuneArm | None = None
 
 
 @dataclass
@@ -222,7 +245,11 @@ def load_comparison(spec_path: Path, out: Path | None = None) -> Comparison:
         problem = export_problem_for(recipe)
         if problem:
             problems.append(f"{where}: attention: the evaluator scores the Hugging Face export, and {problem}")
-        arms.append(Arm(a.name, a.kind, path, overrides, recipe))
+        if a.finetune is not None and (a.kind == "peer" or recipe.curriculum == "end-to-end"):
+            problems.append(f"{where}: finetune: only a stack-wise arm fine-tunes its fused rack")
+        if a.finetune is not None and a.name == spec.budget.like:
+            problems.append(f"{where}: finetune: the budget's reference arm runs its recipe's steps, with no fine-tune")
+        arms.append(Arm(a.name, a.kind, path, overrides, recipe, a.finetune))
     if problems:
         raise CompareError("\n".join(problems))
     problems.extend(_shared_data_problems(spec_path, spec, arms))
@@ -300,6 +327,7 @@ class FlopStage:
     label: str
     flops_per_step: float
     steps_per_unit: int = 1
+    scale: float = 1.0  # train.step_scale's factor for this stack: it runs round(n * scale) * steps_per_unit steps
     cache_per_token: float = 0.0  # FLOPs per token of the cache pass before this stage (l2r, after the first)
     cache_tokens: int = 0
 
@@ -318,6 +346,7 @@ def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopSt
     if recipe.curriculum == "end-to-end":
         # train-stack all runs rack.stacks x train.steps steps (the token budget of training each stack)
         return [FlopStage("all", plan_for(recipe).stage("end-to-end").flops_per_step, steps_per_unit=n)]
+    scale = recipe.train.step_scale or [1.0] * n  # in growth order, as train-stack reads it (loop.planned_steps)
     if recipe.curriculum == "left-to-right":
         p = plan_for(recipe)
         # build caches the train split only, so each cache after the first is incremental (from its left
@@ -327,6 +356,7 @@ def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopSt
             FlopStage(
                 f"stack {i}",
                 p.stage("train-stack-l2r", "leftmost" if i == 0 else "cached").flops_per_step,
+                scale=scale[i],
                 cache_per_token=cache if i else 0.0,
                 cache_tokens=train_tokens if i else 0,
             )
@@ -334,13 +364,13 @@ def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopSt
         ]
     # right to left: the j-th stack grown trains through a frozen suffix of j stacks
     return [
-        FlopStage(f"stack {j}", plan_for(recipe, stacks=j + 1).stage("train-stack-r2l").flops_per_step)
+        FlopStage(f"stack {j}", plan_for(recipe, stacks=j + 1).stage("train-stack-r2l").flops_per_step, scale=scale[j])
         for j in range(n)
     ]
 
 
 def total_flops(stages: list[FlopStage], n: int) -> float:
-    return sum(s.fixed + n * s.steps_per_unit * s.flops_per_step for s in stages)
+    return sum(s.fixed + round(n * s.scale) * s.steps_per_unit * s.flops_per_step for s in stages)
 
 
 def recipe_steps(kind: ArmKind, recipe: Recipe) -> int:
@@ -350,7 +380,7 @@ def recipe_steps(kind: ArmKind, recipe: Recipe) -> int:
 
 def solve_steps(stages: list[FlopStage], budget: float) -> int:
     """The n whose FLOPs come nearest ``budget`` (rounded to the nearest whole n; may be 0)."""
-    per_unit = sum(s.steps_per_unit * s.flops_per_step for s in stages)
+    per_unit = sum(s.scale * s.steps_per_unit * s.flops_per_step for s in stages)
     fixed = sum(s.fixed for s in stages)
     return max(0, round((budget - fixed) / per_unit))
 
@@ -364,14 +394,27 @@ class ArmPlan:
     flops: float  # planned total at n
     planned_peak_bytes: int  # the planner's largest training stage on the device
     fixed_steps: bool  # the budget's reference arm runs at its recipe's steps
+    finetune_steps: int = 0  # the fine-tune of the fused rack (arm finetune:), its share of the budget
 
     def fingerprint(self, eval_spec: EvalSpec) -> dict:
+        ft = {} if self.arm.finetune is None else {"finetune_steps": self.finetune_steps}
         return {
             "kind": self.arm.kind,
             "steps": self.steps,
             "recipe": to_data(self.recipe),
             "eval": to_data(eval_spec),
+            **ft,
         }
+
+
+def finetune_flops_per_step(recipe: Recipe) -> float:
+    """One full fine-tune step of the whole planned rack (``fuse --finetune full``), by the planner's formulas: a
+    step is ``train.batch_size x train.grad_accum`` sequences of ``data.seq_len`` tokens."""
+    r, tr = recipe.rack, recipe.train
+    per_token = whole_model_flops_per_token(
+        FlopShapes.of(recipe), r.stacks * r.blocks_per_stack, r.stacks, checkpointing=tr.finetune_checkpointing
+    )
+    return per_token * tr.batch_size * tr.grad_accum * recipe.data.seq_len
 
 
 def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[ArmPlan]:
@@ -389,7 +432,11 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
         where = f"{c.spec_path}: arms[{i}] {a.name!r}"
         st = stages[a.name]
         fixed = a.name == b.like
-        n = recipe_steps(a.kind, a.recipe) if fixed else solve_steps(st, budget)
+        ft_steps = 0
+        if a.finetune is not None:  # the fine-tune's share first; the stacks share the rest
+            ft_steps = round(a.finetune.share * budget / finetune_flops_per_step(a.recipe))
+        ft_flops = ft_steps * (finetune_flops_per_step(a.recipe) if ft_steps else 0.0)
+        n = recipe_steps(a.kind, a.recipe) if fixed else solve_steps(st, budget - ft_flops)
         one = total_flops(st, 1)
         if n < 1:
             problems.append(
@@ -397,9 +444,10 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
                 f"({'whole-model step' if a.kind == 'peer' else 'train.steps = 1'})"
             )
             continue
-        if n <= a.recipe.train.warmup_steps:
+        fewest = min(round(n * s.scale) * s.steps_per_unit for s in st) if a.kind == "stackwise" else n
+        if fewest <= a.recipe.train.warmup_steps:
             problems.append(
-                f"{where}: train.warmup_steps: {a.recipe.train.warmup_steps} is not below the {n} steps "
+                f"{where}: train.warmup_steps: {a.recipe.train.warmup_steps} is not below the {fewest} steps "
                 f"{budget_key} gives; lower it in the arm's set:, or raise the budget"
             )
             continue
@@ -412,7 +460,11 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
             "right-to-left": "train-stack-r2l",
             "end-to-end": "end-to-end",
         }[recipe.curriculum if a.kind == "stackwise" else "end-to-end"]
-        plans.append(ArmPlan(a, recipe, n, st, total_flops(st, n), p.stage(stage).total_bytes, fixed))
+        if a.finetune is not None and ft_steps < 1:
+            problems.append(f"{where}: finetune.share: {a.finetune.share} of {budget_key} is not one fine-tune step")
+            continue
+        peak = p.stage(stage).total_bytes
+        plans.append(ArmPlan(a, recipe, n, st, total_flops(st, n) + ft_flops, peak, fixed, ft_steps))
     if problems:
         raise CompareError("\n".join(problems), hint="rerun after fixing: arms already finished are kept")
     return plans
@@ -692,6 +744,8 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
     from stackwise_cli.bench.peer import score_folder
     from stackwise_cli.build import build, stack_by_stack
     from stackwise_cli.evaluate.eval import evaluate
+    from stackwise_cli.train.finetune import FinetuneSpec
+    from stackwise_cli.train.fuse import fuse, is_fused
 
     project = _arm_project(c, ap)
     meter_how = PeakMemory(dev).how
@@ -714,7 +768,13 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
 
         side = "right" if r.curriculum == "left-to-right" else "left"
         stack_by_stack(project, r.rack.stacks, side, device, reporter=reporter, around_train=measured, after_each=point)
-        build(project, device=device, reporter=reporter)  # every stack trained: fuse and eval
+        if ap.finetune_steps and not is_fused(project, FinetuneSpec(mode="full", steps=ap.finetune_steps)):
+            with measured():
+                fuse(project, FinetuneSpec(mode="full", steps=ap.finetune_steps), device, reporter=reporter)
+            loss = evaluate(project, max_sequences=c.spec.eval.max_sequences, device=device, fused=True).loss
+            progress.points.append({"after": "fine-tune", "flops": counted_flops(project), "loss": loss})
+            progress.save()
+        build(project, device=device, reporter=reporter)  # every stack trained: fuse (kept if fine-tuned) and eval
     else:
         with PeakMemory(dev) as meter:
             res = build(project, device=device, reporter=reporter)

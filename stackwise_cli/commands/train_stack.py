@@ -14,7 +14,12 @@ def train_stack(
         str, typer.Argument(metavar="ID", help="Stack id to train, or `all`: the whole rack end to end (baseline).")
     ],
     steps: Annotated[
-        int | None, typer.Option("--steps", min=1, help="Optimizer steps (default: the recipe's train.steps).")
+        int | None,
+        typer.Option(
+            "--steps",
+            min=1,
+            help="Optimizer steps (default: the recipe's train.steps, times the stack's train.step_scale factor).",
+        ),
     ] = None,
     precision: PrecisionOpt = "auto",
     resume: Annotated[

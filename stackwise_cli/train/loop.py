@@ -574,6 +574,17 @@ def check_curriculum(m: Manifest, stack_id: int | None) -> int | None:
     return check_left_to_right(m, stack_id)
 
 
+def planned_steps(m: Manifest, pos: int) -> int:
+    """The steps the recipe plans for the stack at rack position ``pos``: train.steps times its factor in
+    ``train.step_scale``, which lists the stacks in the order they are grown (left to right: from the input; right to
+    left: the leftmost stack is the last grown). A stack grown past the planned rack gets train.steps."""
+    tr = m.recipe.train
+    grown = len(m.rack) - 1 - pos if m.recipe.curriculum == "right-to-left" else pos
+    if tr.step_scale is None or grown >= len(tr.step_scale):
+        return tr.steps
+    return round(tr.steps * tr.step_scale[grown])
+
+
 # --- train-stack -------------------------------------------------------------------------------------------
 
 ALL = "all"
@@ -785,7 +796,7 @@ def _train(
     pos = check_curriculum(m, stack_id)
     ids = m.ids() if stack_id is None else [stack_id]
     if steps is None:  # end to end: the same token budget as training every stack for train.steps
-        steps = tr.steps * (len(ids) if stack_id is None else 1)
+        steps = tr.steps * len(ids) if stack_id is None else planned_steps(m, pos)
     if steps <= tr.warmup_steps:
         raise StackwiseError(
             f"--steps {steps} leaves no room for the schedule: train.warmup_steps is {tr.warmup_steps}",
