@@ -40,10 +40,12 @@ from stackwise_cli.train.loop import (
     forward_for,
     run,
     token_data,
+    val_data,
     whole_rack_loss,
     whole_rack_modules,
 )
 from stackwise_cli.train.lora import Adapters, add_lora, merge_lora
+from stackwise_cli.train.metrics import Metrics, Validation, device_peak, keep_best
 from stackwise_cli.train.objectives import stack_objective
 from stackwise_cli.train.precision import autocast, pick_device, resolve_precision
 
@@ -204,6 +206,10 @@ def finetune(
     data = Sequences(token_data(project, m))
     job = Job(f"fuse {spec.mode} fine-tune", modules, trainable, loss_fn, data, fingerprint)
     ckpt_dir = project.ckpt_dir(CKPT_NAME)
+    per_token = flops_per_token(m, spec, sum(p.numel() for p in trainable.values()))
+    ev = m.recipe.eval
+    validation = Validation(tr.eval_every, loss_fn, val_data(project, m), ev.max_sequences, ev.batch_size)
+    metrics = Metrics(per_token, device_peak(dev, precision), validation if tr.eval_every else None)
     result = run(
         job,
         tr,
@@ -216,9 +222,10 @@ def finetune(
         reporter,
         stop_at,
         tr.checkpoint_every_min,
+        metrics,
     )
     rack.eval()
-    flops = result.tokens * flops_per_token(m, spec, sum(p.numel() for p in trainable.values()))
+    flops = result.tokens * per_token
     return m, Finetuned(result, rack, _merged(project, m, spec, rack), flops)
 
 
@@ -250,5 +257,7 @@ def _merged(project: Project, m: Manifest, spec: FinetuneSpec, model: Rack) -> R
 
 
 def clear_checkpoints(project: Project) -> None:
-    """The fine-tune is in fused/ and the manifest: its checkpoints are no longer needed."""
+    """The fine-tune is in fused/ and the manifest: its checkpoints are no longer needed (the best-validation
+    weights, with ``train.eval_every``, move to best/finetune.safetensors)."""
+    keep_best(project.ckpt_dir(CKPT_NAME), project.path(f"best/{CKPT_NAME}.safetensors"))
     shutil.rmtree(project.ckpt_dir(CKPT_NAME), ignore_errors=True)

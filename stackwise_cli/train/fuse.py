@@ -65,6 +65,8 @@ def fuse(
     with project.job_lock("fuse-finetune", "the fine-tune of the fused model"):
         m, done = run(project, finetune, device, precision, resume, reporter, stop_at)
         entry = _write(project, m, done.merged, finetune, done.result.last_loss, f" {finetune.label()}", done.flops)
+        if finetune.rank is not None:
+            _write_adapter(project, m, done.model, finetune, reporter)
         clear_checkpoints(project)  # fused/ and the manifest now hold the result
     # The fine-tuned model is no longer the rack: score it as fused/ holds it (the merged rack written there, not
     # read back), which records fused.val_loss. The fine-tune held its base in bf16 or NF4; the fp32 model may not
@@ -81,6 +83,23 @@ def fuse(
             f"score it with `stackwise eval --fused --device cpu -p {project.root}`"
         )
     return project.load().fused or entry
+
+
+def _write_adapter(project: Project, m: Manifest, model: Rack, spec: FinetuneSpec, reporter: Reporter) -> None:
+    """lora, qlora: the adapters also in fused/adapter, as peft saves them, for the rack exported unmerged (what
+    ``stackwise fuse`` without a fine-tune writes). A family peft cannot name the layers of is one line, not a
+    failure: fused/ holds the merged model either way."""
+    from stackwise_cli.errors import StackwiseError
+    from stackwise_cli.model.hf import HF_FORMATS
+    from stackwise_cli.train.lora import PEFT_DIR, write_peft_adapter
+
+    out = project.path(f"fused/{PEFT_DIR}")
+    try:
+        write_peft_adapter(out, model, HF_FORMATS[m.recipe.model.family], spec.rank, spec.alpha)
+    except StackwiseError as e:
+        reporter.info(f"{e.message}; fused/ holds the merged model")
+        return
+    reporter.info(f"peft adapter: {out} (PeftModel.from_pretrained on the rack fused without a fine-tune)")
 
 
 def _write(

@@ -118,3 +118,73 @@ def merge_lora(original: nn.Module, adapted: nn.Module) -> nn.Module:
         merged = target.weight.float() + layer.delta().to(target.weight.device)
         target.weight.copy_(merged.to(target.weight.dtype))
     return original
+
+
+PEFT_DIR = "adapter"  # fused/adapter: the adapters as peft saves them
+
+
+def peft_tensors(rack: nn.Module, fmt) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The adapters of ``rack`` (a ``Rack`` with ``LoRALinear`` layers in its stacks) under the names peft gives
+    them on the exported model (``base_model.model.<HF module>.lora_A.weight``, (r, in); ``lora_B``, (out, r)), and
+    the HF module names they adapt. ``fmt``: the family's ``model.hf.HFFormat``, whose tables name the modules.
+    Raises a StackwiseError where one of our layers is not one HF module (GPT-2's fused c_attn, its Conv1D layers)."""
+    tensors, modules, g = {}, [], 0
+    for stack in rack.stacks:
+        for block in stack.blocks:
+            for path, layer in lora_layers(block).items():
+                hf = fmt.block.get(f"{path}.weight")
+                shared = [k for k, v in fmt.block.items() if v == hf and k.endswith(".weight")]
+                if not isinstance(hf, str) or len(shared) != 1 or hf in fmt.conv1d:
+                    raise StackwiseError(
+                        f"no peft adapter for transformers' {fmt.label}: our {path} is not one linear layer there "
+                        f"({hf})"
+                    )
+                module = fmt.layer_prefix.format(g=g) + hf.removesuffix(".weight")
+                a = layer.lora_a.detach().float().cpu().contiguous()
+                b = layer.lora_b.detach().float().cpu().contiguous()
+                tensors[f"base_model.model.{module}.lora_A.weight"] = a
+                tensors[f"base_model.model.{module}.lora_B.weight"] = b
+                modules.append(module)
+            g += 1
+    return tensors, modules
+
+
+def write_peft_adapter(out_dir, rack: nn.Module, fmt, rank: int, alpha: float, base: str = "") -> None:
+    """Write ``out_dir`` as peft writes a LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``):
+    ``peft.PeftModel.from_pretrained(base_model, out_dir)`` on the rack exported unmerged (``stackwise fuse``
+    without a fine-tune) computes what the merged export computes. Written into a temporary folder and renamed."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from stackwise_cli.store.files import atomic_replace_dir, tmp_name
+
+    tensors, modules = peft_tensors(rack, fmt)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None if fmt.bidirectional else "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": modules,  # full names: exactly the layers that trained, nothing else that shares a name
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    out_dir = Path(out_dir)
+    tmp = tmp_name(out_dir)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
