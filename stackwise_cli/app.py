@@ -12,6 +12,7 @@ import typer
 
 from stackwise_cli import __version__
 from stackwise_cli.commands import bench, build, cache, eval, fuse, generate, grow, prepare, status, train_stack
+from stackwise_cli.commands import plot as plot_cmd
 from stackwise_cli.errors import EXIT_INTERRUPTED, StackwiseError
 
 app = typer.Typer(
@@ -56,6 +57,7 @@ app.command("status")(handled(status.status))
 app.command("verify")(handled(status.verify))
 app.command("build")(handled(build.build))
 app.command("generate")(handled(generate.generate))
+app.command("plot")(handled(plot_cmd.plot))
 bench_app.command("step")(handled(bench.step))
 bench_app.command("attention")(handled(bench.attention))
 bench_app.command("kernels")(handled(bench.kernels))
