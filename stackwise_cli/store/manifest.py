@@ -160,6 +160,22 @@ class FlopsEntry:
 
 
 @dataclass(kw_only=True)
+class HarnessRun:
+    """One `eval --tasks` run of lm-evaluation-harness (docs/harness.md); the full results are in ``file``."""
+
+    time: str
+    file: str  # the harness's results JSON, relative to the project root (eval/harness-<time>.json)
+    model: str  # what was scored: "fused" (fused/) or "rack" (the rack's files)
+    adapter: str  # "hf": the harness's own Hugging Face model on fused/; "stackwise": stackwise's harness model
+    scoring: str  # "exact" (clm), "bound" (diffusion: Monte-Carlo ELBO), "score" (mlm: ranks choices, no bound)
+    tasks: list[str]
+    num_fewshot: int | None = None
+    limit: float | None = None
+    mc_samples: int | None = None  # Monte-Carlo masks per request (bound, score); None when exact
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
+
+
+@dataclass(kw_only=True)
 class HistoryEntry:
     time: str
     command: str
@@ -180,6 +196,7 @@ class Manifest:
     caches: list[CacheEntry] = field(default_factory=list)
     fused: FusedEntry | None = None
     flops: FlopsEntry | None = None  # None: nothing counted yet (or a manifest from before FLOPs were recorded)
+    harness: list[HarnessRun] = field(default_factory=list)  # `eval --tasks` runs, the latest last
     history: list[HistoryEntry] = field(default_factory=list)
 
     def problems(self) -> list[tuple[str, str]]:
