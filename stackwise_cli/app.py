@@ -12,6 +12,7 @@ import typer
 
 from stackwise_cli import __version__
 from stackwise_cli.commands import bench, build, cache, eval, fuse, generate, grow, prepare, status, train_stack
+from stackwise_cli.commands import clean, drop
 from stackwise_cli.commands import plot as plot_cmd
 from stackwise_cli.errors import EXIT_INTERRUPTED, StackwiseError
 
@@ -55,6 +56,8 @@ app.command("fuse")(handled(fuse.fuse))
 app.command("eval")(handled(eval.eval_))
 app.command("status")(handled(status.status))
 app.command("verify")(handled(status.verify))
+app.command("drop")(handled(drop.drop))
+app.command("clean")(handled(clean.clean))
 app.command("build")(handled(build.build))
 app.command("generate")(handled(generate.generate))
 app.command("plot")(handled(plot_cmd.plot))

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from stackwise_cli.commands.options import JsonOpt, ProjectOpt
 from stackwise_cli.console import out, print_json, print_table
@@ -56,15 +57,22 @@ def _render(report, verb: str) -> None:
                 c["dtype"],
                 c["shards"],
                 "yes" if c["complete"] else "no",
-                "; ".join(c["stale"]) or "fresh",
+                "removed by clean" if c.get("removed") else ("; ".join(c["stale"]) or "fresh"),
             ]
             for c in report.caches
         ]
         print_table("caches", ["stack", "split", "dtype", "shards", "complete", "state"], rows)
     if report.fused:
         out.print(f"fused: {report.fused['dir']} ({'stale' if report.fused['stale'] else 'up to date'})")
+    if report.disk:
+        from stackwise_cli.store.tidy import human_bytes
+
+        d = report.disk
+        parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in d.items() if k != "total" and v)
+        reclaim = " (`stackwise clean --dry-run` shows what can go)" if d.get("cache", 0) + d.get("ckpt", 0) else ""
+        out.print(f"disk: {human_bytes(d['total'])} ({parts}){reclaim}")
     for p in report.problems:
-        out.print(f"[yellow]{p.what}[/]: {p.file}: {p.detail} -> {p.fix}")
+        out.print(f"[yellow]{p.what}[/]: {p.file}: {escape(p.detail)} -> {escape(p.fix)}")
     if not report.problems:
         out.print(f"{verb}: {report.files_checked} files, no problems")
 

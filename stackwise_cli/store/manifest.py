@@ -128,6 +128,7 @@ class CacheEntry:
     upstream: Upstream
     shards: list[CacheShard] = field(default_factory=list)
     flops: float = 0.0  # the forward passes that computed its shards (each shard written, rewrites included)
+    removed: bool = False  # `stackwise clean` deleted its shards (incomplete, none left); its FLOPs still count
 
 
 @dataclass(kw_only=True)
