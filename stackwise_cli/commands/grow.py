@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from stackwise_cli.commands.options import JsonOpt, ProjectOpt
+from stackwise_cli.commands.options import ForceOpt, JsonOpt, ProjectOpt
 from stackwise_cli.console import out, print_json
 
 
@@ -20,13 +20,16 @@ def grow(
             "--init", help="random, copy or identity (default: the recipe's rack.init; the first stack: random)."
         ),
     ] = None,
+    force: ForceOpt = False,
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
 ) -> None:
     """Add a stack to the rack with a new stable id."""
+    from stackwise_cli.preflight import check_fits
     from stackwise_cli.store.project import Project
     from stackwise_cli.train.grow import grow as run
 
+    check_fits(Project(project).load().recipe, "stackwise grow", force=force)  # before the stack is allocated
     entry = run(Project(project), side, blocks, init)  # type: ignore[arg-type]
     if json_:
         print_json({"id": entry.id, "blocks": entry.blocks, "init": entry.init, "side": side})

@@ -9,6 +9,9 @@ import typer
 
 ProjectOpt = Annotated[Path, typer.Option("-p", "--project", help="The project directory.", show_default=True)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Run even when the memory planner says the recipe cannot fit this machine.")
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU if present), cpu, cuda or cuda:N.")]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML, e.g. recipes/llama/tiny.yaml.")]
 SetOpt = Annotated[

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from stackwise_cli.commands.options import InputOpt, JsonOpt, ProjectOpt, SetOpt, ValInputOpt
+from stackwise_cli.commands.options import ForceOpt, InputOpt, JsonOpt, ProjectOpt, SetOpt, ValInputOpt
 from stackwise_cli.console import CliReporter, out, print_json
 
 
@@ -21,16 +21,20 @@ def prepare(
         str | None,
         typer.Option("--text-field", help="JSONL field / Parquet, Arrow, CSV column with the text (default: text)."),
     ] = None,
+    force: ForceOpt = False,
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
 ) -> None:
     """Create a project: tokenizer, packed train/val token shards, and the manifest."""
     from stackwise_cli.data.prepare import prepare as run
+    from stackwise_cli.preflight import check_fits
     from stackwise_cli.recipe import load_recipe
     from stackwise_cli.store.project import Project
 
     set_ = [*(set_ or []), *([f"data.text_field={text_field}"] if text_field is not None else [])]
-    m = run(Project(project), load_recipe(recipe, set_), input_, tokenizer, CliReporter(quiet=json_), val_input)
+    resolved = load_recipe(recipe, set_)
+    check_fits(resolved, "stackwise prepare", force=force)  # before a byte of the project is written
+    m = run(Project(project), resolved, input_, tokenizer, CliReporter(quiet=json_), val_input)
     h = m.data.holdout
     result = {
         "project": str(project),

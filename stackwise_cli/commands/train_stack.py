@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from stackwise_cli.commands.options import DeviceOpt, JsonOpt, PrecisionOpt, ProjectOpt
+from stackwise_cli.commands.options import DeviceOpt, ForceOpt, JsonOpt, PrecisionOpt, ProjectOpt
 from stackwise_cli.console import CliReporter, out, print_json
 
 
@@ -32,12 +32,14 @@ def train_stack(
         ),
     ] = None,
     device: DeviceOpt = "auto",
+    force: ForceOpt = False,
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
 ) -> None:
     """Train one stack by the recipe's objective and curriculum, or `all` end to end. SIGTERM/SIGUSR1 checkpoint
     and exit 75: rerun to resume."""
     from stackwise_cli.errors import StackwiseError
+    from stackwise_cli.preflight import check_fits
     from stackwise_cli.store.project import Project
     from stackwise_cli.train.loop import ALL
     from stackwise_cli.train.loop import train_stack as run
@@ -45,6 +47,7 @@ def train_stack(
     if stack_id != ALL and not stack_id.lstrip("-").isdigit():
         raise StackwiseError(f"ID must be a stack id or `all`, got {stack_id!r}", hint="see `stackwise status`")
     stack_id = stack_id if stack_id == ALL else int(stack_id)
+    check_fits(Project(project).load().recipe, "stackwise train-stack", device, force)  # before any allocation
     reporter = CliReporter(quiet=json_)
     result = run(Project(project), stack_id, steps, precision, resume, device, reporter, None, checkpoint_every_min)
     data = {"id": stack_id, "trained": result is not None}
