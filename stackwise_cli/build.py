@@ -52,12 +52,7 @@ def build(
         prepare(project, load_recipe(recipe, overrides), inputs, reporter=reporter, val_inputs=val_inputs)
         result.ran.append("prepare")
     elif recipe is not None:
-        wanted = load_recipe(recipe, overrides)
-        if wanted != project.load().recipe:
-            raise ProjectError(
-                f"{project.root} was prepared with a different recipe than {recipe} (with these --set overrides)",
-                hint="drop --recipe to continue it, or build into a new folder",
-            )
+        adopt_recipe(project, load_recipe(recipe, overrides), recipe, reporter)
     project.sweep()
     recipe = project.load().recipe
     if recipe.curriculum == "end-to-end":
@@ -72,7 +67,45 @@ def build(
         fuse(project)
         result.ran.append("fuse")
     result.eval = evaluate(project, device=device, reporter=reporter)
+    from stackwise_cli.evaluate.plot import record_eval
+
+    record_eval(project, result.eval)  # for `stackwise plot`'s readout curve
     return result
+
+
+def adopt_recipe(project: Project, wanted: Recipe, source: Path, reporter: Reporter = QUIET) -> None:
+    """``build --recipe`` on an existing project: the same recipe continues it; one that differs only in run-time
+    settings (``settings.py``: cadence, eval sizes) or in a larger ``rack.stacks`` is adopted, recorded in the
+    history (build then grows and trains the new stacks); any other difference is refused, naming every key."""
+    from stackwise_cli.settings import CADENCE, EVAL_SIZES, differences
+
+    m = project.load()
+    changes = differences(m.recipe, wanted)
+    if not changes:
+        return
+    refused = [c for c in changes if c.key not in (*CADENCE, *EVAL_SIZES, "rack.stacks")]
+    grow = next((c for c in changes if c.key == "rack.stacks"), None)
+    why = ""
+    if grow is not None and grow.new < grow.old:
+        refused.append(grow)
+        why = f"; rack.stacks can grow, not shrink ({grow.old} -> {grow.new})"
+    elif grow is not None and m.recipe.objective == "diffusion" and m.recipe.diffusion.time == "depth":
+        refused.append(grow)
+        why = "; rack.stacks spreads the diffusion time-as-depth schedule over the planned stacks, fixed at grow"
+    elif grow is not None and m.recipe.curriculum == "end-to-end" and any(e.state != "new" for e in m.rack):
+        refused.append(grow)
+        why = "; end to end trains the whole rack at once, and it is trained"
+    if refused:
+        what = ", ".join(f"{c.key} ({c.old!r} -> {c.new!r})" for c in refused)
+        raise ProjectError(
+            f"{project.root} was prepared with a different recipe than {source} (with these --set overrides): "
+            f"{what}{why}",
+            hint="drop --recipe to continue the project as it is, or build into a new folder",
+        )
+    what = " ".join(f"--set {c.key}={c.new}" for c in changes)
+    with project.update(f"build --recipe {source} {what}") as mm:
+        mm.recipe = wanted
+    reporter.info(f"recipe changed: {', '.join(f'{c.key} {c.old!r} -> {c.new!r}' for c in changes)}")
 
 
 def export_problem_for(recipe: Recipe) -> str | None:

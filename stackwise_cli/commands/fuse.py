@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from stackwise_cli.commands.options import DeviceOpt, JsonOpt, ProjectOpt
+from stackwise_cli.commands.options import DeviceOpt, JsonOpt, ProjectOpt, RunSetOpt
 from stackwise_cli.console import CliReporter, out, print_json
 
 
@@ -39,6 +39,7 @@ def fuse(
     resume: Annotated[
         str, typer.Option("--resume", help="auto: continue an interrupted fine-tune; never: start it over.")
     ] = "auto",
+    set_: RunSetOpt = None,
     device: DeviceOpt = "auto",
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
@@ -50,6 +51,10 @@ def fuse(
     from stackwise_cli.train.fuse import fuse as run
 
     spec = finetune_spec(finetune_steps, finetune, lora_rank, lora_alpha)
+    if set_:
+        from stackwise_cli.settings import apply_settings, finetune_schedule_open
+
+        apply_settings(Project(project), set_, "fuse", finetune_schedule_open(Project(project), resume))
     entry = run(Project(project), spec, device, precision, resume, CliReporter(quiet=json_))
     tuned = None
     if entry.finetune is not None:

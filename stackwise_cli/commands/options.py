@@ -17,6 +17,14 @@ RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML, e
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a recipe key: --set train.steps=200 (repeatable).")
 ]
+RunSetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Change a run-time setting of the project's recipe, recorded in its history (repeatable): "
+        "checkpoint/log/eval cadence, eval sizes; lr and steps before the run they shape.",
+    ),
+]
 InputOpt = Annotated[
     list[Path] | None,
     typer.Option(

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from stackwise_cli.commands.options import DeviceOpt, ForceOpt, JsonOpt, PrecisionOpt, ProjectOpt
+from stackwise_cli.commands.options import DeviceOpt, ForceOpt, JsonOpt, PrecisionOpt, ProjectOpt, RunSetOpt
 from stackwise_cli.console import CliReporter, out, print_json
 
 
@@ -31,6 +31,7 @@ def train_stack(
             "--checkpoint-every-min", min=0, help="Also checkpoint every N minutes of wall time (recipe default)."
         ),
     ] = None,
+    set_: RunSetOpt = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
     project: ProjectOpt = Path("."),
@@ -49,6 +50,11 @@ def train_stack(
     stack_id = stack_id if stack_id == ALL else int(stack_id)
     check_fits(Project(project).load().recipe, "stackwise train-stack", device, force)  # before any allocation
     reporter = CliReporter(quiet=json_)
+    if set_:
+        from stackwise_cli.settings import apply_settings, schedule_open
+
+        p = Project(project)
+        apply_settings(p, set_, "train-stack", schedule_open(p, stack_id, resume))
     result = run(Project(project), stack_id, steps, precision, resume, device, reporter, None, checkpoint_every_min)
     data = {"id": stack_id, "trained": result is not None}
     if result is not None:
