@@ -13,6 +13,7 @@ import typer
 from stackwise_cli import __version__
 from stackwise_cli.commands import bench, build, cache, eval, fuse, generate, grow, prepare, status, train_stack
 from stackwise_cli.commands import clean, drop
+from stackwise_cli.commands import import_hf
 from stackwise_cli.commands import plot as plot_cmd
 from stackwise_cli.errors import EXIT_INTERRUPTED, StackwiseError
 
@@ -49,6 +50,7 @@ def handled(fn: Callable) -> Callable:
 
 # --- every command, in one block -----------------------------------------------------------------------------
 app.command("prepare")(handled(prepare.prepare))
+app.command("import")(handled(import_hf.import_))
 app.command("grow")(handled(grow.grow))
 app.command("cache")(handled(cache.cache))
 app.command("train-stack")(handled(train_stack.train_stack))

@@ -161,6 +161,16 @@ class FlopsEntry:
 
 
 @dataclass(kw_only=True)
+class SourceEntry:
+    """Where an imported rack's weights came from (``stackwise import``): the Hugging Face folder, its class, and
+    the sha256 of each file read."""
+
+    dir: str
+    architecture: str
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
 class HarnessRun:
     """One `eval --tasks` run of lm-evaluation-harness (docs/harness.md); the full results are in ``file``."""
 
@@ -198,6 +208,7 @@ class Manifest:
     fused: FusedEntry | None = None
     flops: FlopsEntry | None = None  # None: nothing counted yet (or a manifest from before FLOPs were recorded)
     harness: list[HarnessRun] = field(default_factory=list)  # `eval --tasks` runs, the latest last
+    source: SourceEntry | None = None  # an imported checkpoint's provenance; None: the rack started from random
     history: list[HistoryEntry] = field(default_factory=list)
 
     def problems(self) -> list[tuple[str, str]]:

@@ -31,6 +31,12 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def worker_rank() -> bool:
+    """This process is a rank other than 0 of a torchrun job (RANK, WORLD_SIZE): rank 0 speaks for the job, so
+    this one takes no job lock and writes no manifest."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+
+
 def digest(parts: list[str]) -> str:
     """One checksum standing for an ordered list of checksums."""
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -60,7 +66,9 @@ class Project:
 
     def job_lock(self, job: str, what: str):
         """Held for the whole of a long job (training a stack, writing a cache) so two processes never do the
-        same one at once; see ``holder_lock``."""
+        same one at once; see ``holder_lock``. Under torchrun only rank 0 takes it: the other ranks are that job."""
+        if worker_rank():
+            return contextlib.nullcontext()
         return holder_lock(self.root / "locks" / f"{job}.lock", what)
 
     def log_path(self, command: str) -> Path:
@@ -93,6 +101,11 @@ class Project:
 
     def save(self, manifest: Manifest) -> None:
         """Write the manifest atomically. Call under the lock (``update``) unless the project is new."""
+        if worker_rank():  # a bug, not a user error: only rank 0 of a torchrun job may write the manifest
+            raise ProjectError(
+                f"rank {os.environ['RANK']} of a torchrun job tried to write {self.manifest_path}: only rank 0 may",
+                hint="run this command as one process, without torchrun",
+            )
         text = yaml.safe_dump(to_data(manifest), sort_keys=False, width=120, allow_unicode=True)
         atomic_write_text(
             self.manifest_path, f"# stackwise project manifest: edit with care, `stackwise verify` checks it\n{text}"

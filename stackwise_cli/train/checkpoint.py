@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from stackwise_cli.errors import CorruptFileError
 from stackwise_cli.store import faults
 from stackwise_cli.store.files import TMP_MARK, WRITE_ERRORS, atomic_replace_dir, disk_error, tmp_name
+from stackwise_cli.train import distributed
 
 PREFIX = "step-"
 
@@ -37,12 +38,14 @@ def list_checkpoints(folder: Path) -> list[Path]:
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
     """The optimizer's per-parameter state keyed by parameter name (no pickles: plain tensors). Each tensor is its
     own copy: bitsandbytes' 8-bit AdamW shares its quantisation maps between parameters, which safetensors refuses
-    to store as two names of one buffer."""
+    to store as two names of one buffer. Under torchrun each sharded tensor is gathered whole to rank 0 (every rank
+    joins each gather; the others get nothing), so the checkpoint resumes at any world size."""
     out = {}
     for p, state in opt.state.items():
         for key, value in state.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            out[f"{names[p]}::{key}"] = t.detach().cpu().clone()
+            t = distributed.full(value if torch.is_tensor(value) else torch.tensor(value))
+            if distributed.is_main():
+                out[f"{names[p]}::{key}"] = t.detach().cpu().clone()
     return out
 
 
@@ -56,7 +59,7 @@ def load_optimizer_tensors(
         name, _, field = key.partition("::")
         p = params[name]
         on_device = field != "step" or step_on_device
-        opt.state[p][field] = value.to(p.device) if on_device else value.clone()
+        opt.state[p][field] = distributed.sharded_like(value.to(p.device), p) if on_device else value.clone()
 
 
 def save_checkpoint(

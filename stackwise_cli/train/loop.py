@@ -35,6 +35,7 @@ from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.shards import HiddenShard, TokenShard, read_hidden_shard, read_token_shard
 from stackwise_cli.store.weights import load_ends, load_stack, save_ends, save_stack
 from stackwise_cli.train import checkpoint as ckpt
+from stackwise_cli.train import distributed
 from stackwise_cli.train.defaults import adamw_step
 from stackwise_cli.train.metrics import (
     EventWriter,
@@ -251,12 +252,14 @@ class Result:
 
 
 def _weights(job: Job) -> dict[str, torch.Tensor]:
-    return {f"{k}.{n}": t for k, mod in job.modules.items() for n, t in mod.state_dict().items()}
+    """Every checkpointed tensor by name, whole: under torchrun gathered to rank 0 (the other ranks get none)."""
+    return distributed.gathered({f"{k}.{n}": t for k, mod in job.modules.items() for n, t in mod.state_dict().items()})
 
 
 def _load_weights(job: Job, weights: dict[str, torch.Tensor]) -> None:
     for key, mod in job.modules.items():
-        mod.load_state_dict({n.removeprefix(f"{key}."): t for n, t in weights.items() if n.startswith(f"{key}.")})
+        own = {n.removeprefix(f"{key}."): t for n, t in weights.items() if n.startswith(f"{key}.")}
+        mod.load_state_dict(distributed.sharded_state(own, mod))  # under torchrun: this rank's shards of them
 
 
 # The settings a checkpoint records and a resumed run must share: each one changes the numbers the rest of the
@@ -322,7 +325,7 @@ def run(
     writes TensorBoard event files beside its JSONL log when tensorboard is installed."""
     metrics = metrics if metrics is not None else Metrics()
     if metrics.events is None:
-        metrics.events = EventWriter(tb_dir(log_path), reporter)
+        metrics.events = EventWriter(tb_dir(log_path), reporter) if distributed.is_main() else distributed.NoEvents()
     opt = make_optimizer(job.trainable, tr)
     scaler = grad_scaler(precision, device)
     names = {p: n for n, p in job.trainable.items()}
@@ -332,8 +335,10 @@ def run(
 
     settings = run_settings(tr, precision, job.data.tokens[0].seq_len)
     existing = ckpt.list_checkpoints(ckpt_dir)
+    distributed.barrier()  # under torchrun every rank has read the checkpoints before rank 0 removes any
     if resume == "never" and existing:
-        shutil.rmtree(ckpt_dir)
+        if distributed.is_main():
+            shutil.rmtree(ckpt_dir)
     elif resume == "auto" and existing:
         weights, optim, rng, state = ckpt.load_checkpoint(existing[-1])
         if state["fingerprint"] != job.fingerprint:
@@ -390,9 +395,9 @@ def run(
             "scaler": scaler.state_dict() if scaler is not None else None,
             "time": time.time(),
         }
-        ckpt.save_checkpoint(
-            ckpt_dir, at, _weights(job), ckpt.optimizer_tensors(opt, names), state, tr.keep_checkpoints
-        )
+        weights, optim = _weights(job), ckpt.optimizer_tensors(opt, names)  # every rank joins the gathers
+        if distributed.is_main():
+            ckpt.save_checkpoint(ckpt_dir, at, weights, optim, state, tr.keep_checkpoints)
 
     for line in epochs_line(job.name, steps, tr.batch_size * tr.grad_accum, len(job.data)):
         if line:
@@ -402,13 +407,14 @@ def run(
     flag = SignalFlag()
     t0, tokens0 = time.perf_counter(), tokens
     last_save = time.monotonic()
-    with flag.installed(), open(log_path, "a") as log, reporter.task(job.name, total=steps) as advance:
+    log_to = distributed.log_file(log_path)  # rank 0's log; the other ranks write none
+    with flag.installed(), open(log_to, "a") as log, reporter.task(job.name, total=steps) as advance:
         advance(step)
         shown = step
         for mod in job.modules.values():
             mod.train()
         while step < steps:
-            if flag.received is not None or (stop_at is not None and step >= stop_at):
+            if distributed.any_rank(flag.received is not None or (stop_at is not None and step >= stop_at)):
                 save(step)
                 why = signal.Signals(flag.received).name if flag.received else "stop requested"
                 raise (Interrupted if flag.received == signal.SIGINT else Stopped)(
@@ -424,8 +430,8 @@ def run(
             # loss is divided by grad_accum before backward: the summed gradients are those of the mean loss.
             micro_losses, step_tokens = [], 0
             for _ in range(tr.grad_accum):
-                rows = sampler.next()
-                batch = job.data.get(rows, device, sampler.last_epochs)
+                rows, epochs = distributed.local_rows(sampler.next(), sampler.last_epochs)  # this rank's slice
+                batch = job.data.get(rows, device, epochs)
                 with autocast(precision, device):
                     micro = job.loss(batch)
                 part = micro / tr.grad_accum if tr.grad_accum > 1 else micro
@@ -434,12 +440,13 @@ def run(
                 else:
                     part.backward()
                 micro_losses.append(micro.detach())
-                step_tokens += batch.tokens.numel()
+                step_tokens += batch.tokens.numel() * distributed.world_size()  # the rows of every rank
                 del micro, part, batch  # free this micro-batch's graph before the next is built
             loss = micro_losses[0] if tr.grad_accum == 1 else torch.stack(micro_losses).float().mean()
+            loss = distributed.mean(loss)  # under torchrun: the global batch's, on every rank
             if scaler is not None:  # unscale before clipping
                 scaler.unscale_(opt)
-            norm = torch.nn.utils.clip_grad_norm_(list(job.trainable.values()), tr.grad_clip or float("inf"))
+            norm = distributed.clip_grad_norm(list(job.trainable.values()), tr.grad_clip or float("inf"))
             # Checked every step, before the update: no checkpoint may ever hold diverged weights. With fp16 an
             # overflowing gradient is the scaler's signal to skip the step and lower the scale, not a divergence.
             overflow = scaler is not None and torch.isfinite(loss) and not torch.isfinite(norm)
@@ -485,7 +492,9 @@ def run(
                 best = job.extra.get("best_val")
                 if best is None or val_loss < best["val_loss"]:
                     job.extra["best_val"] = {"step": step, "val_loss": val_loss}
-                    save_best(ckpt_dir, _weights(job), step, val_loss)
+                    best_weights = _weights(job)  # every rank joins the gather; rank 0 writes
+                    if distributed.is_main():
+                        save_best(ckpt_dir, best_weights, step, val_loss)
                 log.write(json.dumps({"step": step, "val_loss": val_loss, "tokens": tokens}) + "\n")
                 log.flush()
                 metrics.events.scalars({"val/loss": val_loss}, step)
@@ -612,6 +621,8 @@ def train_stack(
         project.load().position(target)  # an unknown id is a clear error before any lock file is made
     name = "all" if target is None else str(target)
     what = "end-to-end training of the rack" if target is None else f"training of stack {target}"
+    distributed.init(pick_device(device))  # under torchrun: join the other ranks; rank 0 alone takes the lock
+    reporter = reporter if distributed.is_main() else QUIET
     with project.job_lock(f"train-stack-{name}", what):
         return _train(project, target, steps, precision, resume, device, reporter, stop_at, checkpoint_every_min)
 
@@ -804,9 +815,10 @@ def _train(
         )
     if resume not in RESUME:
         raise StackwiseError(f"--resume must be one of {', '.join(RESUME)}, got {resume!r}")
-    dev = pick_device(device)
+    dev = distributed.local_device(pick_device(device))
     precision = resolve_precision(precision, dev)
     autocast(precision, dev)  # an impossible precision fails here, before the manifest is touched
+    distributed.check(precision, tr.batch_size, tr.optimizer)  # and so does what several ranks cannot run
     label = "all" if stack_id is None else str(stack_id)
     entries = [m.stack(i) for i in ids]
     states = {e.state for e in entries}
@@ -846,6 +858,7 @@ def _train(
 
         for stack in stacks:
             to_fp8(stack)
+    distributed.shard(stacks, dev, precision)  # under torchrun: FSDP2 over each block, before what trains is listed
     if stack_id is None:
         setup = _setup_all(project, m, stacks, ends)
     else:
@@ -853,9 +866,10 @@ def _train(
     for p in setup.trainable.values():
         p.requires_grad_(True)
 
-    with project.update(f"train-stack {label} --steps {steps} --precision {precision}") as mm:
-        for i in ids:
-            mm.stack(i).state = "training"
+    if distributed.is_main():
+        with project.update(f"train-stack {label} --steps {steps} --precision {precision}") as mm:
+            for i in ids:
+                mm.stack(i).state = "training"
 
     # The stacks trained before this one (left to right: those to its left; right to left: its suffix) drew the
     # start of the stream, and an earlier run of this stack (--resume never) what follows: this run reads on.
@@ -894,6 +908,9 @@ def _train(
             metrics,
         )
     except Stopped:
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 records the stop in the manifest; the others wait for it, then stop
+            raise
         state = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())
         with project.update() as mm:
             for i in ids:
@@ -903,14 +920,20 @@ def _train(
                 e.last_loss, e.precision = state["last_loss"], precision
                 e.flops = state["extra"].get("prior_flops", 0.0) + state["tokens"] * flops_per_token
             mm.recount_flops()
+        distributed.barrier()
         raise
 
     trained_ends = ends if any(n.startswith("ends.") for n in setup.trainable) else None
     curriculum = m.recipe.curriculum
     flops = result.tokens * flops_per_token
+    stacks = [distributed.whole_copy(s, lambda s=s: Stack(s.cfg, len(s.blocks), s.attn)) for s in stacks]
+    if not distributed.is_main():  # rank 0 alone writes the result; the others wait for it
+        distributed.barrier()
+        return result
     _finish(project, dict(zip(ids, stacks)), trained_ends, result, precision, job.extra, curriculum, flops)
     keep_best(ckpt_dir, project.path(f"best/{label}.safetensors"))  # train.eval_every: the best-validation weights
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the stack files and the manifest now hold the result
+    distributed.barrier()
     return result
 
 
