@@ -217,3 +217,32 @@ def test_build_survives_kill_9_at_random_instants(tmp_path, tiny_recipe_path):
     args = ["build", "--recipe", str(tiny_recipe_path), "--set", "data.max_bytes=60000", "--set", "train.steps=10"]
     outputs = ["stacks/0.safetensors", "stacks/1.safetensors", "fused/model.safetensors"]
     run_scenario(tmp_path, empty, args, outputs, random_kills=4, every_write=False)
+
+
+def test_ctrl_c_checkpoints_at_the_step_boundary_exits_130_and_resumes(project):
+    """SIGINT (Ctrl-C) is SIGTERM's twin: a checkpoint at the step boundary, the manifest moved on, exit 130
+    (app.py's hint: rerun the same command to resume), and the rerun resumes from that checkpoint."""
+    import signal
+
+    from stackwise_cli.errors import Stopped
+    from stackwise_cli.train.loop import train_stack
+
+    cli(project.root, ["grow"])
+    cmd = subprocess_cmd(project.root, ["train-stack", "0", "--steps", "5000"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+    end = time.monotonic() + 120
+    while not list(project.path("logs").glob("train-stack-0-*.jsonl")) or not any(
+        p.stat().st_size for p in project.path("logs").glob("train-stack-0-*.jsonl")
+    ):
+        assert time.monotonic() < end and proc.poll() is None, "the run never logged a step"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert b"SIGINT; checkpoint saved at step" in err and b"Traceback" not in err
+    m = Project(project.root).load()
+    (saved,) = sorted(project.path("ckpt/0").glob("step-*"))[-1:]
+    step = json.loads((saved / "state.json").read_text())["step"]
+    assert m.stack(0).state == "training" and m.stack(0).steps == step > 0
+    with pytest.raises(Stopped, match=f"checkpoint saved at step {step + 2}/5000"):
+        train_stack(Project(project.root), 0, steps=5000, stop_at=step + 2)  # resumes from it, not from 0

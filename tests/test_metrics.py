@@ -201,27 +201,28 @@ def test_set_lr_for_a_stack_not_yet_trained(project):
     assert project.load().recipe.train.lr == 0.002
 
 
-def test_build_names_the_keys_that_differ_and_grows_the_rack(tmp_path, tiny_recipe_path):
+def test_build_names_the_keys_that_differ_and_grows_the_rack(project, tmp_path):
     from stackwise_cli.build import build
+    from stackwise_cli.schema import to_data
 
-    recipe = yaml.safe_load(tiny_recipe_path.read_text())
-    recipe["rack"]["stacks"] = 1
-    recipe["train"].update(steps=3, checkpoint_every=0)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    p = Project(tmp_path / "proj")
-    build(p, path, device="cpu")
-    assert [e.state for e in p.load().rack] == ["trained"]
+    with project.update() as m:
+        train = dataclasses.replace(m.recipe.train, steps=3, checkpoint_every=0)
+        m.recipe = dataclasses.replace(m.recipe, train=train, rack=dataclasses.replace(m.recipe.rack, stacks=1))
+    path = tmp_path / "test-tiny.yaml"  # the project's own recipe (its name is the file's stem)
+    path.write_text(yaml.safe_dump(to_data(project.load().recipe)))
+    build(project, path, device="cpu")
+    assert [e.state for e in project.load().rack] == ["trained"]
     r = runner.invoke(
-        app, ["build", "-p", str(p.root), "--recipe", str(path), "--set", "model.d_ff=128", "--set", "train.lr=0.5"]
+        app,
+        ["build", "-p", str(project.root), "--recipe", str(path), "--set", "model.d_ff=128", "--set", "train.lr=0.5"],
     )
     assert r.exit_code == 1, r.output
     assert "model.d_ff (64 -> 128), train.lr (0.01 -> 0.5)" in r.output
-    result = build(p, path, ["rack.stacks=2", "train.log_every=1"], device="cpu")
-    m = p.load()
+    result = build(project, path, ["rack.stacks=2", "train.log_every=1"], device="cpu")
+    m = project.load()
     assert [e.state for e in m.rack] == ["trained", "trained"] and m.recipe.rack.stacks == 2
     assert "train-stack 1" in result.ran and "fuse" in result.ran
-    assert any("--set rack.stacks=2" in h.command for h in m.history)
+    assert any("--set rack.stacks=2 --set train.log_every=1" in h.command for h in m.history)
 
 
 def test_with_settings_validates_the_value():
