@@ -49,6 +49,7 @@ class PlotResult:
 def read_runs(project: Project) -> list[Run]:
     """Every training run in ``logs/``, in the order they started."""
     runs: dict[str, Run] = {}
+    per_token: dict[str, float] = {}
     logs = project.path("logs")
     files = sorted(logs.glob("*.jsonl"), key=lambda p: (LOG_NAME.match(p.name) or {"stamp": ""})["stamp"])
     for path in files:
@@ -65,9 +66,14 @@ def read_runs(project: Project) -> list[Run]:
                 continue
             flops = row.get("flops")
             if "val_loss" in row:
-                run.val[row["step"]] = (row["val_loss"], flops)
+                run.val[row["step"]] = (row["val_loss"], row.get("tokens"))  # tokens: FLOPs below
             elif "loss" in row:
                 run.train[row["step"]] = (row["loss"], flops)
+                if flops and row.get("tokens"):
+                    per_token[name] = flops / row["tokens"]
+    for run in runs.values():  # a val line records the tokens read so far; its FLOPs are the run's per token
+        ratio = per_token.get(run.name)
+        run.val = {s: (v, t * ratio if t is not None and ratio else None) for s, (v, t) in run.val.items()}
     return sorted(runs.values(), key=lambda r: r.started)
 
 
@@ -130,7 +136,7 @@ def plot(project: Project, out_dir: Path | None = None) -> PlotResult:
     for i, r in enumerate(runs):
         c = colors[i % len(colors)]
         steps = sorted(r.train)
-        ax.plot(steps, [r.train[s][0] for s in steps], color=c, label=f"{r.name} train")
+        ax.plot(steps, [r.train[s][0] for s in steps], ".-", color=c, markersize=3, label=f"{r.name} train")
         if r.val:
             vs = sorted(r.val)
             ax.plot(vs, [r.val[s][0] for s in vs], "o--", color=c, markersize=4, label=f"{r.name} val")
@@ -145,10 +151,11 @@ def plot(project: Project, out_dir: Path | None = None) -> PlotResult:
         pts = [(f, loss) for _, (loss, f) in sorted(r.train.items()) if f is not None]
         if not pts:  # a log from before FLOPs were logged
             continue
-        ax.plot([offset + f for f, _ in pts], [y for _, y in pts], color=c, label=f"{r.name} train")
+        ax.plot([offset + f for f, _ in pts], [y for _, y in pts], ".-", color=c, markersize=3, label=f"{r.name} train")
         val = [(f, loss) for _, (loss, f) in sorted(r.val.items()) if f is not None]
         if val:
-            ax.plot([offset + f for f, _ in val], [y for _, y in val], "o--", color=c, markersize=4)
+            xs, ys = [offset + f for f, _ in val], [y for _, y in val]
+            ax.plot(xs, ys, "o--", color=c, markersize=4, label=f"{r.name} val")
         offset += max(f for f, _ in pts)
     _finish_axes(ax, "cumulative training FLOPs (train-stack and fine-tune runs, in the order they ran)", title)
     _save(fig, out_dir / FILES[1])
@@ -168,6 +175,7 @@ def plot(project: Project, out_dir: Path | None = None) -> PlotResult:
         ax.plot(blocks, [r["loss"] for r in per], "o-")
         for b, r in zip(blocks, per):
             ax.annotate(f"stack {r['id']}", (b, r["loss"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_xlabel("blocks read (the head reads the state after each stack)")
         ax.set_ylabel(f"{record[1]['split']} loss (nats/token)")
         ax.set_title(f"{title}: readout after each stack ({record[1]['time']})")
