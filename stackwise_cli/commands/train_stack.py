@@ -42,6 +42,7 @@ def train_stack(
     from stackwise_cli.errors import StackwiseError
     from stackwise_cli.preflight import check_fits
     from stackwise_cli.store.project import Project
+    from stackwise_cli.train.distributed import is_main, launched
     from stackwise_cli.train.loop import ALL
     from stackwise_cli.train.loop import train_stack as run
 
@@ -50,12 +51,19 @@ def train_stack(
     stack_id = stack_id if stack_id == ALL else int(stack_id)
     check_fits(Project(project).load().recipe, "stackwise train-stack", device, force)  # before any allocation
     reporter = CliReporter(quiet=json_)
+    if set_ and launched() > 1:
+        raise StackwiseError(
+            "--set is not taken under torchrun: every rank must read the same recipe",
+            hint="apply it first without torchrun (or edit stackwise.yaml), then launch the ranks",
+        )
     if set_:
         from stackwise_cli.settings import apply_settings, schedule_open
 
         p = Project(project)
         apply_settings(p, set_, "train-stack", schedule_open(p, stack_id, resume))
     result = run(Project(project), stack_id, steps, precision, resume, device, reporter, None, checkpoint_every_min)
+    if not is_main():  # under torchrun rank 0 reports for every rank
+        return
     data = {"id": stack_id, "trained": result is not None}
     if result is not None:
         data.update(
