@@ -34,6 +34,12 @@ def _device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def available_bytes(device: str) -> int:
     """Memory free for this process now on ``device`` (cpu, cuda or cuda:N)."""
     if device.startswith("cuda"):
@@ -60,6 +66,8 @@ def check_fits(recipe: Recipe, command: str, device: str = "auto", force: bool =
         return  # the planner models the llama block only
     dev = _device(device)
     kind = "cuda" if dev.startswith("cuda") else "cpu"
+    if kind == "cuda" and not _cuda_present():
+        return  # --device cuda on a machine without one: the command's own device check says so, in its words
     options = PlanOptions(
         device=kind,
         precision=GPU_PRECISION if kind == "cuda" else "fp32",  # what --precision auto runs there
