@@ -293,3 +293,57 @@ def test_prepare_takes_a_hugging_face_folder_as_tokenizer(tmp_path: Path, llama_
 
     shard = read_token_shard(tmp_path / "p" / m.data.splits["train"].shards[0].file, expect_seq_len=16)
     assert 2 in shard.tokens.flatten().tolist()  # documents are separated by </s>
+
+
+# --- growing a pretrained rack -----------------------------------------------------------------------------------
+
+
+def test_identity_insert_keeps_the_logits_and_trains_only_the_new_stack(tmp_path: Path, llama_dir: Path) -> None:
+    proj = tmp_path / "proj"
+    assert cli("import", llama_dir, "-p", proj, "--json", *SET, "--set", "train.frozen_dtype=fp32").exit_code == 0
+    r = cli("grow", "--after", "0", "--init", "identity", "-p", proj, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["id"] == 2
+    m = Project(proj).load()
+    assert [s.id for s in m.rack] == [0, 2, 1] and m.rack[1].state == "new"
+
+    # Before training, the grown rack exports (fuse's writer; fuse itself wants every stack trained) to the original
+    # function at the new depth.
+    from stackwise_cli.model.hf import write_fused
+    from stackwise_cli.store.weights import load_rack
+
+    write_fused(tmp_path / "grown", load_rack(Project(proj), m), proj / "tokenizer.json", "</s>", m.tokenizer.eos_id)
+    original = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    fused = load_fused(tmp_path / "grown", "llama")
+    assert fused.config.num_hidden_layers == 3
+    tokens = tokens_for()
+    assert (logits_of(fused, tokens) - logits_of(original, tokens)).abs().max().item() < TOL
+
+    # Only the inserted stack trains: from the cache of stack 0, through the frozen stack 1 and head.
+    before = {s.id: s.sha256 for s in m.rack} | {"ends": m.ends.sha256}
+    assert cli("cache", "2", "-p", proj, "--json").exit_code == 0
+    r = cli("train-stack", "2", "--steps", "3", "-p", proj, "--json")
+    assert r.exit_code == 0, r.output
+    m = Project(proj).load()
+    after = {s.id: s.sha256 for s in m.rack} | {"ends": m.ends.sha256}
+    assert after[2] != before[2] and m.stack(2).state == "trained"
+    assert {k: after[k] for k in (0, 1, "ends")} == {k: before[k] for k in (0, 1, "ends")}
+    user_error(cli("train-stack", "1", "--steps", "3", "-p", proj), "stack 1")  # a pretrained stack stays as it is
+    assert cli("fuse", "-p", proj, "--json").exit_code == 0
+    assert load_fused(proj / "fused", "llama").config.num_hidden_layers == 3
+
+
+def test_grow_refuses_the_side_the_curriculum_does_not_grow(tmp_path: Path, llama_dir: Path) -> None:
+    proj = tmp_path / "proj"
+    assert cli("import", llama_dir, "-p", proj, "--json", *SET).exit_code == 0
+    hint = user_error(cli("grow", "--side", "left", "-p", proj), "left-to-right")
+    assert "--after" in cli("grow", "--side", "left", "-p", proj).stderr and hint
+    user_error(cli("grow", "--after", "7", "-p", proj), "no stack with id 7")
+    user_error(cli("grow", "--after", "0", "--side", "right", "-p", proj), "--after")
+    r2l = tmp_path / "r2l"
+    assert cli("import", llama_dir, "-p", r2l, "--json", *SET, "--set", "curriculum=right-to-left").exit_code == 0
+    user_error(cli("grow", "--side", "right", "-p", r2l), "right-to-left")
+    user_error(cli("grow", "--after", "0", "-p", r2l), "right-to-left")
+    assert [s.id for s in Project(r2l).load().rack] == [0, 1]  # nothing was grown
+    r = cli("grow", "--side", "left", "-p", r2l, "--json")
+    assert r.exit_code == 0 and Project(r2l).load().ids() == [2, 0, 1]

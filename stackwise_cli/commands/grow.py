@@ -10,7 +10,11 @@ from stackwise_cli.console import out, print_json
 
 
 def grow(
-    side: Annotated[str, typer.Option("--side", help="right (append) or left (prepend).")] = "right",
+    side: Annotated[str | None, typer.Option("--side", help="right (append; the default) or left (prepend).")] = None,
+    after: Annotated[
+        int | None,
+        typer.Option("--after", help="Insert the new stack right after the stack with this id (LLaMA Pro style)."),
+    ] = None,
     blocks: Annotated[
         int | None, typer.Option("--blocks", min=1, help="Blocks in the new stack (default: the recipe's).")
     ] = None,
@@ -24,14 +28,21 @@ def grow(
     project: ProjectOpt = Path("."),
     json_: JsonOpt = False,
 ) -> None:
-    """Add a stack to the rack with a new stable id."""
+    """Add a stack to the rack with a new stable id: on the right, on the left, or inserted after a stack."""
     from stackwise_cli.preflight import check_fits
     from stackwise_cli.store.project import Project
     from stackwise_cli.train.grow import grow as run
 
     check_fits(Project(project).load().recipe, "stackwise grow", force=force)  # before the stack is allocated
-    entry = run(Project(project), side, blocks, init)  # type: ignore[arg-type]
+    if after is not None and side is not None:
+        from stackwise_cli.errors import StackwiseError
+
+        raise StackwiseError("--after and --side both say where the stack goes: give one of them")
+    where = f"after stack {after}" if after is not None else f"on the {side or 'right'}"
+    side = side or "right"
+    entry = run(Project(project), side, blocks, init, after)  # type: ignore[arg-type]
     if json_:
-        print_json({"id": entry.id, "blocks": entry.blocks, "init": entry.init, "side": side})
+        result = {"id": entry.id, "blocks": entry.blocks, "init": entry.init, "side": side if after is None else None}
+        print_json(result | {"after": after})
     else:
-        out.print(f"grew stack {entry.id} ({entry.blocks} block(s), init {entry.init}) on the {side}")
+        out.print(f"grew stack {entry.id} ({entry.blocks} block(s), init {entry.init}) {where}")

@@ -21,14 +21,25 @@ def _generator(seed: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + salt)
 
 
-def grow(project: Project, side: Side = "right", blocks: int | None = None, init: str | None = None) -> StackEntry:
-    """Append (right) or prepend (left) a stack. Creates the ends first if the rack is empty.
+def grow(
+    project: Project,
+    side: Side = "right",
+    blocks: int | None = None,
+    init: str | None = None,
+    after: int | None = None,
+) -> StackEntry:
+    """Append (right) or prepend (left) a stack, or (``after``: a stack id) insert it right after that stack, as
+    LLaMA Pro inserts blocks into a pretrained model. Creates the ends first if the rack is empty.
 
     ``init``: random; copy (duplicate the neighbouring stack on that side); identity (random, then output
     projections zeroed, so the rack computes the same function as before). None: the recipe's ``rack.init``, which
     describes how the rack *grows*: the first stack, with no neighbour to copy and no trained function to
     preserve, starts random. An ``init`` asked for explicitly is taken as asked (identity on an empty rack is the
-    function embedding -> head), and copy with nothing to copy is an error.
+    function embedding -> head), and copy with nothing to copy is an error. Inserted, copy duplicates stack
+    ``after``, and identity leaves the rack's function as it was (the stacks after it then read the same input).
+
+    A side the curriculum does not grow is refused once the rack has trained stacks: left to right grows on the
+    right, right to left on the left (the first stack may go either way; so may any while nothing is trained).
     """
     if side not in ("right", "left"):
         raise ProjectError(f"--side must be right or left, got {side!r}")
@@ -38,7 +49,16 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
         source = "--init" if init is not None else "rack.init"
         if init is None:
             init = recipe.rack.init if m.rack else "random"
-        if recipe.curriculum == "right-to-left" and side == "right" and m.rack:  # the first may go either way
+        at = _insert_position(m, after, recipe) if after is not None else None
+        trained = [s.id for s in m.rack if s.state in ("trained", "frozen")]
+        if recipe.curriculum == "left-to-right" and side == "left" and trained and at is None:
+            raise ProjectError(
+                f"the recipe's curriculum is left-to-right: it grows on the right, and stack(s) "
+                f"{', '.join(map(str, trained))} are trained on what the embedding gives them now",
+                hint=f"run `stackwise grow --side right`, or `stackwise grow --after {m.rack[0].id}` to insert a "
+                "stack between trained ones; growing on the left is the right-to-left curriculum's",
+            )
+        if recipe.curriculum == "right-to-left" and side == "right" and m.rack and at is None:  # the first: either
             raise ProjectError(
                 "the recipe's curriculum is right-to-left: new stacks go on the left, in front of the trained ones",
                 hint="run `stackwise grow --side left`",
@@ -65,7 +85,7 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
                     "--init copy needs a neighbouring stack to copy, and the rack is empty",
                     hint="grow the first stack with --init random (or without --init)",
                 )
-            neighbour = m.rack[-1] if side == "right" else m.rack[0]
+            neighbour = m.rack[at - 1] if at is not None else m.rack[-1] if side == "right" else m.rack[0]
             if blocks is not None and blocks != neighbour.blocks:
                 fix = "--init random" if source == "--init" else "--init random, or set rack.init: random"
                 raise ProjectError(
@@ -96,10 +116,32 @@ def grow(project: Project, side: Side = "right", blocks: int | None = None, init
             init=init,
             mask_ratio=ratio,
         )
-        if side == "right":
+        where = f"--after {after}" if at is not None else f"--side {side}"
+        if at is not None:
+            m.rack.insert(at, entry)
+        elif side == "right":
             m.rack.append(entry)
         else:
             m.rack.insert(0, entry)
         m.next_id = stack_id + 1
-        record(m, f"grow --side {side} --blocks {blocks} --init {init} -> id {stack_id}")
+        record(m, f"grow {where} --blocks {blocks} --init {init} -> id {stack_id}")
     return entry
+
+
+def _insert_position(m, after: int, recipe) -> int:
+    """The rack position a stack inserted after stack ``after`` takes. Left to right (or end to end) only: right to
+    left only the leftmost stack trains, and a diffusion stack's mask ratio is its place in the planned rack."""
+    pos = m.position(after)  # an unknown id names the ids there are
+    if recipe.curriculum == "right-to-left":
+        raise ProjectError(
+            "--after inserts a stack between trained ones, which the right-to-left curriculum cannot train "
+            "(only its leftmost stack trains)",
+            hint="run `stackwise grow --side left`, or use `curriculum: left-to-right`",
+        )
+    if recipe.objective == "diffusion":
+        raise ProjectError(
+            "--after: a diffusion stack's mask ratio comes from its place in the planned rack, which an inserted "
+            "stack has none of",
+            hint="run `stackwise grow --side right`",
+        )
+    return pos + 1

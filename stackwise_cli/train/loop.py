@@ -533,13 +533,34 @@ def check_left_to_right(m: Manifest, stack_id: int, right: bool = True) -> int:
             hint=f"run `stackwise train-stack {left[0]}` first (`stackwise build` runs every stage in order)",
         )
     trained_right = [s.id for s in m.rack[pos + 1 :] if s.state != "new"] if right else []
-    if trained_right:
+    if trained_right and not inserted(m, pos):
         raise ProjectError(
             f"left-to-right: stack {stack_id} has trained stacks to its right ({', '.join(map(str, trained_right))}); "
             "retraining it would silently invalidate them",
             hint="grow a new stack on the right instead (`stackwise grow --side right`)",
         )
     return pos
+
+
+def inserted(m: Manifest, pos: int) -> bool:
+    """Left to right, whether the stack at ``pos`` was inserted into a trained rack (``grow --after``, as LLaMA Pro
+    inserts blocks): not trained itself, after a stack, and every stack to its right trained. It trains from the cache
+    of the stacks before it, and its loss reads out through the frozen stacks after it (``frozen_suffix``)."""
+    after = m.rack[pos + 1 :]
+    return (
+        pos > 0
+        and m.rack[pos].state not in ("trained", "frozen")
+        and bool(after)
+        and all(s.state in ("trained", "frozen") for s in after)
+    )
+
+
+def frozen_suffix(m: Manifest, pos: int) -> list[StackEntry]:
+    """The trained stacks after ``pos`` that a stack's loss passes through: right to left all of them; left to right
+    those after an inserted stack (``inserted``), none otherwise."""
+    if m.recipe.curriculum == "right-to-left" or inserted(m, pos):
+        return m.rack[pos + 1 :]
+    return []
 
 
 def check_right_to_left(m: Manifest, stack_id: int) -> int:
@@ -660,17 +681,19 @@ def _setup_one(
     causal = obj.causal
     forward = forward_for(tr.activation_checkpointing)
     right_to_left = recipe.curriculum == "right-to-left"
-    suffix = m.rack[pos + 1 :] if right_to_left else []
+    suffix = frozen_suffix(m, pos)
     trainable = trainable_for(stack, ends, tr, pos, right_to_left, bool(suffix))
     tokens = token_data(project, m)
+    frozen = []
+    if suffix:
+        from stackwise_cli.train.frozen import freeze
+
+        frozen = [freeze(load_stack(project, m, s.id), tr.frozen_dtype).to(dev) for s in suffix]
+    suffix_forward = forward_for(tr.suffix_checkpointing)
+    # The frozen inputs: a checkpoint made against another suffix or head is not this run.
+    suffix_key = [m.ends.sha256, *[f"{s.id}:{s.sha256}" for s in suffix], tr.frozen_dtype] if suffix else []
 
     if pos == 0 or right_to_left:
-        frozen = []
-        if suffix:
-            from stackwise_cli.train.frozen import freeze
-
-            frozen = [freeze(load_stack(project, m, s.id), tr.frozen_dtype).to(dev) for s in suffix]
-        suffix_forward = forward_for(tr.suffix_checkpointing)
 
         def loss_fn(b: Batch) -> torch.Tensor:
             c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
@@ -679,9 +702,7 @@ def _setup_one(
                 h = suffix_forward(s, h, causal, c.t)
             return obj.loss(ends.logits(h), c)
 
-        parts = ["tokens", project.split_digest(m, "train"), obj.key()]
-        if suffix:  # the frozen inputs: a checkpoint made against another suffix or head is not this run
-            parts += [m.ends.sha256, *[f"{s.id}:{s.sha256}" for s in suffix], tr.frozen_dtype]
+        parts = ["tokens", project.split_digest(m, "train"), obj.key(), *suffix_key]
         return Setup({"stack": stack, "ends": ends}, trainable, loss_fn, Sequences(tokens), digest(parts))
 
     cache = project.fresh_cache(m, stack_id, "train")
@@ -692,9 +713,12 @@ def _setup_one(
 
     def cached_loss(b: Batch) -> torch.Tensor:
         c = obj.corrupt(b.tokens, b.seq_ids, CACHE_EPOCH)  # the masks the cache was computed with
-        return obj.loss(ends.logits(forward(stack, b.hidden, causal, c.t)), c)
+        h = forward(stack, b.hidden, causal, c.t)
+        for s in frozen:  # an inserted stack reads out through the trained stacks after it
+            h = suffix_forward(s, h, causal, c.t)
+        return obj.loss(ends.logits(h), c)
 
-    fingerprint = digest(["cache", *[s.sha256 for s in cache.shards]])
+    fingerprint = digest(["cache", *[s.sha256 for s in cache.shards], *suffix_key])
     return Setup({"stack": stack, "ends": ends}, trainable, cached_loss, Sequences(tokens, hidden), fingerprint)
 
 
@@ -707,14 +731,14 @@ def trainable_for(
     trained suffix reads out through, so it trains only with the first stack. The first stack trained always trains
     the final norm and head (a random head makes every readout useless); left to right the later ones do too with
     `train.head: train`, tied or not: with tied embeddings the output side is what is not the embedding matrix (the
-    final norm, BERT's MLM transform and output bias), which no cache depends on. Right to left the head stays
-    frozen: the trained suffix was fitted to it."""
+    final norm, BERT's MLM transform and output bias), which no cache depends on. Right to left, and left to right
+    for a stack inserted in front of trained ones, the head stays frozen: the trained suffix was fitted to it."""
     trainable = {f"stack.{n}": p for n, p in stack.named_parameters()}
     tied_head_in_use = right_to_left and ends.head is None and has_suffix
     if pos == 0 and tr.embedding == "train" and not tied_head_in_use:
         trainable.update({f"ends.{n}": p for n, p in ends.named_input_parameters().items()})
     first = not has_suffix if right_to_left else pos == 0
-    if first or (tr.head == "train" and not right_to_left):
+    if first or (tr.head == "train" and not right_to_left and not has_suffix):
         trainable.update({f"ends.{n}": p for n, p in ends.named_output_parameters().items()})
     return trainable
 
@@ -780,7 +804,7 @@ def train_flops_per_token(
     if stack_id is None:
         blocks = sum(e.blocks for e in m.rack)
         return whole_model_flops_per_token(f, blocks, len(m.rack), checkpointing=ckpt_on, head_trains=head_trains)
-    suffix = m.rack[pos + 1 :] if m.recipe.curriculum == "right-to-left" else []
+    suffix = frozen_suffix(m, pos)
     return train_stack_flops_per_token(
         f,
         m.rack[pos].blocks,
