@@ -42,7 +42,7 @@ def grow(
     side = side or "right"
     entry = run(Project(project), side, blocks, init, after)  # type: ignore[arg-type]
     if json_:
-        result = {"id": entry.id, "blocks": entry.blocks, "init": entry.init, "side": side if after is None else None}
-        print_json(result | {"after": after})
+        result = {"id": entry.id, "blocks": entry.blocks, "init": entry.init}
+        print_json(result | ({"side": side} if after is None else {"after": after}))
     else:
         out.print(f"grew stack {entry.id} ({entry.blocks} block(s), init {entry.init}) {where}")
