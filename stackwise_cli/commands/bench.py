@@ -9,10 +9,32 @@ from stackwise_cli.commands.options import JsonOpt, SetOpt
 from stackwise_cli.console import out, print_json, print_table
 from stackwise_cli.train.defaults import GPU_PRECISION
 
+BenchProjectOpt = Annotated[
+    Path | None, typer.Option("-p", "--project", help="Use this project's recipe (its manifest's) instead of --recipe.")
+]
+
+
+def _recipe(recipe: Path | None, set_: list[str] | None, project: Path | None):
+    """The recipe to measure: ``--recipe`` (with its ``--set``s), or the one a project's manifest records."""
+    from stackwise_cli.errors import StackwiseError
+    from stackwise_cli.recipe import apply_overrides, load_recipe, recipe_from_data
+    from stackwise_cli.schema import to_data
+    from stackwise_cli.store.project import Project
+
+    if project is not None:
+        if recipe is not None:
+            raise StackwiseError("pass --recipe or -p, not both: -p measures the project's own recipe")
+        p = Project(project)
+        return recipe_from_data(apply_overrides(to_data(p.load().recipe), set_ or []), str(p.manifest_path))
+    if recipe is None:
+        raise StackwiseError("no recipe: pass --recipe PATH (e.g. recipes/llama/tiny.yaml) or -p PROJECT")
+    return load_recipe(recipe, set_)
+
 
 def step(
-    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe YAML whose model is measured.")],
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML whose model is measured.")] = None,
     set_: SetOpt = None,
+    project: BenchProjectOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Sequences per step (default: the recipe's).")
@@ -23,11 +45,10 @@ def step(
 ) -> None:
     """One training step of a stack (from its cache) against one step of the whole model trained end to end."""
     from stackwise_cli.bench.step import bench_step
-    from stackwise_cli.recipe import load_recipe
     from stackwise_cli.train.precision import pick_device
 
     dev = str(pick_device(device))
-    rows = bench_step(load_recipe(recipe, set_), dev, batch_size, warmup, repeats)
+    rows = bench_step(_recipe(recipe, set_, project), dev, batch_size, warmup, repeats)
     if json_:
         print_json(
             {
@@ -59,8 +80,9 @@ def step(
 
 
 def attention(
-    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe YAML whose model shape is measured.")],
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML whose model shape is measured.")] = None,
     set_: SetOpt = None,
+    project: BenchProjectOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     seq_lens: Annotated[str, typer.Option("--seq-lens", help="Comma-separated sequence lengths.")] = "128,256,512,1024",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per step.")] = 4,
@@ -71,7 +93,6 @@ def attention(
     """Each attention kind and backend against sequence length: tokens/s and peak memory (forward + backward)."""
     from stackwise_cli.bench.attention import bench_attention
     from stackwise_cli.errors import StackwiseError
-    from stackwise_cli.recipe import load_recipe
     from stackwise_cli.train.precision import pick_device
 
     try:
@@ -80,7 +101,7 @@ def attention(
         raise StackwiseError(f"--seq-lens must be comma-separated integers, got {seq_lens!r}") from None
     if not lens or min(lens) < 1:
         raise StackwiseError(f"--seq-lens must list positive lengths, got {seq_lens!r}")
-    r = load_recipe(recipe, set_)
+    r = _recipe(recipe, set_, project)
     dev = str(pick_device(device))
     rows = bench_attention(r.model, r.attention, dev, lens, batch_size, warmup, repeats)
     if json_:
@@ -145,8 +166,9 @@ def kernels(
 
 
 def plan(
-    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe YAML whose model is planned.")],
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML whose model is planned.")] = None,
     set_: SetOpt = None,
+    project: BenchProjectOpt = None,
     gpu: Annotated[str, typer.Option("--gpu", help="h100, h200, or the device's bytes (e.g. 150e9).")] = "h200",
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Sequences per micro-batch.")] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence.")] = None,
@@ -172,7 +194,6 @@ def plan(
     """Memory each stage needs on one GPU, by kind, against end-to-end training (docs/memory.md). Nothing runs."""
     from stackwise_cli.bench.plan import KIND_LABELS, KINDS, PlanOptions, gpu_bytes
     from stackwise_cli.bench.plan import plan as make_plan
-    from stackwise_cli.recipe import load_recipe
 
     options = PlanOptions(
         batch_size=batch_size,
@@ -185,7 +206,7 @@ def plan(
         tflops=tflops,
     )
     device = gpu_bytes(gpu)
-    p = make_plan(load_recipe(recipe, set_), device, options)
+    p = make_plan(_recipe(recipe, set_, project), device, options)
     if json_:
         print_json(p.to_data())
         return
@@ -230,8 +251,9 @@ def plan(
 
 
 def memory(
-    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe YAML whose model is measured.")],
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML whose model is measured.")] = None,
     set_: SetOpt = None,
+    project: BenchProjectOpt = None,
     stage: Annotated[
         str, typer.Option("--stage", help="train-stack-l2r, train-stack-r2l or end-to-end.")
     ] = "train-stack-l2r",
@@ -261,13 +283,12 @@ def memory(
     """Run real optimizer steps of a stage on random data; its measured peak memory against the plan's figure."""
     from stackwise_cli.bench.memory import bench_memory, with_options
     from stackwise_cli.errors import StackwiseError
-    from stackwise_cli.recipe import load_recipe
 
     for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len), ("--blocks", blocks)):
         if value is not None and value < 1:
             raise StackwiseError(f"{name} must be >= 1, got {value}")
     r = with_options(
-        load_recipe(recipe, set_),
+        _recipe(recipe, set_, project),
         optimizer=optimizer,
         activation_checkpointing=activation_checkpointing,
         frozen_dtype=frozen_dtype,

@@ -139,14 +139,20 @@ class Cleaned:
 
 
 def cache_need(m: Manifest, c: CacheEntry) -> str | None:
-    """What still reads cache ``c`` (None: nothing; it can be recomputed with ``stackwise cache``)."""
-    if c.stack not in m.ids():
+    """What still reads cache ``c`` (None: nothing; it can be recomputed with ``stackwise cache``). Left to right: the
+    stack's own training, and the cache of the stack to its right, built from it in one stack's pass."""
+    if c.stack not in m.ids() or m.recipe.curriculum != "left-to-right":
         return None
-    s = m.stack(c.stack)
-    if s.state not in ("trained", "frozen") and m.recipe.curriculum == "left-to-right":
+    pos = m.position(c.stack)
+    s = m.rack[pos]
+    if s.state not in ("trained", "frozen"):
         return f"`stackwise train-stack {c.stack}` reads it (stack {c.stack} is {s.state})"
-    if m.rack[-1].id == c.stack and m.recipe.curriculum == "left-to-right":
+    if pos == len(m.rack) - 1:
         return f"the next stack grown on the right gets its {c.split} cache from it, one stack's pass instead of all"
+    after = m.rack[pos + 1]
+    theirs = m.cache(after.id, c.split)
+    if after.state not in ("trained", "frozen") and (theirs is None or not theirs.complete):
+        return f"`stackwise cache {after.id} --split {c.split}` builds stack {after.id}'s cache from it"
     return None
 
 
