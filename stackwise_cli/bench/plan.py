@@ -107,6 +107,7 @@ class PlanOptions:
     tflops: float = DEFAULT_TFLOPS  # sustained TFLOP/s, for tokens per day
     headroom_bytes: int | None = None  # None: HEADROOM_BYTES on cuda, 0 on cpu
     device: str = "cuda"  # what the plan is for: "cpu" has no CUDA context row and the CPU's compute dtypes
+    shards: int = 1  # ranks one stack is sharded over under torchrun (FSDP2): the train stages' bytes are per rank
 
     def __post_init__(self) -> None:
         if self.headroom_bytes is None:
@@ -120,7 +121,7 @@ class PlanOptions:
         ):
             if value not in valid:
                 problems.append(f"{name} must be one of {', '.join(valid)}, got {value!r}")
-        for name in ("batch_size", "grad_accum", "seq_len", "lora_rank"):
+        for name in ("batch_size", "grad_accum", "seq_len", "lora_rank", "shards"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1, got {value}")
@@ -307,6 +308,26 @@ def trainable_bytes(p: Params, head: Params, precision: str, optimizer: str, dev
     else:
         copies = 2.0 * p.matmul  # autocast's cached cast of each weight, kept for backward
     return {"weights": copies, "gradients": grads, "optimizer": opt, "master": 4.0 * p.count}
+
+
+IN_FLIGHT_BLOCKS = 2  # FSDP2: the block computing, whole, and the next one being gathered (or reduce-scattered)
+
+
+def sharded_rows(
+    rows: dict[str, float], sharded: Params, block: Params, precision: str, optimizer: str, device: str, shards: int
+) -> dict[str, float]:
+    """One rank's ``rows`` (``trainable_bytes``) when the ``sharded`` part of them is split over ``shards`` ranks by
+    FSDP2 (``train/distributed.py``): 1/shards of its fp32 weights, gradients and optimizer state, plus
+    ``IN_FLIGHT_BLOCKS`` whole blocks in flight, their weights in the compute dtype (bf16 under bf16: FSDP2 gathers
+    them already cast, so no autocast copy is kept) and their fp32 gradients before the reduce-scatter. The rest
+    (the ends) is whole on every rank."""
+    whole = trainable_bytes(sharded, Params(), precision, optimizer, device)
+    out = {k: rows[k] - whole[k] for k in rows}
+    part = {k: v / shards for k, v in whole.items()}
+    fp32 = precision == "fp32"
+    part["weights"] = (part["weights"] if fp32 else 0.0) + IN_FLIGHT_BLOCKS * (4 if fp32 else 2) * block.count
+    part["gradients"] += IN_FLIGHT_BLOCKS * 4 * block.count
+    return {k: out[k] + part[k] for k in out}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -608,6 +629,8 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     G = o.grad_accum or recipe.train.grad_accum
     T = o.seq_len or recipe.data.seq_len
     n_tok = B * T  # one micro-batch: what the activations hold
+    S = o.shards
+    n_rank = -(-B // S) * T  # under torchrun each rank trains its slice of the micro-batch (distributed.local_rows)
     k, n_stacks = rk.blocks_per_stack, rk.stacks
     L = k * n_stacks
 
@@ -623,9 +646,9 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     train_head = recipe.train.head == "train"
 
     dt = ActDtypes.of(o.precision, o.device)
-    a_block = block_bytes_per_token(m, at, T, dt) * n_tok
-    a_in = dt.residual * m.d_model * n_tok  # what a checkpointed block keeps: its input
-    a_head = head_bytes_per_token(m, dt) * n_tok
+    a_block = block_bytes_per_token(m, at, T, dt) * n_rank
+    a_in = dt.residual * m.d_model * n_rank  # what a checkpointed block keeps: its input
+    a_head = head_bytes_per_token(m, dt) * n_rank
     fs = FlopShapes.of(recipe, T)
     # The head's weight trains with the leftmost stack (the first trained always trains the head; tied, it is the
     # embedding, unless train.embedding is frozen), with a later one when train.head says so and it is not tied.
@@ -661,8 +684,19 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         head_part: Params = head,
         precision: str = o.precision,
         notes: list[str] | tuple[str, ...] = (),
+        sharded: Params | None = None,
     ) -> Stage:
         rows = trainable_bytes(trainable, head_part, precision, o.optimizer, o.device)
+        if S > 1 and sharded is not None:
+            rows = sharded_rows(rows, sharded, block, precision, o.optimizer, o.device, S)
+            notes = [
+                *notes,
+                f"per rank of {S} (torchrun, FSDP2): the blocks' weights, gradients and optimizer state 1/{S} each "
+                f"+ {IN_FLIGHT_BLOCKS} blocks whole in flight; the ends whole on every rank; activations of "
+                f"{-(-B // S)} of the {B} sequences; tokens/day of all {S} ranks",
+            ]
+        elif S > 1:
+            notes = [*notes, "one process: not sharded under torchrun"]
         # The step runs after backward has freed the activations: its temporaries count only beyond them.
         rows["optimizer"] += max(0.0, optimizer_step_bytes(trainable, o.optimizer, o.device) - act)
         rows.update(activations=act, frozen=frozen_rows, cache_buffers=buffers, headroom=o.headroom_bytes)
@@ -678,7 +712,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
             batch_size=B,
             seq_len=T,
             flops_per_token=flops,
-            tokens_per_day=o.tflops * 1e12 * 86400 / flops,
+            tokens_per_day=o.tflops * 1e12 * 86400 / flops * (S if sharded is not None else 1),
             grad_accum=G,
             tokens_per_step=G * n_tok,
             flops_per_step=flops * G * n_tok,
@@ -708,6 +742,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         flops,
         frozen_count=head_frozen.count,
         on=on,
+        sharded=stack,
     )
     later_train = stack + head_train  # a tied head is the embedding: frozen after the leftmost stack
     later_frozen = embed + head_frozen
@@ -719,10 +754,11 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         later_train,
         frozen_bytes(later_frozen, "fp32"),
         stack_act - a_in,  # block 0's input is the cache buffer
-        4.0 * m.d_model * n_tok,  # the cached batch on the device, in fp32 (loop.Sequences.get)
+        4.0 * m.d_model * n_rank,  # the cached batch on the device, in fp32 (loop.Sequences.get)
         flops_later,
         frozen_count=later_frozen.count,
         on=on,
+        sharded=stack,
     )
     variants = [first, later] if n_stacks > 1 else [first]
     stages.append(max(variants, key=lambda s: s.total_bytes))
@@ -772,6 +808,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
             flops,
             frozen_count=suffix.count + r2l_frozen_ends.count,
             on=on,
+            sharded=stack,
             notes=[dequant_note] if dequant else [],
         )
     )
@@ -856,6 +893,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
                 frozen_count=0,
                 on=on,
                 precision=prec,
+                sharded=blocks_all if name == "end-to-end" else None,  # fuse's fine-tune runs as one process
             )
         )
 
