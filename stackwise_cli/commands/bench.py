@@ -189,6 +189,10 @@ def plan(
     ] = "nf4",
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank of fuse-lora and fuse-qlora.")] = 16,
     tflops: Annotated[float, typer.Option("--tflops", help="Sustained TFLOP/s, for tokens per day.")] = 400.0,
+    shards: Annotated[
+        int,
+        typer.Option("--shards", min=1, help="Ranks one stack is sharded over under torchrun: bytes per rank."),
+    ] = 1,
     json_: JsonOpt = False,
 ) -> None:
     """Memory each stage needs on one GPU, by kind, against end-to-end training (docs/memory.md). Nothing runs."""
@@ -204,6 +208,7 @@ def plan(
         frozen_dtype=frozen_dtype,
         lora_rank=lora_rank,
         tflops=tflops,
+        shards=shards,
     )
     device = gpu_bytes(gpu)
     p = make_plan(_recipe(recipe, set_, project), device, options)
