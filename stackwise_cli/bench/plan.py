@@ -695,6 +695,11 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
                 f"+ {IN_FLIGHT_BLOCKS} blocks whole in flight; the ends whole on every rank; activations of "
                 f"{-(-B // S)} of the {B} sequences; tokens/day of all {S} ranks",
             ]
+            if B % S:
+                notes.append(
+                    f"a micro-batch of {B} does not split over {S} ranks (train-stack refuses it): pass "
+                    f"--batch-size {S * -(-B // S)} (train.batch_size) and fewer train.grad_accum"
+                )
         elif S > 1:
             notes = [*notes, "one process: not sharded under torchrun"]
         # The step runs after backward has freed the activations: its temporaries count only beyond them.
