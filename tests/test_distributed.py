@@ -200,3 +200,28 @@ def test_a_rank_other_than_0_takes_no_lock_and_cannot_write_the_manifest(project
         with project.update("grow"):
             pass
     assert project.manifest_path.read_bytes() == before
+
+
+def test_bench_plan_shards_gives_per_rank_bytes():
+    from stackwise_cli.bench.plan import GPUS, IN_FLIGHT_BLOCKS, PlanOptions, plan
+    from stackwise_cli.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes/llama/70b.yaml")
+    whole = plan(recipe, GPUS["h200"], PlanOptions(batch_size=8))
+    assert plan(recipe, GPUS["h200"], PlanOptions(batch_size=8, shards=1)).to_data() == whole.to_data()
+    ranks = plan(recipe, GPUS["h200"], PlanOptions(batch_size=8, shards=8))
+    one_row = plan(recipe, GPUS["h200"], PlanOptions(batch_size=1))  # what each of 8 ranks trains on
+    n = whole.params
+    for name in ("train-stack-l2r", "train-stack-r2l", "end-to-end"):
+        a, b = whole.stage(name), ranks.stage(name)
+        assert b.bytes["activations"] == one_row.stage(name).bytes["activations"]  # 1 of the 8 sequences
+        assert b.total_bytes < a.total_bytes and b.tokens_per_day == pytest.approx(8 * a.tokens_per_day)
+    # End to end every parameter trains in bf16 with AdamW: the blocks' fp32 master, gradient and two moments are
+    # cut 8 ways, the ends are whole on every rank, and two blocks are whole in flight (bf16 weights, fp32 grads).
+    a, b = whole.stage("end-to-end"), ranks.stage("end-to-end")
+    ends = n["total"] - n["blocks"]
+    assert b.bytes["master"] == round(4 * (n["blocks"] / 8 + ends))
+    assert b.bytes["optimizer"] == round(8 * (n["blocks"] / 8 + ends))
+    assert b.bytes["gradients"] == round(4 * (n["blocks"] / 8 + ends) + IN_FLIGHT_BLOCKS * 4 * n["block"])
+    for name in ("cache", "fuse-full", "fuse-qlora"):  # one process: the same bytes
+        assert ranks.stage(name).bytes == whole.stage(name).bytes
