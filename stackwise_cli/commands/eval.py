@@ -180,4 +180,7 @@ def harness_eval(
     }[r.scoring]
     model = "fused/ through the harness's Hugging Face model" if r.adapter == "hf" else f"the {r.model} (stackwise)"
     print_table(f"lm-evaluation-harness on {model}: log-likelihoods {how}", ["task", "metric", "value"], rows)
-    out.print(f"{r.requests} requests in {r.time_s:.1f} s ({r.requests_per_s:.1f}/s); results: {project.root / r.file}")
+    out.print(
+        f"{r.requests} requests, {r.requests_per_s:.1f}/s in the model ({r.model_time_s:.1f} s of {r.time_s:.1f} s); "
+        f"results: {project.root / r.file}"
+    )

@@ -392,7 +392,6 @@ class StackwiseLM(TemplateLM):
         return torch.stack(made, dim=1).tolist()
 
 
-
 # --- the run ----------------------------------------------------------------------------------------------------
 
 
@@ -406,12 +405,31 @@ class HarnessResult:
     objective: str
     scoring: str  # exact | bound | score (module docstring)
     requests: int
-    time_s: float
-    requests_per_s: float
+    time_s: float  # the whole harness run: tasks built, requests answered, metrics computed
+    model_time_s: float  # inside the model's request methods (loglikelihood, loglikelihood_rolling, generate_until)
+    requests_per_s: float  # requests / model_time_s: the harness model's throughput
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_data(self) -> dict:
         return asdict(self)
+
+
+def time_requests(lm) -> list[float]:
+    """Time spent in ``lm``'s request methods, summed into the returned one-element list as they run: what the
+    harness model costs, apart from building tasks and computing metrics (the same for every model)."""
+    spent = [0.0]
+    for name in sorted(set(OUTPUT_TYPES.values())):
+        method = getattr(lm, name)
+
+        def timed(requests, *args, _method=method, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _method(requests, *args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        setattr(lm, name, timed)  # an instance attribute: the harness calls getattr(lm, request_type)
+    return spent
 
 
 def headline(results: dict) -> dict[str, dict[str, float]]:
@@ -545,6 +563,7 @@ def run_harness(
 
     from lm_eval import simple_evaluate
 
+    model_time = time_requests(lm)
     start = time.perf_counter()
     with reporter.task(f"harness: {', '.join(names)}"):
         raw = simple_evaluate(
@@ -580,7 +599,8 @@ def run_harness(
         scoring=scoring,
         requests=requests,
         time_s=time_s,
-        requests_per_s=requests / time_s if time_s > 0 else 0.0,
+        model_time_s=model_time[0],
+        requests_per_s=requests / model_time[0] if model_time[0] > 0 else 0.0,
         settings=settings,
     )
     if record:
