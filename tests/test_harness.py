@@ -115,7 +115,7 @@ def trained(project: Project, objective: str, steps: int = 10) -> Project:
     return project
 
 
-def val_starting_at_eos(project: Project, tok: Tokenizer, n: int = 16) -> list[str]:
+def val_starting_at_eos(project: Project, tok: Tokenizer, n: int = 8) -> list[str]:
     """Rewrite the val split as ``n`` of its sequences with the first token replaced by end-of-text, and return
     each one's text after it: the harness conditions a document on end-of-text, so the harness's rolling
     log-likelihood of these texts and eval's loss on these sequences score the same predictions."""
@@ -153,10 +153,10 @@ def clm(tmp_path_factory, _prepared):
 
     root = tmp_path_factory.mktemp("clm") / "proj"
     shutil.copytree(_prepared, root)
-    project = trained(Project(root), "clm")
+    project = trained(Project(root), "clm", steps=5)
     m = project.load()
     tok = Tokenizer.from_file(str(project.path(m.tokenizer.file)))
-    rows = mc_rows(tok, val_tokens(project, m, "val", None), 12)
+    rows = mc_rows(tok, val_tokens(project, m, "val", None), 9)
     texts = val_starting_at_eos(project, tok)
     tasks = tmp_path_factory.mktemp("tasks")
     write_mc(tasks, "tiny_mc", rows)
