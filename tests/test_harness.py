@@ -363,6 +363,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(project: Project, tmp_p
         "an mlm rack defines no likelihood of a document",
     )
     user_error(cli("eval", "-p", root, "--limit", "3"), "--limit applies to lm-evaluation-harness runs")
+    user_error(cli("eval", "-p", root, "--tasks", "tiny_roll", "--set", "eval.batch_size=4"), "--set does not apply")
     assert snapshot(root) == before
 
 

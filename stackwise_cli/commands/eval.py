@@ -107,6 +107,7 @@ def eval_(
             split=split,
             max_sequences=max_sequences,
             causal=causal,
+            set_=set_,
         )
         return
     for flag, given in (
@@ -156,6 +157,8 @@ def harness_eval(
             raise StackwiseError(
                 f"{flag} does not apply to --tasks (the tasks bring their own data)", hint=f"drop {flag}"
             )
+    if rest["set_"]:  # a refused run must change nothing, and --set would write the manifest first
+        raise StackwiseError("--set does not apply to --tasks", hint="drop --set (--batch-size sets the batch)")
     names = [t.strip() for t in tasks.split(",")]
     r = run_harness(
         project,
