@@ -40,6 +40,7 @@ def import_(
         "added_tokens": r.added_tokens,
         "bytes_read": r.bytes_read,
         "time_s": round(r.time_s, 3),
+        "prepare_s": round(r.prepare_s, 3),
     }
     if json_:
         print_json(result)

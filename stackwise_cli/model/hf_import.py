@@ -14,6 +14,7 @@ ends) in fp32, whatever the size of the model. See docs/pretrained.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -447,7 +448,8 @@ class ImportResult:
     vocab_size: int
     added_tokens: list[str]
     bytes_read: int
-    time_s: float = 0.0
+    time_s: float = 0.0  # the whole import, checks and prepare included
+    prepare_s: float = 0.0  # of which: the tokenizer and the data shards (prepare)
 
 
 def _sha256(path: Path) -> str:
@@ -559,17 +561,34 @@ def import_hf(
     return result
 
 
-def _module_shapes(recipe, embed_rows: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """Our tensor names and shapes of the ends (at the checkpoint's ``embed_rows``) and of one block, from modules
-    built on the meta device (no memory, no init)."""
-    import dataclasses
+INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "zeros_", "ones_")
 
+
+@contextlib.contextmanager
+def empty_modules():
+    """Build modules on the meta device with torch.nn.init's functions as no-ops: no memory, no random init (which on
+    the meta device would also pull in torch._dynamo, seconds of imports), as transformers' ``no_init_weights``."""
     import torch
+
+    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
+    try:
+        for name in INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _module_shapes(recipe, embed_rows: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Our tensor names and shapes of the ends (at the checkpoint's ``embed_rows``) and of one block."""
+    import dataclasses
 
     from stackwise_cli.model.model import Block, Ends
 
     cfg = dataclasses.replace(recipe.model, vocab_size=embed_rows)
-    with torch.device("meta"):
+    with empty_modules():
         ends = Ends(cfg)
         block = Block(cfg, recipe.attention)
     return (
@@ -591,7 +610,9 @@ def _remove(project, created: bool) -> None:
 
 
 def _write(hf_dir, project, recipe, weights, ends_plan, block_plans, embed_rows, added_ids, inputs, reporter, on_stack):
-    import torch
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
     from safetensors import safe_open
 
     from stackwise_cli.data.prepare import prepare
@@ -601,57 +622,72 @@ def _write(hf_dir, project, recipe, weights, ends_plan, block_plans, embed_rows,
     from stackwise_cli.store.project import record
     from stackwise_cli.store.weights import save_ends, save_stack
 
-    m = prepare(project, recipe, inputs, hf_dir, reporter)
-    # The project's tokenizer.json says nothing of its end-of-text token; this beside it does (eos_token_of).
-    atomic_write_text(project.root / "tokenizer_config.json", json.dumps({"eos_token": m.tokenizer.eos_token}) + "\n")
-    cfg = recipe.model
-    handles = {f: safe_open(str(f), framework="pt") for f in weights.files}
-    bytes_read = sum(f.stat().st_size for f in weights.files)
+    # Hashing is most of the CPU time (the source files once, each written file once): the source is hashed in one
+    # thread and each stack written (serialised, fsynced, hashed) in another while the next one is read; hashlib and
+    # safetensors release the GIL. At most one stack waits to be written, so the peak stays about two stacks.
+    files = sorted({*weights.files, hf_dir / CONFIG, *(hf_dir / n for n in (INDEX, *TOKENIZER_FILES))})
+    files = [f for f in files if f.is_file()]
+    with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as writer:
+        source_hashes = [hasher.submit(_sha256, f) for f in files]
+        started = time.perf_counter()
+        m = prepare(project, recipe, inputs, hf_dir, reporter)
+        prepare_s = time.perf_counter() - started
+        # The project's tokenizer.json says nothing of its end-of-text token; this beside it does (eos_token_of).
+        text = json.dumps({"eos_token": m.tokenizer.eos_token}) + "\n"
+        atomic_write_text(project.root / "tokenizer_config.json", text)
+        cfg = recipe.model
+        handles = {f: safe_open(str(f), framework="pt") for f in weights.files}
+        bytes_read = sum(f.stat().st_size for f in weights.files)
 
-    ends_tensors = read_parts(weights, ends_plan, handles)
-    rows = cfg.vocab_size - embed_rows
-    for name in ("embed.weight", "head.weight", "out_bias"):
-        if name in ends_tensors:
-            ends_tensors[name] = grow_rows(ends_tensors[name], rows, added_ids)
-    with torch.device("meta"):
-        ends = Ends(cfg)
-    ends.load_state_dict(ends_tensors, assign=True, strict=True)
-    ends_sha, input_sha = save_ends(project, ends)
-    del ends, ends_tensors
+        ends_tensors = read_parts(weights, ends_plan, handles)
+        rows = cfg.vocab_size - embed_rows
+        for name in ("embed.weight", "head.weight", "out_bias"):
+            if name in ends_tensors:
+                ends_tensors[name] = grow_rows(ends_tensors[name], rows, added_ids)
+        with empty_modules():
+            ends = Ends(cfg)
+        ends.load_state_dict(ends_tensors, assign=True, strict=True)
+        ends_saved = writer.submit(save_ends, project, ends)
+        del ends, ends_tensors
 
-    bps = recipe.rack.blocks_per_stack
-    entries = []
-    for stack_id in range(recipe.rack.stacks):
-        tensors = {}
-        for i in range(bps):
-            block = read_parts(weights, block_plans[stack_id * bps + i], handles)
-            tensors.update({f"blocks.{i}.{k}": v for k, v in block.items()})
-        with torch.device("meta"):
-            stack = Stack(cfg, bps, recipe.attention)
-        stack.load_state_dict(tensors, assign=True, strict=True)
-        sha = save_stack(project, stack, stack_id)
-        entries.append(
+        bps = recipe.rack.blocks_per_stack
+        pending = [ends_saved]
+        saved = []
+        for stack_id in range(recipe.rack.stacks):
+            tensors = {}
+            for i in range(bps):
+                block = read_parts(weights, block_plans[stack_id * bps + i], handles)
+                tensors.update({f"blocks.{i}.{k}": v for k, v in block.items()})
+            with empty_modules():
+                stack = Stack(cfg, bps, recipe.attention)
+            stack.load_state_dict(tensors, assign=True, strict=True)
+            while len(pending) > 1:  # one write in flight at most
+                pending.pop(0).result()
+            future = writer.submit(save_stack, project, stack, stack_id)
+            pending.append(future)
+            saved.append(future)
+            del stack, tensors
+            if on_stack is not None:
+                on_stack(stack_id)
+        ends_sha, input_sha = ends_saved.result()
+        entries = [
             StackEntry(
                 id=stack_id,
                 blocks=bps,
                 file=project.stack_file(stack_id),
-                sha256=sha,
+                sha256=future.result(),
                 state="trained",
                 init="pretrained",
                 trained_by="pretrained",
             )
+            for stack_id, future in enumerate(saved)
+        ]
+        handles.clear()
+        source = SourceEntry(
+            dir=str(hf_dir.resolve()),
+            architecture=HF_FORMATS[cfg.family].architecture,
+            files={f.name: h.result() for f, h in zip(files, source_hashes, strict=True)},
         )
-        del stack, tensors
-        if on_stack is not None:
-            on_stack(stack_id)
-    handles.clear()
-
-    files = sorted({*weights.files, hf_dir / CONFIG, *(hf_dir / n for n in (INDEX, *TOKENIZER_FILES))})
-    source = SourceEntry(
-        dir=str(hf_dir.resolve()),
-        architecture=HF_FORMATS[cfg.family].architecture,
-        files={f.name: _sha256(f) for f in files if f.is_file()},
-    )
     with project.update() as m:
         m.ends = EndsEntry(file="ends.safetensors", sha256=ends_sha, input_sha256=input_sha)
         m.rack = entries
@@ -669,4 +705,5 @@ def _write(hf_dir, project, recipe, weights, ends_plan, block_plans, embed_rows,
         vocab_size=cfg.vocab_size,
         added_tokens=[],
         bytes_read=bytes_read,
+        prepare_s=prepare_s,
     )
