@@ -306,6 +306,13 @@ def test_masked_estimate_is_the_elbo_by_enumeration_and_batch_independent():
     alone = few._masked([(ctx, cont)])[0]
     together = few._masked([([12, 12, 12], [30, 31]), (ctx, cont), ([9] * 6, [40])])[1]
     assert alone == pytest.approx(together)
+    # is_greedy (lambada's acc): every continuation token is the argmax when the whole continuation is masked.
+    x = torch.tensor([ctx + [1] * L])
+    logits = rack(x, causal=False)[0, len(ctx) :].float()
+    logits[:, 1] = -math.inf  # never [MASK]
+    best = logits.argmax(-1).tolist()
+    assert few._masked([(ctx, best)])[0][1] is True
+    assert few._masked([(ctx, [*best[:-1], (best[-1] + 1) % V])])[0][1] is False
 
 
 @torch.no_grad()
