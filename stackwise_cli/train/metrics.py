@@ -211,6 +211,7 @@ class Metrics:
             "grad_norm": grad_norm,
             "tflops": tflops,
             "mfu": mfu,
+            "peak_tflops": self.peak.tflops,  # what mfu is measured against (PEAK_TFLOPS; the CPU's is assumed)
             "peak_memory_bytes": peak_memory_bytes(device),
             "flops": tokens * self.flops_per_token,
         }
