@@ -347,3 +347,14 @@ def test_grow_refuses_the_side_the_curriculum_does_not_grow(tmp_path: Path, llam
     assert [s.id for s in Project(r2l).load().rack] == [0, 1]  # nothing was grown
     r = cli("grow", "--side", "left", "-p", r2l, "--json")
     assert r.exit_code == 0 and Project(r2l).load().ids() == [2, 0, 1]
+
+
+def test_a_tokenizer_that_fills_the_embedding_gets_no_pad(tmp_path: Path) -> None:
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    n = write_tokenizer(hf_dir, "llama")
+    hf_model("llama", vocab=n).save_pretrained(hf_dir)
+    r = cli("import", hf_dir, "-p", tmp_path / "proj", "--json", *SET)
+    assert r.exit_code == 0, r.output
+    m = Project(tmp_path / "proj").load()
+    assert (m.recipe.model.vocab_size, m.tokenizer.pad_id, m.tokenizer.mask_id) == (n, None, None)

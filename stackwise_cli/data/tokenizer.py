@@ -131,10 +131,12 @@ def load_tokenizer(path: Path, vocab_size: int, objective: str | None = None) ->
     fits a model with ``vocab_size`` embeddings.
 
     A tokenizer without ``MASK`` gets it added where the objective needs it (None: any objective), and one without
-    ``PAD`` gets it, each as a special token with a new id after the existing ones. Its end-of-text token is
+    ``PAD`` gets it where the model has a spare embedding row for it (an export then pads with end-of-text, as
+    GPT-2 does), each as a special token with a new id after the existing ones. Its end-of-text token is
     ``eos_token_of``'s."""
     tok, _ = read_tokenizer(path)
-    add_specials(tok, objective)
+    add_specials(tok, objective, spare_rows=False)
+    add_specials(tok, objective, spare_rows=id_bound(tok) < vocab_size)
     needed = id_bound(tok)
     if needed > vocab_size:
         raise DataError(
