@@ -359,12 +359,16 @@ def test_bad_input_is_one_error_line_and_changes_nothing(project: Project, tmp_p
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     write_rolling(tasks, "tiny_roll", ["some text to score"])
+    write_rolling(tasks, "gone", ["its data file is deleted below"])
+    (tasks / "gone.jsonl").unlink()
     root = project.root
     before = snapshot(root)
     user_error(cli("eval", "-p", root, "--tasks", "hellaswagg"), "unknown task(s) hellaswagg")
     user_error(cli("eval", "-p", root, "--tasks", "arc_easy"), "task arc_easy: its dataset allenai/ai2_arc")
     r = cli("eval", "-p", root, "--tasks", "arc_easy")
     assert "not on this machine, and this machine is offline" in r.stderr
+    r = cli("eval", "-p", root, "--tasks", "gone", "--include-path", tasks)
+    user_error(r, "task gone: its dataset json could not be loaded")  # a missing local file is not "offline"
     user_error(
         cli("eval", "-p", root, "--tasks", "tiny_roll", "--include-path", tasks),
         "an mlm rack defines no likelihood of a document",

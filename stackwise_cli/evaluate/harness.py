@@ -121,6 +121,15 @@ def _dataset_of(tm, name: str) -> str:
     return f"{path} ({sub})" if path and sub else str(path or "?")
 
 
+def unreachable(e: BaseException) -> bool:
+    """Did loading fail because the Hub could not be reached (no network, or HF_HUB_OFFLINE=1)?"""
+    while e is not None:
+        if isinstance(e, ConnectionError) or type(e).__name__ in ("OfflineModeIsEnabled", "LocalEntryNotFoundError"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def load_tasks(tm, names: list[str]) -> dict[str, str]:
     """Load each task (its dataset included) and return {leaf task: output type}. A dataset that cannot be loaded
     is a DataError naming the task and the dataset, and saying the machine is offline when it could not reach the
@@ -131,8 +140,7 @@ def load_tasks(tm, names: list[str]) -> dict[str, str]:
             loaded = tm.load([name])
         except Exception as e:  # datasets raises many kinds (ConnectionError, FileNotFoundError, ValueError...)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            offline = isinstance(e, ConnectionError) or os.environ.get("HF_HUB_OFFLINE") == "1"
-            if offline:
+            if unreachable(e):
                 raise DataError(
                     f"task {name}: its dataset {_dataset_of(tm, name)} is not on this machine, and this machine is "
                     f"offline ({first})",
