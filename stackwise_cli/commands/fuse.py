@@ -46,16 +46,25 @@ def fuse(
 ) -> None:
     """Assemble ends + rack into one model in fused/ (Hugging Face format), optionally fine-tuned end to end first.
     The fine-tune checkpoints in ckpt/finetune; SIGTERM/SIGUSR1 checkpoint and exit 75: rerun to resume."""
+    from stackwise_cli.errors import StackwiseError
     from stackwise_cli.store.project import Project
+    from stackwise_cli.train.distributed import launched
     from stackwise_cli.train.finetune import finetune_spec
     from stackwise_cli.train.fuse import fuse as run
 
     spec = finetune_spec(finetune_steps, finetune, lora_rank, lora_alpha)
+    if set_ and launched() > 1:
+        raise StackwiseError(
+            "--set is not taken under torchrun: every rank must read the same recipe",
+            hint="apply it first without torchrun (or edit stackwise.yaml), then launch the ranks",
+        )
     if set_:
         from stackwise_cli.settings import apply_settings, finetune_schedule_open
 
         apply_settings(Project(project), set_, "fuse", finetune_schedule_open(Project(project), resume))
     entry = run(Project(project), spec, device, precision, resume, CliReporter(quiet=json_))
+    if entry is None:  # under torchrun rank 0 reports for every rank
+        return
     tuned = None
     if entry.finetune is not None:
         tuned = {

@@ -25,12 +25,13 @@ import torch
 
 from stackwise_cli.errors import StackwiseError
 from stackwise_cli.model.hf import check_exportable
-from stackwise_cli.model.model import Rack
+from stackwise_cli.model.model import Rack, Stack
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.manifest import Manifest
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.weights import load_current_rack, load_ends, load_stack
 from stackwise_cli.train import checkpoint as ckpt
+from stackwise_cli.train import distributed
 from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_PRECISIONS
 from stackwise_cli.train.loop import (
     RESUME,
@@ -174,15 +175,19 @@ def finetune(
             f"--finetune-steps {spec.steps} leaves no room for the schedule: train.warmup_steps is {tr.warmup_steps}",
             hint=f"pass --finetune-steps greater than {tr.warmup_steps}, or lower train.warmup_steps in the recipe",
         )
-    dev = pick_device(device)
+    dev = distributed.local_device(pick_device(device))
     precision = resolve_precision(precision, dev)
     autocast(precision, dev)  # a precision the device cannot do fails here, before any work
+    distributed.check(precision, tr.batch_size, tr.optimizer)  # and so does what several ranks cannot run
     obj = stack_objective(m, None)
     fingerprint = _fingerprint(project, m, spec, obj.key())
     _check_checkpoint(project, spec, fingerprint, resume)
 
     ends, stacks = rack.ends, list(rack.stacks)
     if spec.mode == "full":
+        if distributed.active():  # under torchrun: FSDP2 over each block, before what trains is listed
+            rack.to(dev)
+            distributed.shard(stacks, dev, precision)
         modules, trainable = whole_rack_modules(m, stacks, ends)
     else:
         from stackwise_cli.train.frozen import freeze
@@ -226,7 +231,11 @@ def finetune(
     )
     rack.eval()
     flops = result.tokens * per_token
-    return m, Finetuned(result, rack, _merged(project, m, spec, rack), flops)
+    if spec.mode == "full" and distributed.active():  # rank 0 merges and writes the stacks, gathered whole
+        whole = [distributed.whole_copy(s, lambda s=s: Stack(s.cfg, len(s.blocks), s.attn)) for s in stacks]
+        rack = Rack(m.recipe.model, ends, whole, [e.id for e in m.rack]) if distributed.is_main() else rack
+    merged = _merged(project, m, spec, rack) if distributed.is_main() else None  # under torchrun rank 0 writes
+    return m, Finetuned(result, rack, merged, flops)
 
 
 def flops_per_token(m: Manifest, spec: FinetuneSpec, trainable_params: int) -> float:

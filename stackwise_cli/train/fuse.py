@@ -44,11 +44,15 @@ def fuse(
     resume: str = "auto",
     reporter: Reporter = QUIET,
     stop_at: int | None = None,
-) -> FusedEntry:
+) -> FusedEntry | None:
     """Write ``fused/`` from the current ends and rack; with ``finetune``, first fine-tune the assembled model end to
     end (see ``train/finetune.py``; ``device``, ``precision``, ``resume`` and ``stop_at`` apply to it), then score
     fused/ on the validation split (``fused.val_loss``, as ``eval --fused``). The project's stack and ends files are
-    never changed."""
+    never changed. Under torchrun the fine-tune runs on every rank (``train/distributed.py``) and rank 0 alone
+    writes fused/ and the manifest; the other ranks return None."""
+    from stackwise_cli.train import distributed
+    from stackwise_cli.train.precision import pick_device
+
     m = project.load()
     if not m.rack:
         raise ProjectError("the rack is empty: nothing to fuse", hint="run `stackwise build`")
@@ -56,14 +60,26 @@ def fuse(
     if finetune is None:
         from stackwise_cli.store.weights import load_current_rack
 
+        if distributed.launched() > 1 and not distributed.is_main():
+            return None  # nothing to train: rank 0 writes fused/
         m, rack = load_current_rack(project, manifest=m)
         return _write(project, m, rack, None, None, "")
 
+    from stackwise_cli.errors import Stopped
     from stackwise_cli.train.finetune import clear_checkpoints
     from stackwise_cli.train.finetune import finetune as run
 
+    distributed.init(pick_device(device))  # under torchrun: join the other ranks; rank 0 alone takes the lock
+    reporter = reporter if distributed.is_main() else QUIET
     with project.job_lock("fuse-finetune", "the fine-tune of the fused model"):
-        m, done = run(project, finetune, device, precision, resume, reporter, stop_at)
+        try:
+            m, done = run(project, finetune, device, precision, resume, reporter, stop_at)
+        except Stopped:
+            distributed.barrier()  # rank 0 has written the checkpoint: every rank stops
+            raise
+        if not distributed.is_main():  # rank 0 writes fused/ and the manifest; the others wait for it
+            distributed.barrier()
+            return None
         entry = _write(project, m, done.merged, finetune, done.result.last_loss, f" {finetune.label()}", done.flops)
         if finetune.rank is not None:
             _write_adapter(project, m, done.model, finetune, reporter)
@@ -82,6 +98,7 @@ def fuse(
             "fused.val_loss not recorded: the fp32 fused model does not fit the device; "
             f"score it with `stackwise eval --fused --device cpu -p {project.root}`"
         )
+    distributed.barrier()
     return project.load().fused or entry
 
 
