@@ -14,7 +14,12 @@ def prepare(
     set_: SetOpt = None,
     input_: InputOpt = None,
     tokenizer: Annotated[
-        Path | None, typer.Option("--tokenizer", help="Use this tokenizer.json instead of training one.")
+        Path | None,
+        typer.Option(
+            "--tokenizer",
+            help="Use this tokenizer.json, or a Hugging Face model folder's, instead of training one; its "
+            "tokenizer_config.json names the end-of-text token.",
+        ),
     ] = None,
     val_input: ValInputOpt = None,
     text_field: Annotated[
