@@ -102,6 +102,13 @@ def test_validation_during_training_is_evals_readout(evaluated):
     assert last["val_loss"] == pytest.approx(result.per_stack[1].loss, rel=1e-4)
 
 
+def test_a_later_run_without_eval_every_removes_the_stale_best(evaluated):
+    _set_train(evaluated, eval_every=0)
+    train_stack(evaluated, 1, steps=2, resume="never")  # trains stack 1 on from its weights
+    assert not evaluated.path("best/1.safetensors").exists() and evaluated.path("best/0.safetensors").exists()
+    assert not any("val_loss" in r for r in _rows(evaluated, "train-stack-1")[-1:])
+
+
 def test_tensorboard_missing_is_one_notice_not_a_failure(project, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     monkeypatch.setattr(metrics, "_notified", set())

@@ -268,11 +268,13 @@ def save_best(ckpt_dir: Path, weights: dict[str, torch.Tensor], step: int, val_l
 
 def keep_best(ckpt_dir: Path, dest: Path) -> Path | None:
     """Move a finished run's best-validation weights out of its checkpoint folder (about to be removed) to
-    ``dest``; None when the run kept none (``train.eval_every`` off)."""
+    ``dest``; None when the run kept none (``train.eval_every`` off): then an older ``dest``, the best of weights
+    this run has replaced, goes too."""
     import os
 
     src = ckpt_dir / BEST
     if not src.exists():
+        dest.unlink(missing_ok=True)
         return None
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(src, dest)
