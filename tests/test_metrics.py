@@ -191,6 +191,8 @@ def test_set_changes_run_time_settings_and_records_them(project):
         (["eval"], "train.log_every=3", "--set train.log_every: not a setting of `eval`"),
         (["train-stack", "0"], "data.seq_len=16", "--set data.seq_len: not a setting `train-stack` can change"),
         (["train-stack", "0"], "train.lr=0.1", "--set train.lr: the run it would shape has begun or is done"),
+        (["fuse"], "rack.stacks=3", "--set rack.stacks: not a setting `fuse` can change"),
+        (["fuse"], "train.steps=9", "--set train.steps: not a setting of `fuse`"),
     ],
 )
 def test_set_refuses_what_would_change_computed_work(evaluated, command, key, message):
