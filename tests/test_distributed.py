@@ -138,8 +138,8 @@ def test_two_ranks_train_what_one_process_trains(grown, tmp_path):
 
 def test_a_signal_to_one_rank_stops_both_at_one_step_and_resumes_on_one_process(grown, tmp_path):
     one = copy(grown, tmp_path, "one")
-    train_stack(one, 0, steps=60)
-    procs = workers(grown.root, ["0", "--steps", "60"])
+    train_stack(one, 0, steps=40)
+    procs = workers(grown.root, ["0", "--steps", "40"])
     try:
         deadline = time.monotonic() + TIMEOUT
         while not any(p.read_text() for p in (grown.root / "logs").glob("*.jsonl")):  # rank 0 is at step 5
@@ -151,12 +151,12 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_resumes_on_one_process(
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [75, 75], results
-    stopped = [re.findall(r"checkpoint saved at step (\d+)/60", err) for _, err in results]
+    stopped = [re.findall(r"checkpoint saved at step (\d+)/40", err) for _, err in results]
     assert stopped[0] == stopped[1] and len(stopped[0]) == 1, stopped
     step = int(stopped[0][0])
-    assert 5 <= step < 60 and grown.load().stack(0).steps == step
+    assert 5 <= step < 40 and grown.load().stack(0).steps == step
     assert_intact(grown.root)
-    r = train_stack(grown, 0, steps=60)  # the 2-rank checkpoint, resumed by one process
+    r = train_stack(grown, 0, steps=40)  # the 2-rank checkpoint, resumed by one process
     assert r.resumed_from == step
     assert_same_weights(one.root, grown.root)
 
@@ -170,6 +170,32 @@ def test_end_to_end_checkpoint_of_one_process_resumes_on_two_ranks(end_to_end, t
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from step 5" in done.stdout + done.stderr
     assert_same_weights(one.root, end_to_end.root)
+    assert_intact(end_to_end.root)
+
+
+def test_fuse_finetune_on_two_ranks_writes_what_one_process_writes(end_to_end, tmp_path):
+    train_stack(end_to_end, "all", steps=4)
+    one = copy(end_to_end, tmp_path, "one")
+    from stackwise_cli.train.finetune import finetune_spec
+    from stackwise_cli.train.fuse import fuse
+
+    fuse(one, finetune_spec(6, "full", None, None))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+        + ["-m", "stackwise_cli", "fuse", "--finetune-steps", "6", "-p", str(end_to_end.root)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (load_file(p.root / "fused/model.safetensors") for p in (one, end_to_end))
+    assert a.keys() == b.keys()
+    worst = max(((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a)
+    assert worst < RTOL_SHORT
+    f1, f2 = one.load().fused, end_to_end.load().fused
+    assert f2.finetune_loss == pytest.approx(f1.finetune_loss, rel=1e-5) and f2.finetune_steps == 6
+    assert done.stdout.count("fused 2 stack(s)") == 1  # rank 0 alone reports
     assert_intact(end_to_end.root)
 
 
