@@ -687,7 +687,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         sharded: Params | None = None,
     ) -> Stage:
         rows = trainable_bytes(trainable, head_part, precision, o.optimizer, o.device)
-        if S > 1 and sharded is not None:
+        if S > 1 and sharded is not None and sharded.count:
             rows = sharded_rows(rows, sharded, block, precision, o.optimizer, o.device, S)
             notes = [
                 *notes,
@@ -695,12 +695,18 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
                 f"+ {IN_FLIGHT_BLOCKS} blocks whole in flight; the ends whole on every rank; activations of "
                 f"{-(-B // S)} of the {B} sequences; tokens/day of all {S} ranks",
             ]
-            if B % S:
-                notes.append(
-                    f"a micro-batch of {B} does not split over {S} ranks (train-stack refuses it): pass "
-                    f"--batch-size {S * -(-B // S)} (train.batch_size) and fewer train.grad_accum"
-                )
-        elif S > 1:
+        elif S > 1 and sharded is not None:  # lora, qlora: the ranks share the batch, each holds the whole model
+            notes = [
+                *notes,
+                f"per rank of {S} (torchrun): the base and the adapters whole on every rank; activations of "
+                f"{-(-B // S)} of the {B} sequences; tokens/day of all {S} ranks",
+            ]
+        if S > 1 and sharded is not None and B % S:
+            notes.append(
+                f"a micro-batch of {B} does not split over {S} ranks (torchrun refuses it): pass "
+                f"--batch-size {S * -(-B // S)} (train.batch_size) and fewer train.grad_accum"
+            )
+        elif S > 1 and sharded is None:
             notes = [*notes, "one process: not sharded under torchrun"]
         # The step runs after backward has freed the activations: its temporaries count only beyond them.
         rows["optimizer"] += max(0.0, optimizer_step_bytes(trainable, o.optimizer, o.device) - act)
@@ -874,9 +880,9 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     every = blocks_all + all_ends
     fp = o.precision if o.precision in FINETUNE_PRECISIONS else "bf16"
     fdt = ActDtypes.of(fp, o.device)
-    f_block = block_bytes_per_token(m, at, T, fdt) * n_tok
-    f_in = fdt.residual * m.d_model * n_tok
-    f_head = head_bytes_per_token(m, fdt) * n_tok
+    f_block = block_bytes_per_token(m, at, T, fdt) * n_rank
+    f_in = fdt.residual * m.d_model * n_rank
+    f_head = head_bytes_per_token(m, fdt) * n_rank
     for name, what, prec, acts in (
         ("fuse-full", "the whole fused model trainable", fp, (f_block, f_in, f_head)),
         ("end-to-end", "the whole model trained at once (the baseline)", o.precision, (a_block, a_in, a_head)),
@@ -898,7 +904,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
                 frozen_count=0,
                 on=on,
                 precision=prec,
-                sharded=blocks_all if name == "end-to-end" else None,  # fuse's fine-tune runs as one process
+                sharded=blocks_all,
             )
         )
 
@@ -911,7 +917,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         [shape for s, mm in block.tensors if mm for shape in ((r, s[1]), (s[0], r))],
         L,
     )
-    la_block = block_bytes_per_token(m, at, T, fdt, r) * n_tok
+    la_block = block_bytes_per_token(m, at, T, fdt, r) * n_rank
     for name, mode in (("fuse-lora", "lora"), ("fuse-qlora", "qlora")):
         base_dtype = FINETUNE_BASE_STORAGE[mode]
         on = ckpt(name)
@@ -944,6 +950,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
                 flops,
                 frozen_count=every.count,
                 on=on,
+                sharded=Params(),  # under torchrun nothing is sharded: the ranks share the batch
                 head_part=Params(),
                 precision=fp,
                 notes=[note],
