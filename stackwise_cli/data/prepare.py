@@ -164,12 +164,15 @@ def _read(
         for d in iter_documents(inputs, data.max_bytes, data.text_field, stats):
             docs.append(d)
             advance(1)
+    # The built-in corpus is meant to be sampled at data.max_bytes (its files are in hash order): said, not warned.
+    sampled = f" (its first data.max_bytes={data.max_bytes:,})" if stats.truncated and not inputs else ""
     reporter.info(
         f"{what}: {stats.documents} documents, {stats.bytes / 1e6:.1f} MB from {', '.join(describe_inputs(inputs))}"
+        + sampled
     )
     for note in stats.notes:
         reporter.info(f"{what}: {note}")
-    if stats.truncated:
+    if stats.truncated and inputs:
         _warn(
             reporter,
             warnings,
