@@ -50,9 +50,10 @@ def world_size() -> int:
 
 
 def rank() -> int:
+    """This process's rank: the process group's once joined, else torchrun's RANK (0 alone, whatever RANK says)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get("RANK", "0")) if launched() > 1 else 0
 
 
 def active() -> bool:
