@@ -413,3 +413,20 @@ def test_status_shows_disk_use_by_part(project: Project):
     assert disk["data"] > 0 and disk["stacks"] == project.path("stacks/0.safetensors").stat().st_size
     text = cli("status", "-p", project.root).stdout
     assert re.search(r"disk: [\d.]+ (kB|MB) \(data [\d.]+ (kB|MB)", text), text
+
+
+def test_clean_keeps_the_resume_point_of_a_run_unless_told(project: Project):
+    grow(project, "right")
+    with project.update() as m:
+        m.stack(0).state = "training"  # as an interrupted train-stack leaves it
+    for step in (10, 20):
+        folder = project.ckpt_dir(0) / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+    result = json.loads(cli("clean", "-p", project.root, "--json").stdout)
+    assert [i["path"] for i in result["removed"]] == ["ckpt/0/step-00000010"]
+    assert [i["path"] for i in result["kept"]] == ["ckpt/0/step-00000020"]
+    assert "resume point of `train-stack 0`" in result["kept"][0]["why"]
+    result = json.loads(cli("clean", "--checkpoints", "-p", project.root, "--json").stdout)
+    assert [(i["path"], i["needed"]) for i in result["removed"]] == [("ckpt/0/step-00000020", True)]
+    assert not project.ckpt_dir(0).exists()
