@@ -464,6 +464,8 @@ def grow_rows(t, rows: int, added: list[int]):
     or output bias starts where the average token is."""
     import torch
 
+    if rows <= 0 and not added:
+        return t
     mean = t.mean(dim=0, keepdim=True)
     out = torch.cat([t, mean.expand(rows, *t.shape[1:])], dim=0) if rows > 0 else t.clone()
     out[added] = mean
