@@ -34,7 +34,8 @@ def _duration(seconds: float) -> str:
 
 
 def _eta(done: float, total: int | None, elapsed: float) -> str:
-    """``  eta 3m05s`` from the rate so far; empty without a total, or in the first second (no rate yet)."""
+    """``  eta 3m05s`` from the rate so far (``done`` of ``total`` in ``elapsed`` s); empty without a total, or in
+    the first second (no rate yet)."""
     if not total or done <= 0 or elapsed < 1.0:
         return ""
     return f"  eta {_duration(elapsed / done * max(0.0, total - done))}"
@@ -82,17 +83,20 @@ class CliReporter(Reporter):
 
                 yield advance
             return
-        state = {"done": 0, "last": 0.0, "fields": {}}
+        state = {"done": 0, "last": 0.0, "fields": {}, "first": None}
         start = time.monotonic()
 
         def advance(n: int = 1, **fields: Any) -> None:
             state["done"] += n
             state["fields"] = fields or state["fields"]
             now = time.monotonic()
+            if state["first"] is None:  # the rate is measured from the first unit on: set-up time is not a rate
+                state["first"] = (now, state["done"])
             if now - state["last"] >= self.plain_every_s:
                 state["last"] = now
                 of = f"/{total}" if total else ""
-                eta = _eta(state["done"], total, now - start)
+                t0, done0 = state["first"]
+                eta = _eta(state["done"] - done0, total - done0 if total else None, now - t0)
                 err.print(f"{description}: {state['done']}{of}{eta}  {_fmt(state['fields'])}", markup=False)
 
         yield advance

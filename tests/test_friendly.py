@@ -208,10 +208,11 @@ def test_plain_progress_lines_carry_an_eta(monkeypatch, capsys):
     monkeypatch.setattr(console.time, "monotonic", lambda: float(next(clock)))
     reporter = console.CliReporter(plain_every_s=0.0)
     with reporter.task("train-stack 0", total=10) as advance:
-        advance(2, loss=3.0)
+        advance(2, loss=3.0)  # the first units (set-up included): no rate yet
+        advance(2, loss=2.9)  # 2 more in 10 s: the 6 left take 30 s
     lines = capsys.readouterr().err.splitlines()
-    # 2 of 10 done after 10 s: 8 more at 5 s each
-    assert lines[0].startswith("train-stack 0: 2/10  eta 40s"), lines
+    assert lines[0].startswith("train-stack 0: 2/10  loss 3.0000"), lines
+    assert lines[1].startswith("train-stack 0: 4/10  eta 30s  loss 2.9000"), lines
 
 
 # ------------------------------------------------------------------------------------------- one-line errors
