@@ -138,7 +138,8 @@ def stack_by_stack(
             m = project.load()
         entry = m.rack[i] if side == "right" else m.rack[len(m.rack) - 1 - i]  # the i-th grown, from its side
         if entry.state != "trained":  # however many steps: a stack trained by hand is the user's choice
-            if side == "right" and i > 0 and not is_fresh(project, m, entry.id, "train"):
+            cached = m.recipe.train.prefix == "cache"  # recompute: the stack runs its prefix on every batch
+            if side == "right" and i > 0 and cached and not is_fresh(project, m, entry.id, "train"):
                 build_cache(project, entry.id, "train", device=device, reporter=reporter)
                 ran.append(f"cache {entry.id}")
             with around_train():

@@ -168,6 +168,10 @@ class TrainRecipe:
     head: Literal["train", "frozen"] = "train"  # final norm + LM head trained with each stack, or frozen
     embedding: Literal["train", "frozen"] = "train"  # the embedding trains with the leftmost stack, or stays at init
     frozen_dtype: FrozenDtype = "bf16"  # right-to-left: storage precision of the frozen suffix
+    # Left to right, what a stack after the first reads: `cache` (the hidden states of the whole train split, computed
+    # once by `stackwise cache`) or `recompute` (the frozen prefix run forward, no grad, on every batch: no cache
+    # pass, no cache on disk; cheaper when the stack reads fewer sequences x prefix stacks than the split holds).
+    prefix: Literal["cache", "recompute"] = "cache"
     suffix_checkpointing: bool = True  # right-to-left: recompute the suffix in backward instead of keeping it
     activation_checkpointing: bool = False  # recompute each trained block in backward (keeps only block inputs)
     finetune_checkpointing: bool = True  # the same for every block of a fuse fine-tune (full, lora, qlora)
@@ -285,6 +289,8 @@ class Recipe:
                     f"needs one ratio per planned stack (rack.stacks = {self.rack.stacks}), got {len(d.schedule)}",
                 )
             )
+        if self.train.prefix == "recompute" and self.curriculum != "left-to-right":
+            out.append(("train.prefix", f"recompute applies to left-to-right only, not {self.curriculum}"))
         scale = self.train.step_scale
         if scale is not None and (self.curriculum == "end-to-end" or len(scale) != self.rack.stacks):
             why = "end to end trains every stack together" if self.curriculum == "end-to-end" else ""

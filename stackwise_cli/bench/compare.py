@@ -351,7 +351,23 @@ def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopSt
         p = plan_for(recipe)
         # build caches the train split only, so each cache after the first is incremental (from its left
         # neighbour's) and the first runs the ends and stack 0: one stack's forward either way
-        cache = cache_flops_per_token(FlopShapes.of(recipe), [recipe.rack.blocks_per_stack])
+        k, fs = recipe.rack.blocks_per_stack, FlopShapes.of(recipe)
+        cache = cache_flops_per_token(fs, [k])
+        if recipe.train.prefix == "recompute":  # no cache pass: each step runs the stacks to the left, no grad
+            per_step = p.stage("train-stack-l2r", "leftmost").tokens_per_step
+            # the planned variant is the rightmost stack's: take its prefix off, then add each stack's own
+            later = p.stage("train-stack-l2r", "recompute").flops_per_step
+            later -= cache_flops_per_token(fs, [k] * (n - 1)) * per_step
+            return [
+                FlopStage(
+                    f"stack {i}",
+                    p.stage("train-stack-l2r", "leftmost").flops_per_step
+                    if i == 0
+                    else later + cache_flops_per_token(fs, [k] * i) * per_step,
+                    scale=scale[i],
+                )
+                for i in range(n)
+            ]
         return [
             FlopStage(
                 f"stack {i}",

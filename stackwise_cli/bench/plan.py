@@ -502,17 +502,20 @@ def train_stack_flops_per_token(
     checkpointing: bool,
     suffix_blocks: int = 0,
     suffix_stacks: int = 0,
+    prefix_blocks: list[int] | tuple[int, ...] = (),
 ) -> float:
     """train-stack of one stack of ``blocks`` blocks: its forward and backward (6 per weight; checkpointed, one more
     forward), the head (6 per weight when its weight trains, else 4: forward and the gradient to its input), and
     right to left the frozen suffix of ``suffix_blocks`` blocks in ``suffix_stacks`` stacks, always checkpointed:
-    forward, recomputed forward and the gradient to its input (6 per weight, no weight gradient)."""
+    forward, recomputed forward and the gradient to its input (6 per weight, no weight gradient). With
+    ``train.prefix: recompute``, the frozen prefix's stacks (``prefix_blocks`` blocks each) run a no-grad forward on
+    every batch: a cache pass's FLOPs per token (``cache_flops_per_token``)."""
     n = f.stack(blocks)
     total = 6 * n + (2 * n if checkpointing else 0) + blocks * f.attention * (4 if checkpointing else 3)
     total += (6 if head_trains else 4) * f.head
     if suffix_blocks:
         total += 6 * (suffix_blocks * f.block + suffix_stacks * f.time) + 4 * suffix_blocks * f.attention
-    return total
+    return total + (cache_flops_per_token(f, prefix_blocks) if prefix_blocks else 0.0)
 
 
 def cache_flops_per_token(f: FlopShapes, prefix_blocks: list[int] | tuple[int, ...]) -> float:
@@ -771,6 +774,31 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         on=on,
         sharded=stack,
     )
+    if recipe.train.prefix == "recompute" and n_stacks > 1:
+        # No cache: the rightmost stack runs its frozen prefix (every stack to its left, in train.frozen_dtype)
+        # forward without grad on each batch; one block's no-grad tensors are live at a time, beside its output.
+        prefix = Params.of([s for s, _ in block.tensors], L - k) + Params(time.tensors * (n_stacks - 1))
+        fd = recipe.train.frozen_dtype
+        later = make(
+            name,
+            "recompute",
+            f"stack at rack position {n_stacks - 1} ({k} block(s)){' + final norm + head' if train_head else ''} "
+            f"trainable, its {L - k}-block prefix frozen in {fd} and recomputed without grad on every batch",
+            later_train,
+            frozen_bytes(later_frozen, "fp32") + frozen_bytes(prefix, fd),
+            stack_act - a_in,  # block 0's input is the prefix's output, counted with the prefix's tensors
+            inference_bytes_per_token(m, at, T) * n_rank,
+            train_stack_flops_per_token(
+                fs,
+                k,
+                head_trains=train_head and not m.tie_embeddings,
+                checkpointing=on,
+                prefix_blocks=[k] * (n_stacks - 1),
+            ),
+            frozen_count=later_frozen.count + prefix.count,
+            on=on,
+            sharded=stack,
+        )
     variants = [first, later] if n_stacks > 1 else [first]
     stages.append(max(variants, key=lambda s: s.total_bytes))
 

@@ -705,6 +705,26 @@ def _setup_one(
         parts = ["tokens", project.split_digest(m, "train"), obj.key(), *suffix_key]
         return Setup({"stack": stack, "ends": ends}, trainable, loss_fn, Sequences(tokens), digest(parts))
 
+    if tr.prefix == "recompute":
+        from stackwise_cli.train.frozen import freeze
+
+        prefix = [freeze(load_stack(project, m, s.id), tr.frozen_dtype).to(dev) for s in m.rack[:pos]]
+
+        def recomputed_loss(b: Batch) -> torch.Tensor:
+            c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
+            with torch.no_grad():  # what the cache would hold, computed for this batch only
+                h = ends.embed_tokens(c.inputs)
+                for s in prefix:
+                    h = s(h, causal, c.t)
+            h = forward(stack, h, causal, c.t)
+            for s in frozen:
+                h = suffix_forward(s, h, causal, c.t)
+            return obj.loss(ends.logits(h), c)
+
+        prefix_key = [m.ends.sha256, *[f"{s.id}:{s.sha256}" for s in m.rack[:pos]], tr.frozen_dtype]
+        parts = ["recompute", project.split_digest(m, "train"), obj.key(), *prefix_key, *suffix_key]
+        return Setup({"stack": stack, "ends": ends}, trainable, recomputed_loss, Sequences(tokens), digest(parts))
+
     cache = project.fresh_cache(m, stack_id, "train")
     hidden = [
         read_hidden_shard(project.path(s.file), expect_shape=(m.data.seq_len, recipe.model.d_model))
@@ -805,6 +825,7 @@ def train_flops_per_token(
         blocks = sum(e.blocks for e in m.rack)
         return whole_model_flops_per_token(f, blocks, len(m.rack), checkpointing=ckpt_on, head_trains=head_trains)
     suffix = frozen_suffix(m, pos)
+    prefix = m.rack[:pos] if m.recipe.train.prefix == "recompute" and m.recipe.curriculum == "left-to-right" else []
     return train_stack_flops_per_token(
         f,
         m.rack[pos].blocks,
@@ -812,6 +833,7 @@ def train_flops_per_token(
         checkpointing=ckpt_on,
         suffix_blocks=sum(e.blocks for e in suffix),
         suffix_stacks=len(suffix),
+        prefix_blocks=[e.blocks for e in prefix],
     )
 
 
