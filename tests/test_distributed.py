@@ -200,16 +200,22 @@ def test_fuse_finetune_on_two_ranks_writes_what_one_process_writes(end_to_end, t
 
 
 def test_a_rank_killed_inside_a_write_leaves_nothing_corrupt(grown, tmp_path):
+    # Stack 1 reads its cache: each rank reads its own rows of it.
+    from stackwise_cli.train.cache import build_cache
+
+    train_stack(grown, 0, steps=6)
+    build_cache(grown, 1, "train")
     one = copy(grown, tmp_path, "one")
-    train_stack(one, 0, steps=20)
+    train_stack(one, 1, steps=20)
     # Only rank 0 writes, so only it reaches write points (store/faults.py): the 1st is the manifest, the 2nd the
     # checkpoint at step 10, the 3rd the final one at step 20, half-written when rank 0 dies. torchrun stops rank 1.
-    done = torchrun(grown.root, ["0", "--steps", "20"], STACKWISE_FAULT_KILL_AT="3")
+    done = torchrun(grown.root, ["1", "--steps", "20"], STACKWISE_FAULT_KILL_AT="3")
     assert done.returncode != 0
     assert "exitcode  : -9" in done.stderr  # rank 0 died by SIGKILL inside the write
-    assert [c.name for c in ckpt.list_checkpoints(grown.ckpt_dir(0))] == ["step-00000010"]
+    assert [c.name for c in ckpt.list_checkpoints(grown.ckpt_dir(1))] == ["step-00000010"]
     assert_intact(grown.root)
-    r = train_stack(grown, 0, steps=20)  # one process finishes the job from what the kill left
+    r = train_stack(grown, 1, steps=20)  # one process finishes the job from what the kill left
+    assert r.resumed_from == 10
     assert r.steps == 20
     assert_same_weights(one.root, grown.root)
     assert_intact(grown.root)
