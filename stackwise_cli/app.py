@@ -11,9 +11,21 @@ from collections.abc import Callable
 import typer
 
 from stackwise_cli import __version__
-from stackwise_cli.commands import bench, build, cache, eval, fuse, generate, grow, prepare, status, train_stack
-from stackwise_cli.commands import clean, drop
-from stackwise_cli.commands import import_hf
+from stackwise_cli.commands import (
+    bench,
+    build,
+    cache,
+    clean,
+    drop,
+    eval,
+    fuse,
+    generate,
+    grow,
+    import_hf,
+    prepare,
+    status,
+    train_stack,
+)
 from stackwise_cli.commands import plot as plot_cmd
 from stackwise_cli.errors import EXIT_INTERRUPTED, StackwiseError
 
@@ -44,6 +56,14 @@ def handled(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             error_line("interrupted", "rerun the same command: every stage resumes where it stopped")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as e:  # a full disk or a read-only project where no writer said so itself (logs, plots)
+            from stackwise_cli.store.files import os_write_error
+
+            known = os_write_error(e)
+            if known is None or os.environ.get("STACKWISE_DEBUG") == "1":
+                raise
+            error_line(known.message, known.hint)
+            raise typer.Exit(known.exit_code) from None
 
     return wrapper
 
