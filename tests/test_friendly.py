@@ -431,3 +431,23 @@ def test_clean_keeps_the_resume_point_of_a_run_unless_told(project: Project):
     result = json.loads(cli("clean", "--checkpoints", "-p", project.root, "--json").stdout)
     assert [(i["path"], i["needed"]) for i in result["removed"]] == [("ckpt/0/step-00000020", True)]
     assert not project.ckpt_dir(0).exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "needle"), [(errno.EROFS, "read-only"), (errno.ENOSPC, "disk full while writing /p/logs/x.json")]
+)
+def test_a_write_no_writer_handled_is_still_one_line(project: Project, monkeypatch, code, needle):
+    def fails(*args, **kwargs):
+        raise OSError(code, os.strerror(code), "/p/logs/x.json")
+
+    monkeypatch.setattr("stackwise_cli.store.status.status", fails)
+    one_error(cli("status", "-p", project.root), needle)
+
+
+def test_other_os_errors_are_not_dressed_up(project: Project, monkeypatch):
+    def fails(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "/p/x")
+
+    monkeypatch.setattr("stackwise_cli.store.status.status", fails)
+    result = cli("status", "-p", project.root)
+    assert isinstance(result.exception, OSError) and result.exception.errno == errno.EIO  # a bug stays visible

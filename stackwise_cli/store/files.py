@@ -68,6 +68,19 @@ def disk_error(path: Path, e: BaseException) -> StackwiseError:
     return StackwiseError(f"cannot write {path}: {reason}")
 
 
+def os_write_error(e: OSError) -> StackwiseError | None:
+    """The one-line error for an OSError that escaped a writer without its own handling (a log, a plot, a folder):
+    a full disk or a place the user cannot write; None for anything else (a bug, shown as such)."""
+    path = Path(e.filename) if e.filename else Path(".")
+    if e.errno == errno.ENOSPC:
+        return StackwiseError(
+            f"disk full while writing {path}", hint=f"free space on that disk (`df -h {path.parent}`) and rerun"
+        )
+    if e.errno in _READ_ONLY:
+        return read_only_error(path.parent, e)
+    return None
+
+
 def read_only_error(folder: Path, e: BaseException) -> ProjectError:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else "permission denied"
     return ProjectError(
