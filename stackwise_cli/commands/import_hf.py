@@ -50,4 +50,5 @@ def import_(
         f"imported {hf_dir} ({r.architecture}, {r.params:,} parameters{added}) as {len(r.stacks)} trained "
         f"stack(s) of {r.blocks_per_stack} block(s) in {r.time_s:.1f} s"
     )
-    out.print(f"next: stackwise grow -p {project} --after {r.stacks[-1] if r.stacks else 0} --init identity")
+    middle = r.stacks[max(len(r.stacks) // 2 - 1, 0)] if r.stacks else 0  # an insert between pretrained stacks
+    out.print(f"next: stackwise grow -p {project} --after {middle} --init identity")

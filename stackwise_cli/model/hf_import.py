@@ -514,9 +514,10 @@ def import_hf(
             f"({CONFIG} vocab_size)",
             hint="this tokenizer is not the model's",
         )
-    objective_probe = import_recipe(hf_dir, family, config, blocks_per_stack, recipe_path, overrides or [], embed_rows)
+    # The recipe at the checkpoint's vocabulary says the objective, hence the tokens to add; then at the grown one.
+    at_checkpoint = import_recipe(hf_dir, family, config, blocks_per_stack, recipe_path, overrides or [], embed_rows)
     before = set(tok.get_vocab(with_added_tokens=True))
-    add_specials(tok, objective_probe.objective, spare_rows=False)
+    add_specials(tok, at_checkpoint.objective, spare_rows=False)
     added = sorted(set(tok.get_vocab(with_added_tokens=True)) - before, key=tok.token_to_id)
     added_ids = [tok.token_to_id(t) for t in added]
     vocab = max(embed_rows, id_bound(tok))
