@@ -157,6 +157,9 @@ class TrainRecipe:
     # Each stack's steps as a multiple of train.steps, in the order the stacks are grown (left to right: from the
     # input; right to left: from the output), e.g. [2.2, 0.6, 0.6, 0.6]; null = train.steps for every stack.
     step_scale: list[float] | None = None
+    # per-stack: every stack warms up and decays on its own; whole-rack: one warmup and cosine over the planned
+    # steps of every stack, each stack training on its slice (the first stacks at the high learning rates).
+    lr_schedule: Literal["per-stack", "whole-rack"] = "per-stack"
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step: a step trains on grad_accum * batch_size sequences
     lr: float = 3e-3

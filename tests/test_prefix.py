@@ -82,3 +82,30 @@ def test_bad_prefix_and_step_scale_name_the_key(tiny_recipe_path, overrides, key
     with pytest.raises(RecipeError) as e:
         load_recipe(tiny_recipe_path, overrides)
     assert key in e.value.message
+
+
+def test_a_whole_rack_schedule_gives_each_stack_its_slice_of_one_cosine(project):
+    import json
+
+    from stackwise_cli.train.loop import lr_at
+
+    _set_train(
+        project,
+        prefix="recompute",
+        frozen_dtype="fp32",
+        steps=8,
+        step_scale=[1.5, 0.5],
+        warmup_steps=2,
+        log_every=1,
+        lr_schedule="whole-rack",
+    )
+    stack_by_stack(project, 2, "right", device="cpu")
+    tr = project.load().recipe.train
+    for label, offset in (("0", 0), ("1", 12)):
+        (log,) = (project.root / "logs").glob(f"train-stack-{label}-*.jsonl")
+        logged = [json.loads(line) for line in log.read_text().splitlines()]
+        lrs = [r["lr"] for r in logged if "lr" in r]
+        want = [lr_at(s + offset, tr, 16) for s in range(len(lrs))]
+        assert lrs == pytest.approx(want), label
+    # stack 1 starts low where stack 0 stopped, and ends at the floor
+    assert lrs[0] < tr.lr * 0.5 and lrs[-1] == pytest.approx(lr_at(15, tr, 16))

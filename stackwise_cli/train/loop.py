@@ -239,6 +239,9 @@ class Job:
     fingerprint: str  # the inputs this run trains on; a checkpoint made on other inputs is refused
     extra: dict = field(default_factory=dict)  # caller's state kept in checkpoints and restored on resume
     start: int = 0  # where the run begins in the sampler's stream, in sequences (``Sampler``, ``stream_start``)
+    lr_span: tuple[int, int] | None = (
+        None  # (offset, total): step s follows the schedule of a total-step run at s+offset
+    )
 
 
 @dataclass
@@ -286,6 +289,7 @@ def run_settings(tr: TrainRecipe, precision: str, seq_len: int) -> dict[str, obj
                 ("seed", tr.seed),
                 ("embedding", tr.embedding),  # what trains: the checkpoint's optimizer holds exactly those
                 ("head", tr.head),
+                ("lr_schedule", tr.lr_schedule),
             )
         },
     }
@@ -421,7 +425,8 @@ def run(
                     f"{job.name}: {why}; checkpoint saved at step {step}/{steps}",
                     hint="rerun the same command to resume",
                 )
-            lr = lr_at(step, tr, steps)
+            offset, span = job.lr_span or (0, steps)
+            lr = lr_at(step + offset, tr, span)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
@@ -604,15 +609,34 @@ def check_curriculum(m: Manifest, stack_id: int | None) -> int | None:
     return check_left_to_right(m, stack_id)
 
 
+def _grown_index(m: Manifest, pos: int) -> int:
+    """How many stacks were grown before the one at ``pos``: left to right those to its left, right to left those
+    to its right."""
+    return len(m.rack) - 1 - pos if m.recipe.curriculum == "right-to-left" else pos
+
+
+def _steps_of(tr: TrainRecipe, grown: int) -> int:
+    if tr.step_scale is None or grown >= len(tr.step_scale):
+        return tr.steps
+    return round(tr.steps * tr.step_scale[grown])
+
+
 def planned_steps(m: Manifest, pos: int) -> int:
     """The steps the recipe plans for the stack at rack position ``pos``: train.steps times its factor in
     ``train.step_scale``, which lists the stacks in the order they are grown (left to right: from the input; right to
     left: the leftmost stack is the last grown). A stack grown past the planned rack gets train.steps."""
-    tr = m.recipe.train
-    grown = len(m.rack) - 1 - pos if m.recipe.curriculum == "right-to-left" else pos
-    if tr.step_scale is None or grown >= len(tr.step_scale):
-        return tr.steps
-    return round(tr.steps * tr.step_scale[grown])
+    return _steps_of(m.recipe.train, _grown_index(m, pos))
+
+
+def lr_span(m: Manifest, pos: int) -> tuple[int, int] | None:
+    """``train.lr_schedule: whole-rack``: the stack's slice of one schedule over every planned stack's steps, as
+    (steps of the stacks grown before it, steps of all of them); None for a per-stack schedule, or a stack grown past
+    the planned rack (it gets its own)."""
+    tr, grown = m.recipe.train, _grown_index(m, pos)
+    if tr.lr_schedule != "whole-rack" or grown >= m.recipe.rack.stacks:
+        return None
+    steps = [_steps_of(tr, g) for g in range(m.recipe.rack.stacks)]
+    return sum(steps[:grown]), sum(steps)
 
 
 # --- train-stack -------------------------------------------------------------------------------------------
@@ -852,8 +876,10 @@ def _train(
     tr = m.recipe.train
     pos = check_curriculum(m, stack_id)
     ids = m.ids() if stack_id is None else [stack_id]
+    span = None  # the stack's slice of a whole-rack schedule, for the planned run only (not for --steps N)
     if steps is None:  # end to end: the same token budget as training every stack for train.steps
         steps = tr.steps * len(ids) if stack_id is None else planned_steps(m, pos)
+        span = None if stack_id is None else lr_span(m, pos)
     if steps <= tr.warmup_steps:
         raise StackwiseError(
             f"--steps {steps} leaves no room for the schedule: train.warmup_steps is {tr.warmup_steps}",
@@ -935,6 +961,7 @@ def _train(
         setup.fingerprint,
         {"prior_steps": prior_steps, "prior_tokens": prior_tokens, "prior_flops": prior_flops},
         start,
+        span if prior_steps == 0 else None,  # a second run (--resume never) has a schedule of its own
     )
     flops_per_token = train_flops_per_token(m, stack_id, pos, setup.trainable, ends)
     metrics = Metrics(flops_per_token, device_peak(dev, precision), run_validation(project, m, stack_id, setup, dev))
