@@ -72,6 +72,7 @@ def check_fits(recipe: Recipe, command: str, device: str = "auto", force: bool =
         device=kind,
         precision=GPU_PRECISION if kind == "cuda" else "fp32",  # what --precision auto runs there
         optimizer=recipe.train.optimizer if recipe.train.optimizer in OPTIMIZERS else "adamw",
+        shards=max(1, int(os.environ.get("WORLD_SIZE", "1"))),  # under torchrun: one rank's share (FSDP2)
     )
     have = available_bytes(dev)
     try:

@@ -295,6 +295,19 @@ def test_the_70b_recipe_on_a_24_gb_machine_is_refused_before_anything_is_written
     assert not root.exists()
 
 
+def test_preflight_under_torchrun_checks_one_rank_share(monkeypatch):
+    from stackwise_cli.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes/llama/70b.yaml")
+    monkeypatch.setattr(preflight, "available_bytes", lambda device: 48 * 2**30)
+    monkeypatch.setattr(preflight, "_cuda_present", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(preflight.DoesNotFit):  # one process: the whole stack on one 48 GiB card
+        preflight.check_fits(recipe, "stackwise train-stack 0", device="cuda")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    preflight.check_fits(recipe, "stackwise train-stack 0", device="cuda")  # FSDP2 over 8 ranks: its share fits
+
+
 def test_preflight_guards_grow_and_train_stack_and_force_overrides(project: Project, monkeypatch):
     monkeypatch.setattr(preflight, "available_bytes", lambda device: 1000)
     before = snapshot(project.root)
