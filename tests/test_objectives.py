@@ -422,6 +422,11 @@ def test_a_project_from_before_special_ids_keeps_its_masks(project: Project):
     with project.update() as m:
         m.tokenizer.special_ids, m.tokenizer.pad_id = [], None
     m = project.load()
-    old = Objective("mlm", seed=m.recipe.train.seed, mask_id=m.tokenizer.mask_id, vocab=m.tokenizer.vocab_size,
-                    ratio=m.recipe.mask.ratio)
+    old = Objective(
+        "mlm",
+        seed=m.recipe.train.seed,
+        mask_id=m.tokenizer.mask_id,
+        vocab=m.tokenizer.vocab_size,
+        ratio=m.recipe.mask.ratio,
+    )
     assert stack_objective(m, None).key() == old.key() and "special" not in old.key()
