@@ -62,9 +62,8 @@ def load_hf_tensors_into(rack: Rack, tensors: dict[str, torch.Tensor], bidirecti
     return rack
 
 
-def load_fused(project: Project, m: Manifest) -> Rack:
-    """The model in fused/ as a rack, checked against the manifest's ``fused`` entry: it must exist and be built
-    from the current ends and rack (whose shapes it is read into)."""
+def require_current_fused(project: Project, m: Manifest) -> None:
+    """fused/ must exist and be built from the current ends and rack; else one error saying to fuse."""
     if m.fused is None or not project.path(f"{m.fused.dir}/model.safetensors").exists():
         raise ProjectError("there is no fused model to score (fused/ is missing)", hint="run `stackwise fuse`")
     if not m.fused_is_current():
@@ -72,6 +71,12 @@ def load_fused(project: Project, m: Manifest) -> Rack:
             f"{m.fused.dir}/ was fused from an earlier rack or ends than the current ones",
             hint="run `stackwise fuse` to fuse the current rack",
         )
+
+
+def load_fused(project: Project, m: Manifest) -> Rack:
+    """The model in fused/ as a rack, checked against the manifest's ``fused`` entry: it must exist and be built
+    from the current ends and rack (whose shapes it is read into)."""
+    require_current_fused(project, m)
     path = project.path(f"{m.fused.dir}/model.safetensors")
     tensors = load_tensors(path, m.fused.sha256)
     return load_hf_tensors_into(skeleton(m), tensors, m.recipe.bidirectional, str(path))

@@ -550,13 +550,9 @@ def run_harness(
     if not m.rack:
         raise ProjectError("the rack is empty: nothing to evaluate", hint="run `stackwise grow --side right`")
     if fused:
-        if m.fused is None or not project.path(f"{m.fused.dir}/model.safetensors").exists():
-            raise ProjectError("there is no fused model to score (fused/ is missing)", hint="run `stackwise fuse`")
-        if not m.fused_is_current():
-            raise ProjectError(
-                f"{m.fused.dir}/ was fused from an earlier rack or ends than the current ones",
-                hint="run `stackwise fuse` to fuse the current rack",
-            )
+        from stackwise_cli.evaluate.fused import require_current_fused
+
+        require_current_fused(project, m)
     adapter = adapter or choose_adapter(m, fused)
     if adapter == "hf" and (m.recipe.objective != "clm" or m.fused is None or not m.fused_is_current()):
         raise ProjectError("the harness's Hugging Face model scores a current clm fused/", hint="run `stackwise fuse`")
