@@ -20,10 +20,10 @@ from stackwise_cli.model.attention import (
     allowed_mask,
     make_attention,
     resolve_backend,
-    rope_tables,
 )
 from stackwise_cli.model.config import AttentionConfig, ModelConfig
 from stackwise_cli.model.model import Ends, Rack, Stack, causal_lm_loss
+from stackwise_cli.model.rope import rope_tables
 from stackwise_cli.schema import SchemaError
 
 ATOL = 1e-5

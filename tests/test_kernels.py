@@ -29,7 +29,8 @@ from stackwise_cli.kernels import (
     rotary_backward_reference,
     rotary_reference,
 )
-from stackwise_cli.model.attention import RMSNorm, apply_rope
+from stackwise_cli.model.attention import RMSNorm
+from stackwise_cli.model.rope import apply_rope
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 CU_FILES = sorted(KERNELS.glob("*.cu"))

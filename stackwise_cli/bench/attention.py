@@ -18,8 +18,9 @@ import torch
 
 from stackwise_cli.bench.step import _reset_peak_rss, _rss_bytes, exact_rss_accounting
 from stackwise_cli.errors import StackwiseError
-from stackwise_cli.model.attention import make_attention, resolve_backend, rope_tables
+from stackwise_cli.model.attention import make_attention, resolve_backend
 from stackwise_cli.model.config import AttentionConfig, ModelConfig
+from stackwise_cli.model.rope import rope_tables
 from stackwise_cli.schema import SchemaError
 
 KINDS = ("mha", "gqa", "mqa", "mla", "linear")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from stackwise_cli.model.attention import apply_rope
+from stackwise_cli.model.rope import apply_rope
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
 
@@ -24,7 +24,7 @@ def add_rmsnorm_reference(
 def rotary_reference(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q (..., T, D) and k (..., T, D) with tables (T, D): ``model.attention.apply_rope`` on each."""
+    """RoPE on q (..., T, D) and k (..., T, D) with tables (T, D): ``model.rope.apply_rope`` on each."""
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 

@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackwise_cli.errors import StackwiseError
+from stackwise_cli.kernels.ops import kernels_available, rotary
 from stackwise_cli.model.config import AttentionConfig, AttentionKind, Backend, FeatureMap, ModelConfig
+from stackwise_cli.model.rope import apply_rope
 
 KINDS = get_args(AttentionKind)
 BACKENDS = get_args(Backend)
@@ -60,29 +62,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-def rope_tables(
-    cfg: ModelConfig, seq_len: int, device: torch.device | None = None, dim: int | None = None, start: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (T, dim), for positions start..start+T-1, in the "rotate half" layout (frequencies
-    repeated for both halves).
-
-    ``dim`` is the number of rotated dims per head: ``head_dim`` (the default) or MLA's decoupled ``rope_dim``.
-    """
-    dim = dim or cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-    t = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)  # (T, dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, dim)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2) of x (..., T, D) by the angle of each position; cos and sin are (T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def allowed_mask(
@@ -130,8 +109,6 @@ def kernels_missing(dev: torch.device) -> str | None:
     """What the ``kernels`` backend lacks on ``dev`` (None: it can run)."""
     if dev.type != "cuda":
         return f"a CUDA device (this tensor is on {dev.type})"
-    from stackwise_cli.kernels.ops import kernels_available  # lazy: the kernels package imports this module
-
     if not kernels_available():
         return "the stackwise CUDA extension, which did not build here (see the warning logged above)"
     return None
@@ -294,8 +271,6 @@ class StandardAttention(nn.Module):
         if cos is None:  # learned absolute positions (GPT-2, BERT): added to the embedding, nothing to rotate
             return q, k, v
         if resolve_backend(self.backend, self.kind, x.device) == "kernels":
-            from stackwise_cli.kernels.ops import rotary
-
             q, k = rotary(q, k, cos, sin)  # one launch for both, same math as apply_rope
             return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v

@@ -29,18 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackwise_cli.errors import StackwiseError
+from stackwise_cli.kernels.ops import add_rmsnorm
 from stackwise_cli.model.attention import (  # noqa: F401  (re-exported: the model's pieces, found from here)
     LatentAttention,
     LinearAttention,
     RMSNorm,
     StandardAttention,
-    apply_rope,
     make_attention,
     reference_attention,
     resolve_backend,
-    rope_tables,
 )
 from stackwise_cli.model.config import TIME_FREQS_MAX_PERIOD, AttentionConfig, ModelConfig
+from stackwise_cli.model.rope import rope_tables
 
 INIT_MODES = ("random", "identity")
 TIME_SCALE = 1000.0  # t in [0, 1] is spread over [0, 1000] before the sinusoids, as DDPM's integer steps are
@@ -97,8 +97,6 @@ class Block(nn.Module):
             return self.mlp_norm(x + self.mlp(x))
         a = attend(self.attn_norm(x))
         if self.fusable and resolve_backend(self.attn.backend, self.attn.kind, x.device) == "kernels":
-            from stackwise_cli.kernels.ops import add_rmsnorm
-
             h, y = add_rmsnorm(x, a, self.mlp_norm.weight, self.mlp_norm.eps)  # one pass: h = x + a, y = norm(h)
             return h + self.mlp(y)
         x = x + a
