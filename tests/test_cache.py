@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 import stackwise_cli.train.cache as cache_mod
-from stackwise_cli.kernels.reference import fp8_dequantize_reference, fp8_quantize_reference
 from stackwise_cli.model.model import Stack
+from stackwise_cli.store.e4m3 import fp8_dequantize_reference, fp8_quantize_reference
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_hidden_shard, read_token_shard
 from stackwise_cli.store.weights import load_ends, load_stack

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from stackwise_cli.errors import StackwiseError
-from stackwise_cli.kernels.reference import fp8_dequantize_reference, fp8_quantize_reference
 from stackwise_cli.model.config import ModelConfig
 from stackwise_cli.model.model import Ends, Rack, Stack, causal_lm_loss
+from stackwise_cli.store.e4m3 import fp8_dequantize_reference, fp8_quantize_reference
 from stackwise_cli.train.fp8 import Fp8Linear, fp8_linear, quantize_e4m3, resolve_fp8_path, to_fp8
 
 U = 2.0**-4  # e4m3 unit roundoff: 3 mantissa bits, round to nearest

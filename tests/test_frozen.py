@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from stackwise_cli.errors import StackwiseError
-from stackwise_cli.kernels.reference import fp8_quantize_reference
 from stackwise_cli.model.config import ModelConfig
 from stackwise_cli.model.model import Stack
+from stackwise_cli.store.e4m3 import fp8_quantize_reference
 from stackwise_cli.train.frozen import FrozenLinear, freeze, frozen_bytes, run_checkpointed
 
 # dtype -> (max relative error of y - x, min cosine of the input gradient through the blocks, min relative error)

@@ -15,13 +15,8 @@ from collections.abc import Callable
 import torch
 
 from stackwise_cli.kernels import ops
-from stackwise_cli.kernels.reference import (
-    add_rmsnorm_reference,
-    fp8_dequantize_reference,
-    fp8_quantize_reference,
-    rotary_backward_reference,
-    rotary_reference,
-)
+from stackwise_cli.kernels.reference import add_rmsnorm_reference, rotary_backward_reference, rotary_reference
+from stackwise_cli.store.e4m3 import fp8_dequantize_reference, fp8_quantize_reference
 
 EPS = 1e-5
 ROPE_THETA = 10000.0

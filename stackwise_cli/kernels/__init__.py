@@ -18,14 +18,8 @@ from stackwise_cli.kernels.ops import (
     kernels_available,
     rotary,
 )
-from stackwise_cli.kernels.reference import (
-    E4M3_MAX,
-    add_rmsnorm_reference,
-    fp8_dequantize_reference,
-    fp8_quantize_reference,
-    rotary_backward_reference,
-    rotary_reference,
-)
+from stackwise_cli.kernels.reference import add_rmsnorm_reference, rotary_backward_reference, rotary_reference
+from stackwise_cli.store.e4m3 import E4M3_MAX, fp8_dequantize_reference, fp8_quantize_reference
 
 __all__ = [
     "E4M3_MAX",

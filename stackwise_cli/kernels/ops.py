@@ -2,9 +2,9 @@
 
 Dispatch, per call: a CUDA tensor on a machine where the extension loads -> the kernel (through an autograd
 function where the op has a gradient); anything else (a CPU tensor, or CUDA without a working extension) ->
-the reference in :mod:`stackwise_cli.kernels.reference`. A CUDA machine whose extension fails to build logs
-the error once as a warning and uses the references, so a broken toolchain slows a run rather than killing it;
-``load_extension()`` raises the error itself.
+the reference in :mod:`stackwise_cli.kernels.reference` (fp8: :mod:`stackwise_cli.store.e4m3`). A CUDA machine
+whose extension fails to build logs the error once as a warning and uses the references, so a broken toolchain
+slows a run rather than killing it; ``load_extension()`` raises the error itself.
 """
 
 from __future__ import annotations
@@ -16,12 +16,8 @@ import torch
 
 from stackwise_cli.errors import StackwiseError
 from stackwise_cli.kernels.build import load_extension
-from stackwise_cli.kernels.reference import (
-    add_rmsnorm_reference,
-    fp8_dequantize_reference,
-    fp8_quantize_reference,
-    rotary_reference,
-)
+from stackwise_cli.kernels.reference import add_rmsnorm_reference, rotary_reference
+from stackwise_cli.store.e4m3 import fp8_dequantize_reference, fp8_quantize_reference
 
 log = logging.getLogger(__name__)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)

@@ -1,13 +1,12 @@
 """Plain-PyTorch references for every kernel in ``kernels/``: the ground truth the kernels are tested against,
-and what runs on every device where the kernels cannot (CPU, or CUDA without the extension)."""
+and what runs on every device where the kernels cannot (CPU, or CUDA without the extension). The fp8 cache
+kernels' reference is the store's own e4m3 codec (``store/e4m3.py``), which writes and reads fp8 cache shards."""
 
 from __future__ import annotations
 
 import torch
 
 from stackwise_cli.model.rope import apply_rope
-
-E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
 
 
 def add_rmsnorm_reference(
@@ -33,24 +32,3 @@ def rotary_backward_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of :func:`rotary_reference`: the rotation by -angle, i.e. ``apply_rope`` with -sin."""
     return apply_rope(gq, cos, -sin), apply_rope(gk, cos, -sin)
-
-
-def fp8_quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (per-token) e4m3 quantisation of x (..., D): (codes uint8 (..., D) holding the e4m3 bits,
-    scales fp32 (...)) with scale = amax(|row|) / 448, and scale 1 for an all-zero row (its codes are 0).
-
-    Rounding is torch's ``float8_e4m3fn`` cast (round to nearest even); x / scale never exceeds 448 by more
-    than fp32 rounding, which rounds to 448, so no code saturates or becomes NaN.
-    """
-    xf = x.float()
-    amax = xf.abs().amax(-1)  # (...)
-    scales = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    codes = (xf / scales.unsqueeze(-1)).to(torch.float8_e4m3fn).view(torch.uint8)  # (..., D)
-    return codes, scales
-
-
-def fp8_dequantize_reference(
-    codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
-) -> torch.Tensor:
-    """The values that :func:`fp8_quantize_reference` encoded, in ``dtype`` (fp32 or bf16)."""
-    return (codes.view(torch.float8_e4m3fn).float() * scales.unsqueeze(-1)).to(dtype)

@@ -66,7 +66,7 @@ class Fp8Hidden:
     def __getitem__(self, rows) -> torch.Tensor:
         import torch
 
-        from stackwise_cli.kernels.reference import fp8_dequantize_reference
+        from stackwise_cli.store.e4m3 import fp8_dequantize_reference
 
         return fp8_dequantize_reference(self.codes[rows], self.scales[rows], torch.float32)
 
@@ -177,7 +177,7 @@ def write_hidden_shard(path: Path, hidden: torch.Tensor, seq_ids: np.ndarray, dt
         # version; numpy then relabels the same bytes as uint16.
         flat = h.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
     elif dtype == "fp8":
-        from stackwise_cli.kernels.reference import fp8_quantize_reference
+        from stackwise_cli.store.e4m3 import fp8_quantize_reference
 
         codes, scales = fp8_quantize_reference(h.to(device="cpu", dtype=torch.float32))  # (N, T, D), (N, T)
         flat = codes.contiguous().view(torch.uint8).numpy()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackwise_cli.errors import StackwiseError
-from stackwise_cli.kernels.reference import fp8_quantize_reference
+from stackwise_cli.store.e4m3 import fp8_quantize_reference
 
 SCALINGS = ("row", "tensor")
 PATHS = ("auto", "emulate", "scaled_mm")
@@ -86,7 +86,7 @@ def quantize_e4m3(x: torch.Tensor, scaling: str = "row") -> tuple[torch.Tensor, 
     """x (..., D) -> (codes float8_e4m3fn (..., D), scales fp32 (..., 1) for ``row`` or (1,) * x.ndim for ``tensor``).
 
     scale = amax / 448 over each row (or the whole tensor), 1 where the amax is 0 (all codes 0 then), so that
-    x ~= codes * scales: ``kernels.reference.fp8_quantize_reference``, the one e4m3 quantiser of the project,
+    x ~= codes * scales: ``store.e4m3.fp8_quantize_reference``, the one e4m3 quantiser of the project,
     applied to the rows (or to the whole tensor as one row)."""
     per_row = resolve_scaling(scaling) == "row"
     codes, scales = fp8_quantize_reference(x if per_row else x.reshape(1, -1))
