@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from stackwise_cli.app import app
-from stackwise_cli.bench.plan import FlopShapes, plan
+from stackwise_cli.bench.plan import plan
+from stackwise_cli.flops import FlopShapes
 from stackwise_cli.train.cache import build_cache
 from stackwise_cli.train.grow import grow
 from stackwise_cli.train.loop import train_stack

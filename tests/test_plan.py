@@ -18,13 +18,11 @@ from stackwise_cli.bench.plan import (
     Params,
     PlanOptions,
     block_bytes_per_token,
-    block_shapes,
-    ends_shapes,
     param_counts,
     plan,
-    time_shapes,
 )
 from stackwise_cli.errors import StackwiseError
+from stackwise_cli.flops import block_shapes, ends_shapes, time_shapes
 from stackwise_cli.model.model import Ends, Stack
 from stackwise_cli.recipe import load_recipe
 
@@ -257,7 +255,8 @@ def test_adamw_step_temporaries_follow_the_device_the_plan_is_for():
     """CUDA runs AdamW's fused step (no temporaries): the optimizer row is the two moments alone. The CPU runs the
     foreach step, measured at max(8 B x largest tensor, 3 B/param), of which the part beyond the freed activations
     is added; that CPU figure is unchanged."""
-    from stackwise_cli.bench.plan import Params, block_shapes, optimizer_step_bytes
+    from stackwise_cli.bench.plan import Params, optimizer_step_bytes
+    from stackwise_cli.flops import block_shapes
 
     r = load_recipe(B70)
     options = {"batch_size": 1, "seq_len": 4096}
@@ -374,7 +373,8 @@ def test_a_bf16_suffix_under_autocast_keeps_no_copy_of_o_and_down():
 def test_cache_from_tokens_streams_one_stack_at_any_position_and_incremental_only_where_cache_runs_it():
     """train/cache.py from the tokens: the ends + one stack on the device, one batch there and back, p stack passes
     at position p; incremental: one stack pass. Diffusion time-as-depth and fp8 caches always run from the tokens."""
-    from stackwise_cli.bench.plan import FlopShapes, cache_flops_per_token, frozen_bytes
+    from stackwise_cli.bench.plan import frozen_bytes
+    from stackwise_cli.flops import FlopShapes, cache_flops_per_token
 
     r = load_recipe(TINY, ["rack.stacks=4", "cache.dtype=bf16"])
     p = plan(r, BIG, PlanOptions(precision="fp32"))

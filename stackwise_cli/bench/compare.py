@@ -31,17 +31,11 @@ from typing import Any, Literal
 
 import yaml
 
-from stackwise_cli.bench.plan import (
-    FlopShapes,
-    PlanOptions,
-    cache_flops_per_token,
-    param_counts,
-    plan,
-    whole_model_flops_per_token,
-)
+from stackwise_cli.bench.plan import PlanOptions, param_counts, plan
 from stackwise_cli.bench.step import _reset_peak_rss, _rss_bytes, exact_rss_accounting
 from stackwise_cli.build import export_problem_for
 from stackwise_cli.errors import RecipeError, StackwiseError
+from stackwise_cli.flops import FlopShapes, cache_flops_per_token, whole_model_flops_per_token
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import DataRecipe, Recipe, load_recipe
 from stackwise_cli.schema import SchemaError, check, from_data, to_data

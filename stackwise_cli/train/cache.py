@@ -180,8 +180,8 @@ def _build_cache(project: Project, stack_id: int, split: str, dev: torch.device,
         prefix = [s.id for s in m.rack[: m.position(stack_id)]]
         reporter.info(f"cache {stack_id}/{split}: from the tokens, through the embedding and {len(prefix)} stack(s)")
     stacks = _OneStack(project, m, dev)
-    # FLOPs per cached token: one no-grad forward through every stack this pass runs (bench/plan.py's formula).
-    from stackwise_cli.bench.plan import FlopShapes, cache_flops_per_token
+    # FLOPs per cached token: one no-grad forward through every stack this pass runs (flops.py's formula).
+    from stackwise_cli.flops import FlopShapes, cache_flops_per_token
 
     flops_per_token = cache_flops_per_token(
         FlopShapes.of(m.recipe, m.data.seq_len), [m.stack(sid).blocks for sid in prefix]

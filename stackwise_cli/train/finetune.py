@@ -239,9 +239,9 @@ def finetune(
 
 
 def flops_per_token(m: Manifest, spec: FinetuneSpec, trainable_params: int) -> float:
-    """Training FLOPs per token of a fine-tune of the rack, by the planner's formulas (``bench/plan.py``): the whole
+    """Training FLOPs per token of a fine-tune of the rack, by the planner's formulas (``flops.py``): the whole
     model trained (full), or the frozen base with the ``trainable_params`` adapter weights (lora, qlora)."""
-    from stackwise_cli.bench.plan import FlopShapes, lora_flops_per_token, whole_model_flops_per_token
+    from stackwise_cli.flops import FlopShapes, lora_flops_per_token, whole_model_flops_per_token
 
     f = FlopShapes.of(m.recipe, m.data.seq_len)
     blocks, stacks, on = sum(e.blocks for e in m.rack), len(m.rack), m.recipe.train.finetune_checkpointing

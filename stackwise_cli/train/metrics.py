@@ -5,7 +5,7 @@ The numbers go three ways from one place (``Metrics.logged``): the JSONL log lin
 the ``tensorboard`` package is installed: the ``metrics`` extra) event files under ``logs/tb/<run>``. Without
 tensorboard one notice says so and training goes on: metrics never fail a run.
 
-MFU is the model FLOPs (the planner's per-token formulas, ``bench/plan.py``, recomputation by activation
+MFU is the model FLOPs (the per-token formulas the planner uses too, ``flops.py``, recomputation by activation
 checkpointing included) per second over a stated peak of the device (``PEAK_TFLOPS``): dense tensor-core peaks
 from the vendors' data sheets, and for the CPU an assumption, stated in ``CPU_TFLOPS_PER_CORE``.
 """
