@@ -793,7 +793,7 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
         if not progress.points:
             progress.points.append({"after": "train-stack all", "flops": counted_flops(project), "loss": res.eval.loss})
         progress.save()
-    val_loss = score_folder(project.path("fused"), val, c.spec.eval.batch_size, dev)
+    val_loss = score_folder(project.fused_dir, val, c.spec.eval.batch_size, dev)
     return counted_flops(project), meter_how, val_loss, {}
 
 

@@ -65,11 +65,12 @@ def _render(report, verb: str) -> None:
     if report.fused:
         out.print(f"fused: {report.fused['dir']} ({'stale' if report.fused['stale'] else 'up to date'})")
     if report.disk:
+        from stackwise_cli.store.project import CACHE, CKPT
         from stackwise_cli.store.tidy import human_bytes
 
         d = report.disk
         parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in d.items() if k != "total" and v)
-        reclaim = " (`stackwise clean --dry-run` shows what can go)" if d.get("cache", 0) + d.get("ckpt", 0) else ""
+        reclaim = " (`stackwise clean --dry-run` shows what can go)" if d.get(CACHE, 0) + d.get(CKPT, 0) else ""
         out.print(f"disk: {human_bytes(d['total'])} ({parts}){reclaim}")
     for p in report.problems:
         out.print(f"[yellow]{p.what}[/]: {p.file}: {escape(p.detail)} -> {escape(p.fix)}")

@@ -24,6 +24,7 @@ from stackwise_cli.data.split import Split
 from stackwise_cli.data.tokenizer import eos_id, text_encoder
 from stackwise_cli.errors import DataError
 from stackwise_cli.store.files import atomic_replace_dir, tmp_name
+from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_token_shard, write_token_shard
 
 log = logging.getLogger(__name__)
@@ -200,15 +201,14 @@ def pack_corpus(
     Shards are written into staging folders that replace ``data/<split>/`` only once both splits are complete,
     so a failure or a kill leaves the previous data untouched (and no stale shards of an earlier, longer run).
     """
-    project_root = Path(project_root)
+    project = Project(project_root)
     eos = eos_id(tok) if eos is None else eos  # None: <|endoftext|>; a Hugging Face tokenizer names its own
-    data_dir = project_root / "data"
     writers: dict[str, _SplitWriter] = {}
     for split in SPLITS:
-        staging = tmp_name(data_dir / split)
+        staging = tmp_name(project.path(project.split_dir(split)))
         staging.mkdir(parents=True)
         writers[split] = _SplitWriter(
-            split, staging, f"data/{split}", seq_len, sequences_per_shard, hold=split == "val"
+            split, staging, project.split_dir(split), seq_len, sequences_per_shard, hold=split == "val"
         )
     try:
         eos_arr = np.array([eos], dtype=np.int32)
@@ -237,7 +237,7 @@ def pack_corpus(
                     hint="give more input text, or the val text with `stackwise prepare --val-input PATH`",
                 )
         for split, w in writers.items():
-            atomic_replace_dir(w.folder, data_dir / split)
+            atomic_replace_dir(w.folder, project.path(project.split_dir(split)))
     finally:
         for w in writers.values():
             shutil.rmtree(w.folder, ignore_errors=True)  # a no-op once it has been moved into place

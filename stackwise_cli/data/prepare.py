@@ -85,7 +85,7 @@ def prepare(
     reporter.info(_describe(plan, data, val_inputs))
     _warn(reporter, warnings, _small_vocab(tok, recipe.model.vocab_size, given is None))
     project.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(project.root / "tokenizer.json", tok.to_str())
+    atomic_write_text(project.path(project.tokenizer_file), tok.to_str())
 
     n_bytes = sum(len(u.text.encode()) for u in plan.units)
     with reporter.task("tokenize and pack", total=n_bytes) as advance:
@@ -128,8 +128,8 @@ def prepare(
         created=now(),
         recipe=recipe,
         tokenizer=TokenizerEntry(
-            file="tokenizer.json",
-            sha256=sha256_file(project.root / "tokenizer.json"),
+            file=project.tokenizer_file,
+            sha256=sha256_file(project.path(project.tokenizer_file)),
             vocab_size=tok.get_vocab_size(),
             eos_id=eos_id(tok, eos_token),
             eos_token=eos_token,

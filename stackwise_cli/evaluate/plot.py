@@ -50,7 +50,7 @@ def read_runs(project: Project) -> list[Run]:
     """Every training run in ``logs/``, in the order they started."""
     runs: dict[str, Run] = {}
     per_token: dict[str, float] = {}
-    logs = project.path("logs")
+    logs = project.logs_dir
     files = sorted(logs.glob("*.jsonl"), key=lambda p: (LOG_NAME.match(p.name) or {"stamp": ""})["stamp"])
     for path in files:
         match = LOG_NAME.match(path.name)
@@ -80,7 +80,7 @@ def read_runs(project: Project) -> list[Run]:
 def record_eval(project: Project, result) -> Path:
     """Keep an eval's result (``evaluate.eval.EvalResult``) as ``logs/eval-<time>.json``, for ``plot``."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    path = project.path(f"logs/{EVAL_PREFIX}{stamp}-{os.getpid()}.json")
+    path = project.logs_dir / f"{EVAL_PREFIX}{stamp}-{os.getpid()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"time": stamp, **result.to_data()}, indent=2) + "\n")
     return path
@@ -88,7 +88,7 @@ def record_eval(project: Project, result) -> Path:
 
 def latest_eval(project: Project) -> tuple[Path, dict] | None:
     """The newest eval record of the rack on the val split, or None."""
-    for path in sorted(project.path("logs").glob(f"{EVAL_PREFIX}*.json"), reverse=True):
+    for path in sorted(project.logs_dir.glob(f"{EVAL_PREFIX}*.json"), reverse=True):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -123,11 +123,11 @@ def plot(project: Project, out_dir: Path | None = None) -> PlotResult:
     runs = [r for r in read_runs(project) if r.train]
     if not runs:
         raise StackwiseError(
-            f"no training logs in {project.path('logs')}: nothing to plot",
+            f"no training logs in {project.logs_dir}: nothing to plot",
             hint=f"train a stack first (`stackwise train-stack ID -p {project.root}` or `stackwise build`)",
         )
     plt = _pyplot()
-    out_dir = Path(out_dir) if out_dir is not None else project.path("plots")
+    out_dir = Path(out_dir) if out_dir is not None else project.plots_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     title = f"{m.recipe.name} ({m.recipe.objective}, {m.recipe.curriculum})"

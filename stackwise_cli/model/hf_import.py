@@ -604,7 +604,9 @@ def _remove(project, created: bool) -> None:
     if created:
         shutil.rmtree(project.root, ignore_errors=True)
         return
-    for name in ("stackwise.yaml", "data", "stacks", "ends.safetensors", "tokenizer.json", "tokenizer_config.json"):
+    from stackwise_cli.store.project import DATA, ENDS, MANIFEST, STACKS, TOKENIZER, TOKENIZER_CONFIG
+
+    for name in (MANIFEST, DATA, STACKS, ENDS, TOKENIZER, TOKENIZER_CONFIG):
         p = project.root / name
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -622,7 +624,7 @@ def _write(hf_dir, project, recipe, weights, ends_plan, block_plans, embed_rows,
     from stackwise_cli.model.model import Ends, Stack
     from stackwise_cli.store.files import atomic_write_text
     from stackwise_cli.store.manifest import EndsEntry, SourceEntry, StackEntry
-    from stackwise_cli.store.project import record
+    from stackwise_cli.store.project import TOKENIZER_CONFIG, record
     from stackwise_cli.store.weights import save_ends, save_stack
 
     # Hashing is most of the CPU time (the source files once, each written file once): the source is hashed in one
@@ -637,7 +639,7 @@ def _write(hf_dir, project, recipe, weights, ends_plan, block_plans, embed_rows,
         prepare_s = time.perf_counter() - started
         # The project's tokenizer.json says nothing of its end-of-text token; this beside it does (eos_token_of).
         text = json.dumps({"eos_token": m.tokenizer.eos_token}) + "\n"
-        atomic_write_text(project.root / "tokenizer_config.json", text)
+        atomic_write_text(project.path(TOKENIZER_CONFIG), text)
         cfg = recipe.model
         handles = {f: safe_open(str(f), framework="pt") for f in weights.files}
         bytes_read = sum(f.stat().st_size for f in weights.files)
@@ -692,7 +694,7 @@ def _write(hf_dir, project, recipe, weights, ends_plan, block_plans, embed_rows,
             files={f.name: h.result() for f, h in zip(files, source_hashes, strict=True)},
         )
     with project.update() as m:
-        m.ends = EndsEntry(file="ends.safetensors", sha256=ends_sha, input_sha256=input_sha)
+        m.ends = EndsEntry(file=project.ends_file, sha256=ends_sha, input_sha256=input_sha)
         m.rack = entries
         m.next_id = len(entries)
         m.source = source

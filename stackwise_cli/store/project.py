@@ -25,6 +25,21 @@ from stackwise_cli.store.manifest import (
 )
 
 MANIFEST = "stackwise.yaml"
+# The project's layout below its root. Code reaches each place through ``Project``'s path methods, never by name.
+DATA = "data"  # token shards, data/<split>/
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # an imported tokenizer's end-of-text token, beside it
+ENDS = "ends.safetensors"
+STACKS = "stacks"  # stacks/<id>.safetensors
+CACHE = "cache"  # activation caches, cache/<stack>/<split>/
+CKPT = "ckpt"  # checkpoints, ckpt/<stack | all | finetune>/
+BEST = "best"  # a run's best-validation weights, best/<run>.safetensors
+FUSED = "fused"  # the fused model, in Hugging Face format
+LOGS = "logs"
+LOCKS = "locks"
+PLOTS = "plots"
+# The top-level parts, in the order ``status`` lists their disk use.
+PARTS = (DATA, TOKENIZER, ENDS, STACKS, CACHE, CKPT, BEST, FUSED, LOGS)
 
 
 def now() -> str:
@@ -55,25 +70,69 @@ class Project:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
+    # Relative names, as the manifest records them:
+
+    def split_dir(self, split: str) -> str:
+        return f"{DATA}/{split}"
+
+    @property
+    def tokenizer_file(self) -> str:
+        return TOKENIZER
+
+    @property
+    def ends_file(self) -> str:
+        return ENDS
+
     def stack_file(self, stack_id: int) -> str:
-        return f"stacks/{stack_id}.safetensors"
+        return f"{STACKS}/{stack_id}.safetensors"
+
+    # Places on disk:
+
+    @property
+    def stacks_dir(self) -> Path:
+        return self.root / STACKS
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.root / CKPT
 
     def ckpt_dir(self, stack_id: int | str) -> Path:
-        return self.root / "ckpt" / str(stack_id)
+        return self.ckpt_root / str(stack_id)
 
-    def cache_dir(self, stack_id: int, split: str) -> Path:
-        return self.root / "cache" / str(stack_id) / split
+    @property
+    def cache_root(self) -> Path:
+        return self.root / CACHE
+
+    def cache_dir(self, stack_id: int, split: str | None = None) -> Path:
+        """The cache entering ``stack_id`` for ``split``; without a split, the folder of all its splits."""
+        folder = self.cache_root / str(stack_id)
+        return folder if split is None else folder / split
+
+    def best_file(self, run: str) -> Path:
+        return self.root / BEST / f"{run}.safetensors"
+
+    @property
+    def fused_dir(self) -> Path:
+        return self.root / FUSED
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / LOGS
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / PLOTS
 
     def job_lock(self, job: str, what: str):
         """Held for the whole of a long job (training a stack, writing a cache) so two processes never do the
         same one at once; see ``holder_lock``. Under torchrun only rank 0 takes it: the other ranks are that job."""
         if worker_rank():
             return contextlib.nullcontext()
-        return holder_lock(self.root / "locks" / f"{job}.lock", what)
+        return holder_lock(self.root / LOCKS / f"{job}.lock", what)
 
     def log_path(self, command: str) -> Path:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-        return self.root / "logs" / f"{command}-{stamp}-{os.getpid()}.jsonl"
+        return self.logs_dir / f"{command}-{stamp}-{os.getpid()}.jsonl"
 
     # --- manifest ------------------------------------------------------------------------------------------
 

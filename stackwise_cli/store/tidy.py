@@ -14,10 +14,8 @@ from pathlib import Path
 
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.store.manifest import CacheEntry, Manifest, StackEntry
-from stackwise_cli.store.project import MANIFEST, Project
+from stackwise_cli.store.project import CACHE, CKPT, MANIFEST, PARTS, Project
 
-# The top-level parts of a project, in the order ``status`` lists their disk use.
-PARTS = ("data", "tokenizer.json", "ends.safetensors", "stacks", "cache", "ckpt", "best", "fused", "logs")
 _STEP_PREFIX = "step-"  # train/checkpoint.py's checkpoint folders (kept here so status never imports torch)
 _FINETUNE = "finetune"  # train/finetune.py's CKPT_NAME
 
@@ -97,7 +95,7 @@ def drop_stack(project: Project, stack_id: int, force: bool = False) -> Dropped:
             m.rack.remove(entry)
             m.caches = [c for c in m.caches if c.stack != stack_id]
             m.recount_flops()
-        targets = [project.path(entry.file), project.ckpt_dir(stack_id), project.root / "cache" / str(stack_id)]
+        targets = [project.path(entry.file), project.ckpt_dir(stack_id), project.cache_dir(stack_id)]
         freed, removed = 0, []
         for t in targets:
             if t.exists():
@@ -184,11 +182,11 @@ def plan_clean(project: Project, caches: bool = False, checkpoints: bool = False
             plan.items.append(Item(rel, size, f"needed: {need}", needed=True))
         else:
             plan.kept.append(Item(rel, size, f"kept: {need} (--caches removes it too)", needed=True))
-    for folder in sorted(project.path("cache").glob("*/*")):
+    for folder in sorted(project.cache_root.glob("*/*")):
         if folder.is_dir() and _rel(project, folder) not in known:
             plan.items.append(Item(_rel(project, folder), _size(folder), "not in the manifest"))
     # Checkpoints: ckpt/<id>, ckpt/all (end to end), ckpt/finetune (fuse's fine-tune).
-    for folder in sorted(project.path("ckpt").glob("*")):
+    for folder in sorted(project.ckpt_root.glob("*")):
         if not folder.is_dir():
             continue
         steps = sorted(
@@ -218,7 +216,7 @@ def plan_clean(project: Project, caches: bool = False, checkpoints: bool = False
                 )
     # Stack files the manifest no longer lists (a drop killed between the manifest and the delete).
     listed = {s.file for s in m.rack}
-    for f in sorted(project.path("stacks").glob("*.safetensors")):
+    for f in sorted(project.stacks_dir.glob("*.safetensors")):
         if _rel(project, f) not in listed:
             plan.items.append(Item(_rel(project, f), _size(f), "not in the manifest"))
     return plan
@@ -249,18 +247,18 @@ def clean(project: Project, caches: bool = False, checkpoints: bool = False, dry
             held.enter_context(project.job_lock(*name))
         with project.lock():
             project.sweep()
-        cache_rels = {i.path for i in plan.items if i.path.startswith("cache/")}
+        cache_rels = {i.path for i in plan.items if i.path.startswith(f"{CACHE}/")}
         command = "clean" + (" --caches" if caches else "") + (" --checkpoints" if checkpoints else "")
         # Marked in the manifest first: it never vouches for deleted shards. The entry stays, emptied, so the FLOPs
         # that computed it still count (``Manifest.count_flops``) and `stackwise cache` rebuilds it as any other.
         with project.update(command) as m:
             for c in m.caches:
-                if f"cache/{c.stack}/{c.split}" in cache_rels:
+                if _rel(project, project.cache_dir(c.stack, c.split)) in cache_rels:
                     c.shards, c.complete, c.removed = [], False, True
         for item in plan.items:
             _remove(project.path(item.path))
             item.removed = True
-    for parent in (project.path("cache"), project.path("ckpt")):  # empty per-stack folders left behind
+    for parent in (project.cache_root, project.ckpt_root):  # empty per-stack folders left behind
         for folder in sorted(parent.glob("*"), reverse=True) if parent.exists() else []:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
@@ -270,9 +268,9 @@ def clean(project: Project, caches: bool = False, checkpoints: bool = False, dry
 def _job_of(rel: str) -> tuple[str, str] | None:
     """(job lock name, what) of the job that writes ``rel`` (see ``Project.job_lock``); None for none."""
     parts = Path(rel).parts
-    if parts[0] == "cache" and len(parts) >= 3:
+    if parts[0] == CACHE and len(parts) >= 3:
         return f"cache-{parts[1]}-{parts[2]}", f"the {parts[2]} cache of stack {parts[1]}"
-    if parts[0] == "ckpt" and len(parts) >= 2:
+    if parts[0] == CKPT and len(parts) >= 2:
         if parts[1] == _FINETUNE:
             return "fuse-finetune", "the fine-tune of the fused model"
         return f"train-stack-{parts[1]}", f"training of stack {parts[1]}"

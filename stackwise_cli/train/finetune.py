@@ -268,5 +268,5 @@ def _merged(project: Project, m: Manifest, spec: FinetuneSpec, model: Rack) -> R
 def clear_checkpoints(project: Project) -> None:
     """The fine-tune is in fused/ and the manifest: its checkpoints are no longer needed (the best-validation
     weights, with ``train.eval_every``, move to best/finetune.safetensors)."""
-    keep_best(project.ckpt_dir(CKPT_NAME), project.path(f"best/{CKPT_NAME}.safetensors"))
+    keep_best(project.ckpt_dir(CKPT_NAME), project.best_file(CKPT_NAME))
     shutil.rmtree(project.ckpt_dir(CKPT_NAME), ignore_errors=True)

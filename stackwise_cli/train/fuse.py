@@ -10,7 +10,7 @@ from stackwise_cli.evaluate.trained import require_trained
 from stackwise_cli.model.hf import write_fused
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.manifest import FusedEntry, Manifest, StackRef
-from stackwise_cli.store.project import Project
+from stackwise_cli.store.project import FUSED, Project
 
 if TYPE_CHECKING:
     from stackwise_cli.model.model import Rack
@@ -110,7 +110,7 @@ def _write_adapter(project: Project, m: Manifest, model: Rack, spec: FinetuneSpe
     from stackwise_cli.model.hf import HF_FORMATS
     from stackwise_cli.train.lora import PEFT_DIR, write_peft_adapter
 
-    out = project.path(f"fused/{PEFT_DIR}")
+    out = project.fused_dir / PEFT_DIR
     try:
         write_peft_adapter(out, model, HF_FORMATS[m.recipe.model.family], spec.rank, spec.alpha)
     except StackwiseError as e:
@@ -129,7 +129,7 @@ def _write(
     flops: float = 0.0,
 ) -> FusedEntry:
     sha = write_fused(
-        project.path("fused"),
+        project.fused_dir,
         rack,
         project.path(m.tokenizer.file),
         m.tokenizer.eos_token,
@@ -137,7 +137,7 @@ def _write(
         bidirectional=m.recipe.bidirectional,
     )
     entry = FusedEntry(
-        dir="fused",
+        dir=FUSED,
         sha256=sha,
         ends=m.ends.sha256,
         stacks=[StackRef(id=s.id, sha256=s.sha256) for s in m.rack],

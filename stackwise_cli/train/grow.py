@@ -77,7 +77,7 @@ def grow(
             ends = Ends(cfg)
             ends.init_weights(_generator(recipe.train.seed, -1))
             sha, input_sha = save_ends(project, ends)
-            m.ends = EndsEntry(file="ends.safetensors", sha256=sha, input_sha256=input_sha)
+            m.ends = EndsEntry(file=project.ends_file, sha256=sha, input_sha256=input_sha)
 
         if init == "copy":
             if not m.rack:  # only an explicit --init: the recipe's first stack starts random
