@@ -69,7 +69,7 @@ def test_build_resumes_after_a_half_finished_run(built, tmp_path):
 def test_fused_model_loads_in_transformers_with_the_same_logits(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stackwise_cli.store.weights import load_rack
+    from stackwise_cli.model.io import load_rack
 
     root, _, _ = built
     p = Project(root)

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from stackwise_cli.errors import StackwiseError, Stopped
+from stackwise_cli.model.io import load_current_rack
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_token_shard
-from stackwise_cli.store.weights import load_current_rack
 from stackwise_cli.train.finetune import FinetuneSpec, finetune_spec
 from stackwise_cli.train.lora import LoRALinear, add_lora, is_linear, lora_layers, merge_lora
 
@@ -30,9 +30,10 @@ HF_TOL = 1e-4  # fp32 logits, ours against transformers'
 @pytest.fixture(scope="module")
 def _trained(tmp_path_factory, _prepared) -> Path:
     """The tiny project with two 1-block stacks trained left to right for a few steps (built once per module)."""
+    from stackwise_cli.train.loop import train_stack
+
     from stackwise_cli.train.cache import build_cache
     from stackwise_cli.train.grow import grow
-    from stackwise_cli.train.loop import train_stack
 
     root = tmp_path_factory.mktemp("finetune") / "proj"
     shutil.copytree(_prepared, root)
@@ -291,7 +292,7 @@ def test_finetune_lowers_the_loss_exports_the_tuned_model_and_leaves_the_rack_al
         if mode != "full":
             # The model as fine-tuned, with each adapter's frozen base swapped for the fp32 original it was made
             # from, computes what fused/ computes: the merge is W + (alpha/r) B A on the fp32 weights.
-            from stackwise_cli.store.weights import load_stack
+            from stackwise_cli.model.io import load_stack
 
             for e, s in zip(m.rack, model.stacks):
                 original = load_stack(trained, m, e.id)

@@ -105,8 +105,9 @@ def accuracy(rows: list[dict], logprob) -> float:
 
 
 def trained(project: Project, objective: str, steps: int = 10) -> Project:
-    from stackwise_cli.train.grow import grow
     from stackwise_cli.train.loop import train_stack
+
+    from stackwise_cli.train.grow import grow
 
     with project.update() as m:
         m.recipe = dataclasses.replace(m.recipe, objective=objective)
@@ -171,7 +172,7 @@ def rolling_loglikelihood(metrics: dict, texts: list[str]) -> float:
 
 
 def test_clm_rack_then_fused_match_direct_accuracy_and_eval_loss(clm):
-    from stackwise_cli.store.weights import load_current_rack
+    from stackwise_cli.model.io import load_current_rack
     from stackwise_cli.train.fuse import fuse
 
     project, tok, rows, texts, tasks, e = clm
@@ -210,7 +211,7 @@ def test_diffusion_rack_scores_single_token_choices_exactly_and_bounds_perplexit
     """A one-token continuation has one mask to draw (k = L = 1): the Monte-Carlo estimate is exactly log p of the
     token under a [MASK] after the context, which the test computes from the rack's logits."""
     from stackwise_cli.evaluate.eval import val_tokens
-    from stackwise_cli.store.weights import load_current_rack
+    from stackwise_cli.model.io import load_current_rack
 
     trained(project, "diffusion", steps=5)
     m = project.load()

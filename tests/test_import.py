@@ -310,7 +310,7 @@ def test_identity_insert_keeps_the_logits_and_trains_only_the_new_stack(tmp_path
     # Before training, the grown rack exports (fuse's writer; fuse itself wants every stack trained) to the original
     # function at the new depth.
     from stackwise_cli.model.hf import write_fused
-    from stackwise_cli.store.weights import load_rack
+    from stackwise_cli.model.io import load_rack
 
     write_fused(tmp_path / "grown", load_rack(Project(proj), m), proj / "tokenizer.json", "</s>", m.tokenizer.eos_id)
     original = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()

@@ -7,17 +7,17 @@ import shutil
 
 import pytest
 import torch
+from stackwise_cli.train.loop import train_stack
 
 from stackwise_cli.bench.plan import plan
 from stackwise_cli.build import stack_by_stack
 from stackwise_cli.errors import RecipeError
 from stackwise_cli.flops import FlopShapes, cache_flops_per_token, train_stack_flops_per_token
+from stackwise_cli.model.io import load_stack
 from stackwise_cli.recipe import load_recipe
 from stackwise_cli.store.project import Project
-from stackwise_cli.store.weights import load_stack
 from stackwise_cli.train.cache import build_cache
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import train_stack
 
 
 def _set_train(project: Project, **train) -> None:

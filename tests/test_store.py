@@ -90,7 +90,7 @@ def test_manifest_that_is_not_yaml_is_a_clear_error(project):
 
 
 def test_stack_file_checksum_mismatch_is_detected(project):
-    from stackwise_cli.store.weights import load_stack
+    from stackwise_cli.model.io import load_stack
     from stackwise_cli.train.grow import grow
 
     grow(project)
@@ -104,9 +104,10 @@ def test_stack_file_checksum_mismatch_is_detected(project):
 
 
 def test_cache_goes_stale_when_a_producer_changes(project):
+    from stackwise_cli.train.loop import train_stack
+
     from stackwise_cli.train.cache import build_cache
     from stackwise_cli.train.grow import grow
-    from stackwise_cli.train.loop import train_stack
 
     grow(project)
     grow(project)

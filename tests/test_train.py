@@ -12,14 +12,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from stackwise_cli.train.loop import Sampler, lr_at, train_stack
 
 from stackwise_cli.errors import ProjectError, StackwiseError, Stopped
+from stackwise_cli.model.io import load_ends, load_stack
 from stackwise_cli.recipe import TrainRecipe
 from stackwise_cli.store.project import Project
-from stackwise_cli.store.weights import load_ends, load_stack
 from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import Sampler, lr_at, train_stack
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -267,7 +267,7 @@ def test_divergence_stops_training_before_any_checkpoint_holds_it(project, monke
 
 
 def test_readers_reload_the_manifest_when_a_training_run_finishes_under_them(project, monkeypatch):
-    from stackwise_cli.store.weights import load_current_rack
+    from stackwise_cli.model.io import load_current_rack
 
     grow(project)
     stale = project.load()

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.evaluate.causal import masked_next_token_logits, require_mask_id
 from stackwise_cli.evaluate.trained import require_trained, trained_prefix
+from stackwise_cli.model.io import load_current_rack
 from stackwise_cli.model.model import Rack
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.manifest import Manifest, StackEntry
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_token_shard
-from stackwise_cli.store.weights import load_current_rack
 from stackwise_cli.train.objectives import Objective, objective_for, tokenizer_special_ids
 from stackwise_cli.train.precision import pick_device
 

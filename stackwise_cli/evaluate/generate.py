@@ -456,7 +456,7 @@ def generate(
 
     Every input is checked (and a StackwiseError raised) before any weights are loaded."""
     from stackwise_cli.data.tokenizer import id_bound, load_tokenizer
-    from stackwise_cli.store.weights import load_current_rack
+    from stackwise_cli.model.io import load_current_rack
     from stackwise_cli.train.precision import pick_device
 
     m = project.load()

@@ -621,11 +621,11 @@ def _write(hf_dir, project, recipe, weights, ends_plan, block_plans, embed_rows,
     from safetensors import safe_open
 
     from stackwise_cli.data.prepare import prepare
+    from stackwise_cli.model.io import save_ends, save_stack
     from stackwise_cli.model.model import Ends, Stack
     from stackwise_cli.store.files import atomic_write_text
     from stackwise_cli.store.manifest import EndsEntry, SourceEntry, StackEntry
     from stackwise_cli.store.project import TOKENIZER_CONFIG, record
-    from stackwise_cli.store.weights import save_ends, save_stack
 
     # Hashing is most of the CPU time (the source files once, each written file once): the source is hashed in one
     # thread and each stack written (serialised, fsynced, hashed) in another while the next one is read; hashlib and

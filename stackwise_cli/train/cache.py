@@ -16,12 +16,12 @@ import torch
 
 from stackwise_cli.data.pack import SPLITS
 from stackwise_cli.errors import ProjectError, StaleError
+from stackwise_cli.model.io import load_ends, load_stack
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.files import sha256_file
 from stackwise_cli.store.manifest import CacheEntry, CacheShard, Manifest
 from stackwise_cli.store.project import Project, record
 from stackwise_cli.store.shards import read_hidden_shard, read_token_shard, write_hidden_shard
-from stackwise_cli.store.weights import load_ends, load_stack
 from stackwise_cli.train.loop import check_left_to_right
 from stackwise_cli.train.objectives import CACHE_EPOCH, stack_objective
 from stackwise_cli.train.precision import pick_device

@@ -25,11 +25,11 @@ import torch
 
 from stackwise_cli.errors import StackwiseError
 from stackwise_cli.model.hf import check_exportable
+from stackwise_cli.model.io import load_current_rack, load_ends, load_stack
 from stackwise_cli.model.model import Rack, Stack
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.manifest import Manifest
 from stackwise_cli.store.project import Project, digest
-from stackwise_cli.store.weights import load_current_rack, load_ends, load_stack
 from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train import distributed
 from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_PRECISIONS

@@ -58,7 +58,7 @@ def fuse(
         raise ProjectError("the rack is empty: nothing to fuse", hint="run `stackwise build`")
     require_trained(project, m, "fuse would export")
     if finetune is None:
-        from stackwise_cli.store.weights import load_current_rack
+        from stackwise_cli.model.io import load_current_rack
 
         if distributed.launched() > 1 and not distributed.is_main():
             return None  # nothing to train: rank 0 writes fused/

@@ -7,10 +7,10 @@ from typing import Literal
 import torch
 
 from stackwise_cli.errors import ProjectError
+from stackwise_cli.model.io import load_stack, save_ends, save_stack
 from stackwise_cli.model.model import Ends, Stack
 from stackwise_cli.store.manifest import EndsEntry, StackEntry
 from stackwise_cli.store.project import Project, record
-from stackwise_cli.store.weights import load_stack, save_ends, save_stack
 from stackwise_cli.train.objectives import planned_ratio
 
 Side = Literal["right", "left"]

@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from stackwise_cli.errors import EXIT_INTERRUPTED, ProjectError, StackwiseError, Stopped
+from stackwise_cli.model.io import load_ends, load_stack, save_ends, save_stack
 from stackwise_cli.model.model import Ends, Stack
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import TrainRecipe
 from stackwise_cli.store.manifest import Manifest, StackEntry
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.shards import HiddenShard, TokenShard, read_hidden_shard, read_token_shard
-from stackwise_cli.store.weights import load_ends, load_stack, save_ends, save_stack
 from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train import distributed
 from stackwise_cli.train.defaults import adamw_step
