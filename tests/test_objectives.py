@@ -12,8 +12,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from stackwise_cli.train.loop import train_stack
-from stackwise_cli.train.objectives import CACHE_EPOCH, Objective, objective_for, stack_objective, uniform
 
 from stackwise_cli.errors import ProjectError, StaleError
 from stackwise_cli.model.io import load_ends, load_stack
@@ -22,6 +20,8 @@ from stackwise_cli.store.files import sha256_file
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache
 from stackwise_cli.train.grow import grow
+from stackwise_cli.train.loop import train_stack
+from stackwise_cli.train.objectives import CACHE_EPOCH, Objective, objective_for, stack_objective, uniform
 
 MASK, VOCAB = 1, 512
 

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from stackwise_cli.train.loop import train_stack
 
 from stackwise_cli.bench.plan import plan
 from stackwise_cli.build import stack_by_stack
@@ -18,6 +17,7 @@ from stackwise_cli.recipe import load_recipe
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache
 from stackwise_cli.train.grow import grow
+from stackwise_cli.train.loop import train_stack
 
 
 def _set_train(project: Project, **train) -> None:

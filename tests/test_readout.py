@@ -42,11 +42,10 @@ def alphabet_corpus(path: Path, documents: int = 400, letters: int = 60) -> Path
 @pytest.fixture(scope="module")
 def alphabet_mlm(tmp_path_factory) -> Project:
     """A one-stack mlm rack trained for 300 steps on the cyclic alphabet (a few seconds on 2 cores). Read only."""
-    from stackwise_cli.train.loop import train_stack
-
     from stackwise_cli.data.prepare import prepare
     from stackwise_cli.recipe import load_recipe
     from stackwise_cli.train.grow import grow
+    from stackwise_cli.train.loop import train_stack
 
     tmp = tmp_path_factory.mktemp("alphabet")
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(ALPHABET_MLM))
@@ -127,9 +126,8 @@ def set_states(project: Project, **states: str) -> None:
 @pytest.fixture
 def half_trained(project: Project) -> Project:
     """Left to right, two stacks: 0 trained (3 steps), 1 new."""
-    from stackwise_cli.train.loop import train_stack
-
     from stackwise_cli.train.grow import grow
+    from stackwise_cli.train.loop import train_stack
 
     grow(project, "right")
     train_stack(project, 0, steps=3, device="cpu")
@@ -185,9 +183,8 @@ def test_fuse_and_generate_refuse_untrained_stacks_naming_the_command(half_train
 def test_other_curricula_refuse_to_score_a_partly_trained_rack(project: Project):
     import dataclasses
 
-    from stackwise_cli.train.loop import train_stack
-
     from stackwise_cli.train.grow import grow
+    from stackwise_cli.train.loop import train_stack
 
     with project.update() as m:
         m.recipe = dataclasses.replace(m.recipe, curriculum="right-to-left")
@@ -232,13 +229,13 @@ def test_fused_tensors_read_back_into_the_rack_exactly(model, bidirectional):
 def test_eval_fused_scores_the_fine_tuned_model_as_transformers_does(project: Project):
     import json
 
-    from stackwise_cli.train.loop import train_stack
     from transformers import AutoModelForCausalLM
 
     from stackwise_cli.evaluate.eval import evaluate, val_tokens
     from stackwise_cli.train.finetune import finetune_spec
     from stackwise_cli.train.fuse import fuse
     from stackwise_cli.train.grow import grow
+    from stackwise_cli.train.loop import train_stack
 
     root = project.root
     grow(project, "right")
@@ -269,13 +266,12 @@ def test_eval_fused_scores_the_fine_tuned_model_as_transformers_does(project: Pr
 
 def test_a_fused_model_too_big_for_the_device_leaves_val_loss_unset_and_says_how(project: Project, monkeypatch):
     # fused/ is written before it is scored: an fp32 model the GPU cannot hold is a line, not a lost fine-tune.
-    from stackwise_cli.train.loop import train_stack
-
     import stackwise_cli.evaluate.eval as ev
     from stackwise_cli.progress import Reporter
     from stackwise_cli.train.finetune import finetune_spec
     from stackwise_cli.train.fuse import fuse
     from stackwise_cli.train.grow import grow
+    from stackwise_cli.train.loop import train_stack
 
     class Lines(Reporter):
         said: list[str] = []

@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from stackwise_cli.train.loop import Sampler, lr_at, train_stack
 
 from stackwise_cli.errors import ProjectError, StackwiseError, Stopped
 from stackwise_cli.model.io import load_ends, load_stack
@@ -20,6 +19,7 @@ from stackwise_cli.recipe import TrainRecipe
 from stackwise_cli.store.project import Project
 from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train.grow import grow
+from stackwise_cli.train.loop import Sampler, lr_at, train_stack
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
