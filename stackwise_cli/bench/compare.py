@@ -702,8 +702,8 @@ def run_arm(c: Comparison, ap: ArmPlan, device: str = "auto", reporter: Reporter
     if done is not None:
         reporter.info(f"arm {ap.arm.name}: finished earlier, skipped")
         return done
+    from stackwise_cli.device import pick_device
     from stackwise_cli.evaluate.eval import val_tokens
-    from stackwise_cli.train.precision import pick_device
 
     dev = pick_device(device)
     arm_dir = c.arm_dir(ap.arm.name)

@@ -45,7 +45,7 @@ def step(
 ) -> None:
     """One training step of a stack (from its cache) against one step of the whole model trained end to end."""
     from stackwise_cli.bench.step import bench_step
-    from stackwise_cli.train.precision import pick_device
+    from stackwise_cli.device import pick_device
 
     dev = str(pick_device(device))
     rows = bench_step(_recipe(recipe, set_, project), dev, batch_size, warmup, repeats)
@@ -92,8 +92,8 @@ def attention(
 ) -> None:
     """Each attention kind and backend against sequence length: tokens/s and peak memory (forward + backward)."""
     from stackwise_cli.bench.attention import bench_attention
+    from stackwise_cli.device import pick_device
     from stackwise_cli.errors import StackwiseError
-    from stackwise_cli.train.precision import pick_device
 
     try:
         lens = [int(x) for x in seq_lens.split(",") if x.strip()]
@@ -127,7 +127,7 @@ def kernels(
 ) -> None:
     """Each custom kernel against its torch reference: time and achieved bandwidth vs the device's copy bandwidth."""
     from stackwise_cli.bench.kernels import bench_kernels
-    from stackwise_cli.train.precision import pick_device
+    from stackwise_cli.device import pick_device
 
     dev = str(pick_device(device))
     rows = bench_kernels(dev, repeats=repeats, warmup=warmup)

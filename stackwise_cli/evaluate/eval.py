@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stackwise_cli.device import pick_device
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.evaluate.causal import masked_next_token_logits, require_mask_id
 from stackwise_cli.evaluate.trained import require_trained, trained_prefix
@@ -20,7 +21,6 @@ from stackwise_cli.store.manifest import Manifest, StackEntry
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_token_shard
 from stackwise_cli.train.objectives import Objective, objective_for, tokenizer_special_ids
-from stackwise_cli.train.precision import pick_device
 
 
 @dataclass

@@ -456,8 +456,8 @@ def generate(
 
     Every input is checked (and a StackwiseError raised) before any weights are loaded."""
     from stackwise_cli.data.tokenizer import id_bound, load_tokenizer
+    from stackwise_cli.device import pick_device
     from stackwise_cli.model.io import load_current_rack
-    from stackwise_cli.train.precision import pick_device
 
     m = project.load()
     if not m.rack:

@@ -466,9 +466,9 @@ def _limit(limit: float | None) -> int | float | None:
 
 def build_lm(project: Project, m, adapter: str, fused: bool, device: str, batch_size: int, mc_samples: int):
     """(the harness model, model: fused|rack) for the project. ``adapter``: hf | stackwise."""
+    from stackwise_cli.device import pick_device
     from stackwise_cli.evaluate.eval import scored_stacks
     from stackwise_cli.model.io import load_current_rack
-    from stackwise_cli.train.precision import pick_device
 
     dev = pick_device(device)
     if adapter == "hf":

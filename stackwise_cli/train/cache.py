@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from stackwise_cli.data.pack import SPLITS
+from stackwise_cli.device import pick_device
 from stackwise_cli.errors import ProjectError, StaleError
 from stackwise_cli.model.io import load_ends, load_stack
 from stackwise_cli.progress import QUIET, Reporter
@@ -24,7 +25,6 @@ from stackwise_cli.store.project import Project, record
 from stackwise_cli.store.shards import read_hidden_shard, read_token_shard, write_hidden_shard
 from stackwise_cli.train.loop import check_left_to_right
 from stackwise_cli.train.objectives import CACHE_EPOCH, stack_objective
-from stackwise_cli.train.precision import pick_device
 
 
 def _start_entry(project: Project, stack_id: int, split: str) -> tuple[CacheEntry, bool]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stackwise_cli.device import pick_device
 from stackwise_cli.errors import StackwiseError
 from stackwise_cli.model.hf import check_exportable
 from stackwise_cli.model.io import load_current_rack, load_ends, load_stack
@@ -48,7 +49,7 @@ from stackwise_cli.train.loop import (
 from stackwise_cli.train.lora import Adapters, add_lora, merge_lora
 from stackwise_cli.train.metrics import Metrics, Validation, device_peak, keep_best
 from stackwise_cli.train.objectives import stack_objective
-from stackwise_cli.train.precision import autocast, pick_device, resolve_precision
+from stackwise_cli.train.precision import autocast, resolve_precision
 
 MODES = ("full", "lora", "qlora")
 # How the frozen base's linear weights are held, and the precisions a fine-tune computes in: in train/defaults.py,

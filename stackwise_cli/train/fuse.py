@@ -50,8 +50,8 @@ def fuse(
     fused/ on the validation split (``fused.val_loss``, as ``eval --fused``). The project's stack and ends files are
     never changed. Under torchrun the fine-tune runs on every rank (``train/distributed.py``) and rank 0 alone
     writes fused/ and the manifest; the other ranks return None."""
+    from stackwise_cli.device import pick_device
     from stackwise_cli.train import distributed
-    from stackwise_cli.train.precision import pick_device
 
     m = project.load()
     if not m.rack:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stackwise_cli.device import pick_device
 from stackwise_cli.errors import EXIT_INTERRUPTED, ProjectError, StackwiseError, Stopped
 from stackwise_cli.model.io import load_ends, load_stack, save_ends, save_stack
 from stackwise_cli.model.model import Ends, Stack
@@ -50,7 +51,7 @@ from stackwise_cli.train.metrics import (
     tb_dir,
 )
 from stackwise_cli.train.objectives import CACHE_EPOCH, Objective, stack_objective
-from stackwise_cli.train.precision import autocast, grad_scaler, pick_device, resolve_precision
+from stackwise_cli.train.precision import autocast, grad_scaler, resolve_precision
 
 RESUME = ("auto", "never")
 

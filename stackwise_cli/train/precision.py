@@ -1,4 +1,5 @@
-"""Device and precision choices, each resolved in one place with a clear error for what cannot be done."""
+"""Precision choices, each resolved in one place with a clear error for what cannot be done (the device is
+``device.pick_device``'s)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,6 @@ from stackwise_cli.errors import StackwiseError
 from stackwise_cli.train.defaults import GPU_PRECISION
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` = the GPU when there is one, else the CPU. An explicit device that is absent is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise StackwiseError(f"--device {name}: no CUDA device is visible to this process", hint="use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise StackwiseError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
