@@ -14,13 +14,13 @@ from pathlib import Path
 from stackwise_cli.data.prepare import prepare
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.evaluate.eval import EvalResult, evaluate
+from stackwise_cli.fuse import ANY, fuse, is_fused
 from stackwise_cli.model.hf import export_problem
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import Recipe, load_recipe
 from stackwise_cli.store.manifest import StackEntry
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache, is_fresh
-from stackwise_cli.train.fuse import ANY, fuse, is_fused
 from stackwise_cli.train.grow import grow
 from stackwise_cli.train.loop import train_stack
 

@@ -176,8 +176,8 @@ def test_end_to_end_checkpoint_of_one_process_resumes_on_two_ranks(end_to_end, t
 def test_fuse_finetune_on_two_ranks_writes_what_one_process_writes(end_to_end, tmp_path):
     train_stack(end_to_end, "all", steps=4)
     one = copy(end_to_end, tmp_path, "one")
+    from stackwise_cli.fuse import fuse
     from stackwise_cli.train.finetune import finetune_spec
-    from stackwise_cli.train.fuse import fuse
 
     fuse(one, finetune_spec(6, "full", None, None))
     done = subprocess.run(

@@ -88,8 +88,8 @@ def _hf_logits(project: Project, tokens: torch.Tensor) -> torch.Tensor:
 
 def _finetune(project: Project, mode: str, steps: int = STEPS, **kw):
     """fuse with a fine-tune, keeping the in-memory result the test compares against."""
+    from stackwise_cli.fuse import fuse
     from stackwise_cli.train import finetune as ft
-    from stackwise_cli.train.fuse import fuse
 
     kept = {}
     real = ft.finetune
@@ -218,7 +218,7 @@ def test_cli_refuses_bad_options_in_one_line(trained):
 
 
 def test_too_few_steps_for_the_warmup_are_refused(trained):
-    from stackwise_cli.train.fuse import fuse
+    from stackwise_cli.fuse import fuse
 
     with trained.update() as m:
         m.recipe = _with_warmup(m.recipe, 5)
@@ -237,7 +237,7 @@ def _with_warmup(recipe, warmup: int):
 
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 def test_finetune_lowers_the_loss_exports_the_tuned_model_and_leaves_the_rack_alone(trained, mode):
-    from stackwise_cli.train.fuse import ANY, is_fused
+    from stackwise_cli.fuse import ANY, is_fused
 
     before = _files(trained)
     _, rack = load_current_rack(trained)
@@ -324,7 +324,7 @@ def test_lora_resume_after_an_interrupt_is_bit_identical(trained, tmp_path):
 
 
 def test_a_plain_fuse_after_a_finetune_records_no_finetune(trained):
-    from stackwise_cli.train.fuse import fuse, is_fused
+    from stackwise_cli.fuse import fuse, is_fused
 
     _finetune(trained, "full", steps=3)
     entry = fuse(trained)

@@ -114,8 +114,8 @@ def test_a_fine_tune_records_its_flops_on_fused(project, mode):
     (mlp.down, whose output nothing saves) is not run again: the counter sees 2 d F per token less per block than
     the formula (exactly, full; LoRA's adapters on down change what is skipped: within 5%). The LoRA merge
     (B @ A per layer, once, after training) is not training and not recorded."""
+    from stackwise_cli.fuse import _write
     from stackwise_cli.train.finetune import finetune, finetune_spec
-    from stackwise_cli.train.fuse import _write
 
     _reference_attention(project)
     grow(project)

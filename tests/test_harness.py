@@ -171,8 +171,8 @@ def rolling_loglikelihood(metrics: dict, texts: list[str]) -> float:
 
 
 def test_clm_rack_then_fused_match_direct_accuracy_and_eval_loss(clm):
+    from stackwise_cli.fuse import fuse
     from stackwise_cli.model.io import load_current_rack
-    from stackwise_cli.train.fuse import fuse
 
     project, tok, rows, texts, tasks, e = clm
     _, rack = load_current_rack(project)

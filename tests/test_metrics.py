@@ -250,8 +250,8 @@ def test_lora_adapter_loads_in_peft_on_the_unmerged_export(evaluated, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
+    from stackwise_cli.fuse import fuse
     from stackwise_cli.train.finetune import finetune_spec
-    from stackwise_cli.train.fuse import fuse
 
     fuse(evaluated)  # the rack exported as trained: the adapter's base
     shutil.copytree(evaluated.path("fused"), tmp_path / "base")

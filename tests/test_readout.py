@@ -232,8 +232,8 @@ def test_eval_fused_scores_the_fine_tuned_model_as_transformers_does(project: Pr
     from transformers import AutoModelForCausalLM
 
     from stackwise_cli.evaluate.eval import evaluate, val_tokens
+    from stackwise_cli.fuse import fuse
     from stackwise_cli.train.finetune import finetune_spec
-    from stackwise_cli.train.fuse import fuse
     from stackwise_cli.train.grow import grow
     from stackwise_cli.train.loop import train_stack
 
@@ -267,9 +267,9 @@ def test_eval_fused_scores_the_fine_tuned_model_as_transformers_does(project: Pr
 def test_a_fused_model_too_big_for_the_device_leaves_val_loss_unset_and_says_how(project: Project, monkeypatch):
     # fused/ is written before it is scored: an fp32 model the GPU cannot hold is a line, not a lost fine-tune.
     import stackwise_cli.evaluate.eval as ev
+    from stackwise_cli.fuse import fuse
     from stackwise_cli.progress import Reporter
     from stackwise_cli.train.finetune import finetune_spec
-    from stackwise_cli.train.fuse import fuse
     from stackwise_cli.train.grow import grow
     from stackwise_cli.train.loop import train_stack
 

@@ -754,8 +754,8 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
     from stackwise_cli.bench.peer import score_folder
     from stackwise_cli.build import build, stack_by_stack
     from stackwise_cli.evaluate.eval import evaluate
+    from stackwise_cli.fuse import fuse, is_fused
     from stackwise_cli.train.finetune import FinetuneSpec
-    from stackwise_cli.train.fuse import fuse, is_fused
 
     project = _arm_project(c, ap)
     meter_how = PeakMemory(dev).how

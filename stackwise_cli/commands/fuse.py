@@ -47,10 +47,10 @@ def fuse(
     """Assemble ends + rack into one model in fused/ (Hugging Face format), optionally fine-tuned end to end first.
     The fine-tune checkpoints in ckpt/finetune; SIGTERM/SIGUSR1 checkpoint and exit 75: rerun to resume."""
     from stackwise_cli.errors import StackwiseError
+    from stackwise_cli.fuse import fuse as run
     from stackwise_cli.store.project import Project
     from stackwise_cli.train.distributed import launched
     from stackwise_cli.train.finetune import finetune_spec
-    from stackwise_cli.train.fuse import fuse as run
 
     spec = finetune_spec(finetune_steps, finetune, lora_rank, lora_alpha)
     if set_ and launched() > 1:

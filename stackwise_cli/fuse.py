@@ -1,5 +1,6 @@
-"""``fuse``: ends + rack assembled into one model, optionally fine-tuned end to end (``train/finetune.py``), and
-written to ``fused/`` in Hugging Face format."""
+"""``fuse``: ends + rack assembled into one model, optionally fine-tuned end to end (``train/finetune.py``),
+written to ``fused/`` in Hugging Face format, and scored there (``evaluate/``). A stage above training and
+evaluation, as ``build`` is: it refuses untrained stacks, runs the fine-tune and scores what it wrote."""
 
 from __future__ import annotations
 
