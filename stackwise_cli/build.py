@@ -22,7 +22,7 @@ from stackwise_cli.store.manifest import StackEntry
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache, is_fresh
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import train_stack
+from stackwise_cli.train.stack import train_stack
 
 
 @dataclass

@@ -16,8 +16,8 @@ from stackwise_cli.store.e4m3 import fp8_dequantize_reference, fp8_quantize_refe
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_hidden_shard, read_token_shard
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import train_stack
 from stackwise_cli.train.objectives import CACHE_EPOCH, stack_objective
+from stackwise_cli.train.stack import train_stack
 
 
 def _recipe(project: Project, stacks: int, objective: str | None = None, cache_dtype: str | None = None) -> None:

@@ -27,7 +27,7 @@ from stackwise_cli.errors import ProjectError
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import train_stack
+from stackwise_cli.train.stack import train_stack
 
 # Fixed width, no colour, and never the debug switch unless a test sets it (None unsets a variable).
 ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb", "STACKWISE_DEBUG": None}

@@ -175,10 +175,10 @@ def test_three_arms_run_report_and_resume_without_retraining(tmp_path, monkeypat
     assert [a["name"] for a in r.arms] == ["l2r"] and r.missing == ["e2e", "peer"]
 
     import stackwise_cli.bench.peer as peer_mod
-    import stackwise_cli.train.loop as loop
+    import stackwise_cli.train.stack as stack_mod
 
     trained = []
-    real_train_stack = loop.train_stack
+    real_train_stack = stack_mod.train_stack
 
     def counting(project, stack_id, *a, **k):
         trained.append((project.root.parent.name, stack_id))
@@ -186,7 +186,7 @@ def test_three_arms_run_report_and_resume_without_retraining(tmp_path, monkeypat
 
     import stackwise_cli.build as build_mod
 
-    monkeypatch.setattr(loop, "train_stack", counting)
+    monkeypatch.setattr(stack_mod, "train_stack", counting)
     monkeypatch.setattr(build_mod, "train_stack", counting)
     r = cmp.compare(spec, device="cpu")
     assert trained == [("e2e", "all")]  # l2r finished earlier: skipped, not retrained

@@ -26,7 +26,7 @@ from stackwise_cli.store.project import Project
 from stackwise_cli.store.status import status
 from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import train_stack
+from stackwise_cli.train.stack import train_stack
 
 TIMEOUT = 240  # seconds for one launch: far above what it takes on a loaded 2-core machine
 # fp32: two half-batch gradients averaged differ from one whole-batch gradient in the last bits, and Adam carries

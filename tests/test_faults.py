@@ -225,7 +225,7 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_exits_130_and_resumes(project):
     import signal
 
     from stackwise_cli.errors import Stopped
-    from stackwise_cli.train.loop import train_stack
+    from stackwise_cli.train.stack import train_stack
 
     cli(project.root, ["grow"])
     cmd = subprocess_cmd(project.root, ["train-stack", "0", "--steps", "5000"])

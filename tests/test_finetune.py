@@ -32,7 +32,7 @@ def _trained(tmp_path_factory, _prepared) -> Path:
     """The tiny project with two 1-block stacks trained left to right for a few steps (built once per module)."""
     from stackwise_cli.train.cache import build_cache
     from stackwise_cli.train.grow import grow
-    from stackwise_cli.train.loop import train_stack
+    from stackwise_cli.train.stack import train_stack
 
     root = tmp_path_factory.mktemp("finetune") / "proj"
     shutil.copytree(_prepared, root)

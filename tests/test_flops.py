@@ -16,7 +16,7 @@ from stackwise_cli.bench.plan import plan
 from stackwise_cli.flops import FlopShapes
 from stackwise_cli.train.cache import build_cache
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import train_stack
+from stackwise_cli.train.stack import train_stack
 
 ENV = {"COLUMNS": "160", "NO_COLOR": "1", "TERM": "dumb", "STACKWISE_DEBUG": None}
 

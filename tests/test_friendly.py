@@ -31,7 +31,7 @@ from stackwise_cli.data.corpus import ReadStats, iter_documents
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import train_stack
+from stackwise_cli.train.stack import train_stack
 
 ENV = {"COLUMNS": "80", "NO_COLOR": "1", "TERM": "dumb", "STACKWISE_DEBUG": None}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

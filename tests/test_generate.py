@@ -33,7 +33,7 @@ from stackwise_cli.model.config import AttentionConfig, ModelConfig
 from stackwise_cli.model.model import Ends, Rack, Stack
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import train_stack
+from stackwise_cli.train.stack import train_stack
 
 V = 64
 MASK = V - 1  # the [MASK] id of the hand-built racks

@@ -106,7 +106,7 @@ def accuracy(rows: list[dict], logprob) -> float:
 
 def trained(project: Project, objective: str, steps: int = 10) -> Project:
     from stackwise_cli.train.grow import grow
-    from stackwise_cli.train.loop import train_stack
+    from stackwise_cli.train.stack import train_stack
 
     with project.update() as m:
         m.recipe = dataclasses.replace(m.recipe, objective=objective)

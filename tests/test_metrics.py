@@ -21,7 +21,7 @@ from stackwise_cli.recipe import TrainRecipe
 from stackwise_cli.store.project import Project
 from stackwise_cli.train import metrics
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import train_stack
+from stackwise_cli.train.stack import train_stack
 
 runner = CliRunner()
 

@@ -20,8 +20,8 @@ from stackwise_cli.store.files import sha256_file
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import train_stack
 from stackwise_cli.train.objectives import CACHE_EPOCH, Objective, objective_for, stack_objective, uniform
+from stackwise_cli.train.stack import train_stack
 
 MASK, VOCAB = 1, 512
 
@@ -292,7 +292,7 @@ def test_right_to_left_trains_the_embedding_with_the_leftmost_stack_not_the_head
 def test_right_to_left_gradient_reaches_the_new_stack_through_the_frozen_suffix(project):
     """The new stack learns through the suffix and head: its gradient is what backprop through the (checkpointed,
     4-bit) suffix gives, and differs from the gradient of the new stack read out directly by the head."""
-    from stackwise_cli.train.loop import _freeze, _setup_one
+    from stackwise_cli.train.stack import _freeze, _setup_one
 
     _set(project, curriculum="right-to-left", train={"frozen_dtype": "fp32"})
     grow(project, "left")

@@ -136,8 +136,8 @@ def test_nf4_suffix_is_smaller_than_bf16():
     counts = param_counts(r)
     block_matmul = counts["block"] - 2 * r.model.d_model  # the two norm weights are not matmul weights
     # the suffix in bf16, the frozen final norm and head in fp32 (with a suffix only the new stack and embedding
-    # train, as train/loop.py does), and one block's weights dequantised and cast to bf16 for its backward (all but
-    # o and down, which read bf16 inputs and use the stored weight: the next test)
+    # train, as train/curriculum.py does), and one block's weights dequantised and cast to bf16 for its backward (all
+    # but o and down, which read bf16 inputs and use the stored weight: the next test)
     head_and_norm = counts["head"] + counts["final_norm"]
     o_and_down = r.model.d_model * (r.model.n_heads * r.model.head_dim + r.model.ffn_dim)
     assert by["bf16"] == pytest.approx(2 * suffix + 4 * head_and_norm + 2 * (block_matmul - o_and_down), rel=1e-3)
@@ -273,7 +273,7 @@ def test_adamw_step_temporaries_follow_the_device_the_plan_is_for():
 def test_make_optimizer_runs_the_step_the_plan_counts():
     from stackwise_cli.recipe import TrainRecipe
     from stackwise_cli.train.defaults import adamw_step
-    from stackwise_cli.train.loop import make_optimizer
+    from stackwise_cli.train.optim import make_optimizer
 
     assert (adamw_step("cuda"), adamw_step("cpu")) == ("fused", "foreach")
     params = {"w": torch.nn.Parameter(torch.randn(4, 4)), "g": torch.nn.Parameter(torch.ones(4))}

@@ -17,7 +17,7 @@ from stackwise_cli.recipe import load_recipe
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import train_stack
+from stackwise_cli.train.stack import train_stack
 
 
 def _set_train(project: Project, **train) -> None:
@@ -88,7 +88,7 @@ def test_bad_prefix_and_step_scale_name_the_key(tiny_recipe_path, overrides, key
 def test_a_whole_rack_schedule_gives_each_stack_its_slice_of_one_cosine(project):
     import json
 
-    from stackwise_cli.train.loop import lr_at
+    from stackwise_cli.train.optim import lr_at
 
     _set_train(
         project,

@@ -45,7 +45,7 @@ def alphabet_mlm(tmp_path_factory) -> Project:
     from stackwise_cli.data.prepare import prepare
     from stackwise_cli.recipe import load_recipe
     from stackwise_cli.train.grow import grow
-    from stackwise_cli.train.loop import train_stack
+    from stackwise_cli.train.stack import train_stack
 
     tmp = tmp_path_factory.mktemp("alphabet")
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(ALPHABET_MLM))
@@ -127,7 +127,7 @@ def set_states(project: Project, **states: str) -> None:
 def half_trained(project: Project) -> Project:
     """Left to right, two stacks: 0 trained (3 steps), 1 new."""
     from stackwise_cli.train.grow import grow
-    from stackwise_cli.train.loop import train_stack
+    from stackwise_cli.train.stack import train_stack
 
     grow(project, "right")
     train_stack(project, 0, steps=3, device="cpu")
@@ -184,7 +184,7 @@ def test_other_curricula_refuse_to_score_a_partly_trained_rack(project: Project)
     import dataclasses
 
     from stackwise_cli.train.grow import grow
-    from stackwise_cli.train.loop import train_stack
+    from stackwise_cli.train.stack import train_stack
 
     with project.update() as m:
         m.recipe = dataclasses.replace(m.recipe, curriculum="right-to-left")
@@ -235,7 +235,7 @@ def test_eval_fused_scores_the_fine_tuned_model_as_transformers_does(project: Pr
     from stackwise_cli.fuse import fuse
     from stackwise_cli.train.finetune import finetune_spec
     from stackwise_cli.train.grow import grow
-    from stackwise_cli.train.loop import train_stack
+    from stackwise_cli.train.stack import train_stack
 
     root = project.root
     grow(project, "right")
@@ -271,7 +271,7 @@ def test_a_fused_model_too_big_for_the_device_leaves_val_loss_unset_and_says_how
     from stackwise_cli.progress import Reporter
     from stackwise_cli.train.finetune import finetune_spec
     from stackwise_cli.train.grow import grow
-    from stackwise_cli.train.loop import train_stack
+    from stackwise_cli.train.stack import train_stack
 
     class Lines(Reporter):
         said: list[str] = []

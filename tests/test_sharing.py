@@ -110,7 +110,7 @@ def test_a_second_trainer_of_the_same_stack_is_refused(project):
 def test_a_cache_and_a_training_run_update_the_manifest_side_by_side(project):
     """train-stack 1 in one process while another writes the val cache of stack 1: both updates land."""
     from stackwise_cli.train.cache import build_cache
-    from stackwise_cli.train.loop import train_stack
+    from stackwise_cli.train.stack import train_stack
 
     grow(project)
     grow(project)

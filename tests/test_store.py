@@ -106,7 +106,7 @@ def test_stack_file_checksum_mismatch_is_detected(project):
 def test_cache_goes_stale_when_a_producer_changes(project):
     from stackwise_cli.train.cache import build_cache
     from stackwise_cli.train.grow import grow
-    from stackwise_cli.train.loop import train_stack
+    from stackwise_cli.train.stack import train_stack
 
     grow(project)
     grow(project)

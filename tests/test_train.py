@@ -18,8 +18,10 @@ from stackwise_cli.model.io import load_ends, load_stack
 from stackwise_cli.recipe import TrainRecipe
 from stackwise_cli.store.project import Project
 from stackwise_cli.train import checkpoint as ckpt
+from stackwise_cli.train.data import Sampler
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.loop import Sampler, lr_at, train_stack
+from stackwise_cli.train.optim import lr_at
+from stackwise_cli.train.stack import train_stack
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -497,7 +499,7 @@ def test_a_fused_adamw_resumes_from_its_checkpoint_tensors():
     """On CUDA make_optimizer runs AdamW's fused step, which keeps its step count on the parameter's device: the
     checkpoint's tensors load into it and the next step is the uninterrupted one (fused AdamW is built directly on
     a machine without CUDA, to exercise the same loading path)."""
-    from stackwise_cli.train.loop import make_optimizer
+    from stackwise_cli.train.optim import make_optimizer
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
@@ -575,10 +577,10 @@ def test_sampler_start_is_a_position_in_one_stream_of_epochs():
 
 def _record_rows(monkeypatch) -> list[list[int]]:
     """Every training batch's sequence ids, one list per train_stack call (a new list at each sampler made)."""
-    from stackwise_cli.train import loop
+    from stackwise_cli.train import data
 
     runs: list[list[int]] = []
-    init, get = loop.Sampler.__init__, loop.Sequences.get
+    init, get = data.Sampler.__init__, data.Sequences.get
 
     def sampler_init(self, *a, **k):
         runs.append([])
@@ -589,8 +591,8 @@ def _record_rows(monkeypatch) -> list[list[int]]:
         runs[-1].extend(int(i) for i in batch.seq_ids)
         return batch
 
-    monkeypatch.setattr(loop.Sampler, "__init__", sampler_init)
-    monkeypatch.setattr(loop.Sequences, "get", recording_get)
+    monkeypatch.setattr(data.Sampler, "__init__", sampler_init)
+    monkeypatch.setattr(data.Sequences, "get", recording_get)
     return runs
 
 

@@ -340,7 +340,7 @@ def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopSt
     if recipe.curriculum == "end-to-end":
         # train-stack all runs rack.stacks x train.steps steps (the token budget of training each stack)
         return [FlopStage("all", plan_for(recipe).stage("end-to-end").flops_per_step, steps_per_unit=n)]
-    scale = recipe.train.step_scale or [1.0] * n  # in growth order, as train-stack reads it (loop.planned_steps)
+    scale = recipe.train.step_scale or [1.0] * n  # in growth order, as train-stack reads it (curriculum.planned_steps)
     if recipe.curriculum == "left-to-right":
         p = plan_for(recipe)
         # build caches the train split only, so each cache after the first is incremental (from its left
@@ -803,7 +803,7 @@ def _run_peer(c, ap, dp: Project, val, dev, progress: _Progress, reporter) -> tu
 
     from stackwise_cli.bench.peer import next_token_loss, peer_model, score_folder, train_peer
     from stackwise_cli.store.files import atomic_replace_dir
-    from stackwise_cli.train.loop import token_data
+    from stackwise_cli.train.data import token_data
 
     m = dp.load()
     r = ap.recipe

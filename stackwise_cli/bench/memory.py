@@ -243,15 +243,16 @@ def _tensor_bytes(tensors) -> int:
 
 
 def _build(recipe: Recipe, stage: str, precision: str, dev):
-    """The modules, trainable parameters, frozen modules and loss of ``stage``, as ``train/loop.py`` sets them up
+    """The modules, trainable parameters, frozen modules and loss of ``stage``, as ``train/stack.py`` sets them up
     (``_train``, ``trainable_for`` and ``_setup_one`` / ``_setup_all``), on random data."""
     import numpy as np
     import torch
 
     from stackwise_cli.model.model import Ends, Stack
+    from stackwise_cli.train.curriculum import trainable_for
     from stackwise_cli.train.frozen import freeze, run_checkpointed
-    from stackwise_cli.train.loop import forward_for, trainable_for
     from stackwise_cli.train.objectives import objective_for, planned_ratio
+    from stackwise_cli.train.stack import forward_for
 
     cfg, tr, rk = recipe.model, recipe.train, recipe.rack
     k, n_stacks = rk.blocks_per_stack, rk.stacks
@@ -342,7 +343,7 @@ def _measure(recipe_data: dict, stage: str, precision: str, steps: int, device: 
 
     import torch
 
-    from stackwise_cli.train.loop import make_optimizer
+    from stackwise_cli.train.optim import make_optimizer
     from stackwise_cli.train.precision import autocast, grad_scaler
 
     dev = torch.device(device)
@@ -370,7 +371,7 @@ def _measure(recipe_data: dict, stage: str, precision: str, steps: int, device: 
     losses = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        for _ in range(tr.grad_accum):  # as loop.run: grad_accum micro-batches (here the same one) per step
+        for _ in range(tr.grad_accum):  # as run.run: grad_accum micro-batches (here the same one) per step
             with autocast(precision, dev):
                 loss = loss_fn()
             part = loss / tr.grad_accum if tr.grad_accum > 1 else loss

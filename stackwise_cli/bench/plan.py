@@ -618,7 +618,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         later_train,
         frozen_bytes(later_frozen, "fp32"),
         stack_act - a_in,  # block 0's input is the cache buffer
-        4.0 * m.d_model * n_rank,  # the cached batch on the device, in fp32 (loop.Sequences.get)
+        4.0 * m.d_model * n_rank,  # the cached batch on the device, in fp32 (data.Sequences.get)
         flops_later,
         frozen_count=later_frozen.count,
         on=on,
@@ -653,7 +653,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     stages.append(max(variants, key=lambda s: s.total_bytes))
 
     # --- train-stack, right to left: the new leftmost stack + embedding trainable, the other stacks frozen in
-    # --frozen-dtype, the gradient passing through them, each suffix block checkpointed. As train/loop.py does: with
+    # --frozen-dtype, the gradient passing through them, each suffix block checkpointed. As train/stack.py does: with
     # a suffix the final norm and head stay frozen (the trained suffix reads out through them) and a tied embedding,
     # being that head, too; only a one-stack rack trains them.
     name = "train-stack-r2l"

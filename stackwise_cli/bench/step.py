@@ -77,7 +77,7 @@ def _measure(
 
     from stackwise_cli.model.model import Ends, Rack, Stack, causal_lm_loss
     from stackwise_cli.recipe import recipe_from_data
-    from stackwise_cli.train.loop import make_optimizer
+    from stackwise_cli.train.optim import make_optimizer
 
     if memory:
         exact_rss_accounting()

@@ -43,8 +43,8 @@ def train_stack(
     from stackwise_cli.preflight import check_fits
     from stackwise_cli.store.project import Project
     from stackwise_cli.train.distributed import is_main, launched
-    from stackwise_cli.train.loop import ALL
-    from stackwise_cli.train.loop import train_stack as run
+    from stackwise_cli.train.stack import ALL
+    from stackwise_cli.train.stack import train_stack as run
 
     if stack_id != ALL and not stack_id.lstrip("-").isdigit():
         raise StackwiseError(f"ID must be a stack id or `all`, got {stack_id!r}", hint="see `stackwise status`")

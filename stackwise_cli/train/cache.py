@@ -23,7 +23,7 @@ from stackwise_cli.store.files import sha256_file
 from stackwise_cli.store.manifest import CacheEntry, CacheShard, Manifest
 from stackwise_cli.store.project import Project, record
 from stackwise_cli.store.shards import read_hidden_shard, read_token_shard, write_hidden_shard
-from stackwise_cli.train.loop import check_left_to_right
+from stackwise_cli.train.curriculum import check_left_to_right
 from stackwise_cli.train.objectives import CACHE_EPOCH, stack_objective
 
 

@@ -1,7 +1,7 @@
 """End-to-end fine-tuning of the assembled model at fuse time: full, LoRA, or QLoRA on a 4-bit base (docs/finetune.md).
 
 The rack is read from the project's files, trained as one model for ``steps`` optimizer steps on the train split
-with the recipe's objective (the same loss as end-to-end training, ``loop._setup_all``), through ``loop.run``:
+with the recipe's objective (the same loss as end-to-end training, ``stack._setup_all``), through ``run.run``:
 checkpoints in ``ckpt/finetune``, resume after SIGTERM/SIGUSR1 (exit 75), the NaN check. The result exists only in
 ``fused/``: the stack and ends files are never written.
 
@@ -33,23 +33,14 @@ from stackwise_cli.store.manifest import Manifest
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train import distributed
+from stackwise_cli.train.data import Sequences, token_data, val_data
 from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_PRECISIONS
-from stackwise_cli.train.loop import (
-    RESUME,
-    Job,
-    Result,
-    Sequences,
-    forward_for,
-    run,
-    token_data,
-    val_data,
-    whole_rack_loss,
-    whole_rack_modules,
-)
 from stackwise_cli.train.lora import Adapters, add_lora, merge_lora
 from stackwise_cli.train.metrics import Metrics, Validation, device_peak, keep_best
 from stackwise_cli.train.objectives import stack_objective
 from stackwise_cli.train.precision import autocast, resolve_precision
+from stackwise_cli.train.run import RESUME, Job, Result, run
+from stackwise_cli.train.stack import forward_for, whole_rack_loss, whole_rack_modules
 
 MODES = ("full", "lora", "qlora")
 # How the frozen base's linear weights are held, and the precisions a fine-tune computes in: in train/defaults.py,

@@ -150,12 +150,12 @@ class EventWriter:
 @dataclass
 class Validation:
     """Scores a run's model on a fixed subset of the validation split (``train.eval_every``): ``score()`` is the
-    mean of ``loss`` over the first ``max_sequences`` rows of ``data`` (``loop.Sequences`` of the val split), with
+    mean of ``loss`` over the first ``max_sequences`` rows of ``data`` (``data.Sequences`` of the val split), with
     the masks of epoch 0 (every call scores the same corruption)."""
 
     every: int  # steps between scores; 0 = off
     loss: Callable  # Batch -> scalar tensor: the run's loss, or the readout after the stack (``run_validation``)
-    data: object  # loop.Sequences
+    data: object  # data.Sequences
     max_sequences: int | None
     batch_size: int
 
@@ -186,7 +186,7 @@ class Validation:
 
 @dataclass
 class Metrics:
-    """What a run reports, set up by the caller of ``loop.run``: its training FLOPs per token (0: unknown), the
+    """What a run reports, set up by the caller of ``run.run``: its training FLOPs per token (0: unknown), the
     device peak, the event writer, and the validation scorer (or None)."""
 
     flops_per_token: float = 0.0

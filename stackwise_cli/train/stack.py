@@ -1,0 +1,430 @@
+"""The train-stack stage: one stack at a time by the recipe's curriculum (or the whole rack end to end), set up
+as a ``Job`` for ``train/run.py``, its result written to the stack files and the manifest.
+
+Left-to-right causal training of stack k (at rack position p):
+- p = 0: tokens -> embedding -> stack -> final norm -> head; the embedding trains with the stack.
+- p > 0: cached hidden states entering the stack -> stack -> final norm -> head; the stacks to its left are not
+  touched (their work is frozen in the cache).
+The final norm and the head train with every stack (``train.head: train``) or stay frozen (``frozen``). With tied
+embeddings the head *is* the embedding, so it only trains together with the leftmost stack: changing it later
+would make every cache stale.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stackwise_cli.device import pick_device
+from stackwise_cli.errors import ProjectError, StackwiseError, Stopped
+from stackwise_cli.model.io import load_ends, load_stack, save_ends, save_stack
+from stackwise_cli.model.model import Ends, Stack
+from stackwise_cli.progress import QUIET, Reporter
+from stackwise_cli.store.manifest import Manifest
+from stackwise_cli.store.project import Project, digest
+from stackwise_cli.store.shards import read_hidden_shard
+from stackwise_cli.train import checkpoint as ckpt
+from stackwise_cli.train import distributed
+from stackwise_cli.train.curriculum import check_curriculum, frozen_suffix, lr_span, planned_steps, trainable_for
+from stackwise_cli.train.data import Batch, Sequences, stream_start, token_data, val_data
+from stackwise_cli.train.metrics import (
+    Metrics,
+    Validation,
+    device_peak,
+    keep_best,
+)
+from stackwise_cli.train.objectives import CACHE_EPOCH, Objective, stack_objective
+from stackwise_cli.train.precision import autocast, resolve_precision
+from stackwise_cli.train.run import RESUME, Job, Result, run
+
+ALL = "all"
+
+
+def train_stack(
+    project: Project,
+    stack_id: int | str,
+    steps: int | None = None,
+    precision: str = "auto",
+    resume: str = "auto",
+    device: str = "auto",
+    reporter: Reporter = QUIET,
+    stop_at: int | None = None,
+    checkpoint_every_min: float | None = None,
+) -> Result | None:
+    """Train one stack by the recipe's curriculum, or (``stack_id`` = "all", curriculum end-to-end) the whole
+    rack. Returns None when it is already trained to ``steps``.
+
+    Holds the training lock throughout: a second process asked to train the same thing fails at once, naming the
+    holder; a killed holder's lock is free again.
+    """
+    target = None if stack_id == ALL else int(stack_id)
+    if target is not None:
+        project.load().position(target)  # an unknown id is a clear error before any lock file is made
+    name = "all" if target is None else str(target)
+    what = "end-to-end training of the rack" if target is None else f"training of stack {target}"
+    distributed.init(pick_device(device))  # under torchrun: join the other ranks; rank 0 alone takes the lock
+    reporter = reporter if distributed.is_main() else QUIET
+    with project.job_lock(f"train-stack-{name}", what):
+        return _train(project, target, steps, precision, resume, device, reporter, stop_at, checkpoint_every_min)
+
+
+@dataclass
+class Setup:
+    """What one curriculum trains, on what, and with which loss."""
+
+    modules: dict[str, nn.Module]
+    trainable: dict[str, nn.Parameter]
+    loss: Callable[[Batch], torch.Tensor]
+    data: Sequences
+    fingerprint: str
+
+
+def _freeze(modules: list[nn.Module]) -> None:
+    for mod in modules:
+        for p in mod.parameters():
+            p.requires_grad_(False)
+
+
+def _setup_one(
+    project: Project, m: Manifest, stack_id: int, pos: int, stack: Stack, ends: Ends, dev: torch.device
+) -> Setup:
+    """One stack, left to right (from its cache, or from the tokens when leftmost) or right to left (from the
+    tokens, through the frozen suffix)."""
+    recipe, tr = m.recipe, m.recipe.train
+    obj = stack_objective(m, stack_id)
+    causal = obj.causal
+    forward = forward_for(tr.activation_checkpointing)
+    right_to_left = recipe.curriculum == "right-to-left"
+    suffix = frozen_suffix(m, pos)
+    trainable = trainable_for(stack, ends, tr, pos, right_to_left, bool(suffix))
+    tokens = token_data(project, m)
+    frozen = []
+    if suffix:
+        from stackwise_cli.train.frozen import freeze
+
+        frozen = [freeze(load_stack(project, m, s.id), tr.frozen_dtype).to(dev) for s in suffix]
+    suffix_forward = forward_for(tr.suffix_checkpointing)
+    # The frozen inputs: a checkpoint made against another suffix or head is not this run.
+    suffix_key = [m.ends.sha256, *[f"{s.id}:{s.sha256}" for s in suffix], tr.frozen_dtype] if suffix else []
+
+    if pos == 0 or right_to_left:
+
+        def loss_fn(b: Batch) -> torch.Tensor:
+            c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
+            h = forward(stack, ends.embed_tokens(c.inputs), causal, c.t)
+            for s in frozen:
+                h = suffix_forward(s, h, causal, c.t)
+            return obj.loss(ends.logits(h), c)
+
+        parts = ["tokens", project.split_digest(m, "train"), obj.key(), *suffix_key]
+        return Setup({"stack": stack, "ends": ends}, trainable, loss_fn, Sequences(tokens), digest(parts))
+
+    if tr.prefix == "recompute":
+        from stackwise_cli.train.frozen import freeze
+
+        prefix = [freeze(load_stack(project, m, s.id), tr.frozen_dtype).to(dev) for s in m.rack[:pos]]
+
+        def recomputed_loss(b: Batch) -> torch.Tensor:
+            c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
+            with torch.no_grad():  # what the cache would hold, computed for this batch only
+                h = ends.embed_tokens(c.inputs)
+                for s in prefix:
+                    h = s(h, causal, c.t)
+            h = forward(stack, h, causal, c.t)
+            for s in frozen:
+                h = suffix_forward(s, h, causal, c.t)
+            return obj.loss(ends.logits(h), c)
+
+        prefix_key = [m.ends.sha256, *[f"{s.id}:{s.sha256}" for s in m.rack[:pos]], tr.frozen_dtype]
+        parts = ["recompute", project.split_digest(m, "train"), obj.key(), *prefix_key, *suffix_key]
+        return Setup({"stack": stack, "ends": ends}, trainable, recomputed_loss, Sequences(tokens), digest(parts))
+
+    cache = project.fresh_cache(m, stack_id, "train")
+    hidden = [
+        read_hidden_shard(project.path(s.file), expect_shape=(m.data.seq_len, recipe.model.d_model))
+        for s in cache.shards
+    ]
+
+    def cached_loss(b: Batch) -> torch.Tensor:
+        c = obj.corrupt(b.tokens, b.seq_ids, CACHE_EPOCH)  # the masks the cache was computed with
+        h = forward(stack, b.hidden, causal, c.t)
+        for s in frozen:  # an inserted stack reads out through the trained stacks after it
+            h = suffix_forward(s, h, causal, c.t)
+        return obj.loss(ends.logits(h), c)
+
+    fingerprint = digest(["cache", *[s.sha256 for s in cache.shards], *suffix_key])
+    return Setup({"stack": stack, "ends": ends}, trainable, cached_loss, Sequences(tokens, hidden), fingerprint)
+
+
+def forward_for(checkpointed: bool) -> Callable:
+    """How a stack runs: whole, or (``checkpointed``: ``train.activation_checkpointing`` for a trained stack,
+    ``train.suffix_checkpointing`` for a frozen suffix, ``train.finetune_checkpointing`` in a fuse fine-tune) block by
+    block under checkpoint, keeping only each block's input for backward and recomputing the rest."""
+    if checkpointed:
+        from stackwise_cli.train.frozen import run_checkpointed
+
+        return run_checkpointed
+    return lambda stack, h, causal, t: stack(h, causal, t)
+
+
+def whole_rack_loss(
+    obj: Objective, ends: Ends, stacks: list[Stack], forward: Callable
+) -> Callable[[Batch], torch.Tensor]:
+    """The loss of the whole rack on a batch: corrupt, embed, every stack in order, head, objective."""
+
+    def loss_fn(b: Batch) -> torch.Tensor:
+        c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
+        h = ends.embed_tokens(c.inputs)
+        for s in stacks:
+            h = forward(s, h, obj.causal, c.t)
+        return obj.loss(ends.logits(h), c)
+
+    return loss_fn
+
+
+def whole_rack_modules(
+    m: Manifest, stacks: list[Stack], ends: Ends
+) -> tuple[dict[str, nn.Module], dict[str, nn.Parameter]]:
+    """The whole rack as checkpointed modules (``ends``, ``stack<id>``) and every parameter of it by name."""
+    modules: dict[str, nn.Module] = {"ends": ends} | {f"stack{e.id}": s for e, s in zip(m.rack, stacks)}
+    return modules, {f"{k}.{n}": p for k, mod in modules.items() for n, p in mod.named_parameters()}
+
+
+def _setup_all(project: Project, m: Manifest, stacks: list[Stack], ends: Ends) -> Setup:
+    """The whole rack end to end: the embedding, every stack and the head train together."""
+    obj = stack_objective(m, None)
+    modules, trainable = whole_rack_modules(m, stacks, ends)
+    if m.recipe.train.embedding == "frozen":
+        for n in ends.named_input_parameters():
+            trainable.pop(f"ends.{n}")
+    loss_fn = whole_rack_loss(obj, ends, stacks, forward_for(m.recipe.train.activation_checkpointing))
+    fingerprint = digest(["tokens", project.split_digest(m, "train"), obj.key(), "end-to-end"])
+    return Setup(modules, trainable, loss_fn, Sequences(token_data(project, m)), fingerprint)
+
+
+def train_flops_per_token(
+    m: Manifest, stack_id: int | None, pos: int | None, trainable: dict[str, nn.Parameter], ends: Ends
+) -> float:
+    """The training FLOPs per token of this run, by the planner's formulas (``bench/plan.py``) for the rack as it
+    is: the stack's own blocks (or every block end to end), right to left the frozen suffix, and the head, whose
+    weight's gradient counts only where it trains (``trainable``)."""
+    from stackwise_cli.bench.plan import FlopShapes, train_stack_flops_per_token, whole_model_flops_per_token
+
+    f = FlopShapes.of(m.recipe, m.data.seq_len)
+    head = ends.embed.weight if ends.head is None else ends.head.weight
+    head_trains = any(p is head for p in trainable.values())
+    ckpt_on = m.recipe.train.activation_checkpointing
+    if stack_id is None:
+        blocks = sum(e.blocks for e in m.rack)
+        return whole_model_flops_per_token(f, blocks, len(m.rack), checkpointing=ckpt_on, head_trains=head_trains)
+    suffix = frozen_suffix(m, pos)
+    prefix = m.rack[:pos] if m.recipe.train.prefix == "recompute" and m.recipe.curriculum == "left-to-right" else []
+    return train_stack_flops_per_token(
+        f,
+        m.rack[pos].blocks,
+        head_trains=head_trains,
+        checkpointing=ckpt_on,
+        suffix_blocks=sum(e.blocks for e in suffix),
+        suffix_stacks=len(suffix),
+        prefix_blocks=[e.blocks for e in prefix],
+    )
+
+
+def _train(
+    project: Project,
+    stack_id: int | None,
+    steps: int | None,
+    precision: str,
+    resume: str,
+    device: str,
+    reporter: Reporter,
+    stop_at: int | None,
+    checkpoint_every_min: float | None,
+) -> Result | None:
+    m = project.load()
+    tr = m.recipe.train
+    pos = check_curriculum(m, stack_id)
+    ids = m.ids() if stack_id is None else [stack_id]
+    span = None  # the stack's slice of a whole-rack schedule, for the planned run only (not for --steps N)
+    if steps is None:  # end to end: the same token budget as training every stack for train.steps
+        steps = tr.steps * len(ids) if stack_id is None else planned_steps(m, pos)
+        span = None if stack_id is None else lr_span(m, pos)
+    if steps <= tr.warmup_steps:
+        raise StackwiseError(
+            f"--steps {steps} leaves no room for the schedule: train.warmup_steps is {tr.warmup_steps}",
+            hint=f"pass --steps greater than {tr.warmup_steps}, or lower train.warmup_steps in the recipe",
+        )
+    if resume not in RESUME:
+        raise StackwiseError(f"--resume must be one of {', '.join(RESUME)}, got {resume!r}")
+    dev = distributed.local_device(pick_device(device))
+    precision = resolve_precision(precision, dev)
+    autocast(precision, dev)  # an impossible precision fails here, before the manifest is touched
+    distributed.check(precision, tr.batch_size, tr.optimizer)  # and so does what several ranks cannot run
+    label = "all" if stack_id is None else str(stack_id)
+    entries = [m.stack(i) for i in ids]
+    states = {e.state for e in entries}
+    if states == {"trained"} and resume == "auto":
+        done = min(e.steps for e in entries)
+        if done >= steps:
+            reporter.info(f"stack {label} is already trained ({done} steps): nothing to do")
+            return None
+        raise StackwiseError(
+            f"stack {label} is already trained ({done} steps); {steps} steps would be a second run with a "
+            "new schedule, not a continuation",
+            hint="pass --resume never to train it further from its weights (its steps and tokens add up)",
+        )
+    if stack_id is None and "trained" in states and states != {"trained"}:
+        raise ProjectError(
+            "end to end trains every stack together, and some are trained already: "
+            f"{', '.join(str(e.id) for e in entries if e.state == 'trained')}",
+            hint="make a new project for the baseline (`stackwise build` with `curriculum: end-to-end`)",
+        )
+    # Training a trained stack again (--resume never) continues from its weights: the counts add up. The counts
+    # of the weights in the stack file are the entry's, unless an interrupted run already moved the entry on: then
+    # its checkpoints remember what the file held when that run began.
+    ckpt_dir = project.ckpt_dir(label)
+    prior_steps, prior_tokens, prior_flops = entries[0].steps, entries[0].tokens, entries[0].flops
+    if states != {"trained"} and ckpt.list_checkpoints(ckpt_dir):
+        extra = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())["extra"]
+        prior_steps, prior_tokens = extra["prior_steps"], extra["prior_tokens"]
+        prior_flops = extra.get("prior_flops", 0.0)  # a checkpoint from before FLOPs were counted: none before it
+    have_ckpt = resume == "auto" and bool(ckpt.list_checkpoints(ckpt_dir))
+
+    # With a checkpoint to resume from, the weights come from it: the files may be one step ahead or behind.
+    stacks = [load_stack(project, m, i, verify=not have_ckpt).to(dev) for i in ids]
+    ends = load_ends(project, m, verify=not have_ckpt).to(dev)
+    _freeze([*stacks, ends])
+    if precision == "fp8":  # the trained stacks' linear layers become scaled fp8 matmuls, same parameters
+        from stackwise_cli.train.fp8 import to_fp8
+
+        for stack in stacks:
+            to_fp8(stack)
+    distributed.shard(stacks, dev, precision)  # under torchrun: FSDP2 over each block, before what trains is listed
+    if stack_id is None:
+        setup = _setup_all(project, m, stacks, ends)
+    else:
+        setup = _setup_one(project, m, stack_id, pos, stacks[0], ends, dev)
+    for p in setup.trainable.values():
+        p.requires_grad_(True)
+
+    if distributed.is_main():
+        with project.update(f"train-stack {label} --steps {steps} --precision {precision}") as mm:
+            for i in ids:
+                mm.stack(i).state = "training"
+
+    # The stacks trained before this one (left to right: those to its left; right to left: its suffix) drew the
+    # start of the stream, and an earlier run of this stack (--resume never) what follows: this run reads on.
+    if stack_id is None:
+        before = []
+    elif m.recipe.curriculum == "right-to-left":
+        before = m.rack[pos + 1 :]
+    else:
+        before = m.rack[:pos]
+    start = stream_start(m, before) + prior_tokens // m.data.seq_len
+    job = Job(
+        f"train-stack {label}",
+        setup.modules,
+        setup.trainable,
+        setup.loss,
+        setup.data,
+        setup.fingerprint,
+        {"prior_steps": prior_steps, "prior_tokens": prior_tokens, "prior_flops": prior_flops},
+        start,
+        span if prior_steps == 0 else None,  # a second run (--resume never) has a schedule of its own
+    )
+    flops_per_token = train_flops_per_token(m, stack_id, pos, setup.trainable, ends)
+    metrics = Metrics(flops_per_token, device_peak(dev, precision), run_validation(project, m, stack_id, setup, dev))
+    try:
+        result = run(
+            job,
+            tr,
+            steps,
+            dev,
+            precision,
+            ckpt_dir,
+            resume,
+            project.log_path(f"train-stack-{label}"),
+            reporter,
+            stop_at,
+            tr.checkpoint_every_min if checkpoint_every_min is None else checkpoint_every_min,
+            metrics,
+        )
+    except Stopped:
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 records the stop in the manifest; the others wait for it, then stop
+            raise
+        state = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())
+        with project.update() as mm:
+            for i in ids:
+                e = mm.stack(i)
+                e.steps = state["extra"]["prior_steps"] + state["step"]
+                e.tokens = state["extra"]["prior_tokens"] + state["tokens"]
+                e.last_loss, e.precision = state["last_loss"], precision
+                e.flops = state["extra"].get("prior_flops", 0.0) + state["tokens"] * flops_per_token
+            mm.recount_flops()
+        distributed.barrier()
+        raise
+
+    trained_ends = ends if any(n.startswith("ends.") for n in setup.trainable) else None
+    curriculum = m.recipe.curriculum
+    flops = result.tokens * flops_per_token
+    stacks = [distributed.whole_copy(s, lambda s=s: Stack(s.cfg, len(s.blocks), s.attn)) for s in stacks]
+    if not distributed.is_main():  # rank 0 alone writes the result; the others wait for it
+        distributed.barrier()
+        return result
+    _finish(project, dict(zip(ids, stacks)), trained_ends, result, precision, job.extra, curriculum, flops)
+    keep_best(ckpt_dir, project.path(f"best/{label}.safetensors"))  # train.eval_every: the best-validation weights
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the stack files and the manifest now hold the result
+    distributed.barrier()
+    return result
+
+
+def run_validation(
+    project: Project, m: Manifest, stack_id: int | None, setup: Setup, dev: torch.device
+) -> Validation | None:
+    """``train.eval_every``: the run's loss on a fixed subset of the validation split. A run that reads tokens
+    scores its own loss; a stack trained on a cache (left to right, not leftmost) has no val cache to read, so it
+    scores the readout after it: the trained stacks to its left (frozen, read from their files), then it, then the
+    head."""
+    tr, ev = m.recipe.train, m.recipe.eval
+    if not tr.eval_every:
+        return None
+    loss = setup.loss
+    if setup.data.hidden is not None:
+        pos = m.position(stack_id)
+        left = [load_stack(project, m, e.id).to(dev) for e in m.rack[:pos]]
+        _freeze(left)
+        stack, ends = setup.modules["stack"], setup.modules["ends"]
+        loss = whole_rack_loss(stack_objective(m, stack_id), ends, [*left, stack], forward_for(False))
+    return Validation(tr.eval_every, loss, val_data(project, m), ev.max_sequences, ev.batch_size)
+
+
+def _finish(
+    project: Project,
+    stacks: dict[int, Stack],
+    ends: Ends | None,
+    result: Result,
+    precision: str,
+    prior: dict,
+    curriculum: str,
+    flops: float,
+) -> None:
+    shas = {i: save_stack(project, stack.cpu(), i) for i, stack in stacks.items()}
+    ends_sha = save_ends(project, ends.cpu()) if ends is not None else None
+    label = "all" if len(stacks) > 1 else str(next(iter(stacks)))
+    with project.update(f"train-stack {label}: trained to step {result.steps}, loss {result.last_loss}") as m:
+        for i, sha in shas.items():
+            e = m.stack(i)
+            e.sha256, e.state, e.last_loss, e.precision = sha, "trained", result.last_loss, precision
+            e.steps = prior["prior_steps"] + result.steps
+            e.tokens = prior["prior_tokens"] + result.tokens
+            e.flops = prior.get("prior_flops", 0.0) + flops
+            e.trained_by = curriculum
+        m.recount_flops()
+        if ends_sha is not None:
+            m.ends.sha256, m.ends.input_sha256 = ends_sha
