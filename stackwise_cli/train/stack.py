@@ -210,10 +210,10 @@ def _setup_all(project: Project, m: Manifest, stacks: list[Stack], ends: Ends) -
 def train_flops_per_token(
     m: Manifest, stack_id: int | None, pos: int | None, trainable: dict[str, nn.Parameter], ends: Ends
 ) -> float:
-    """The training FLOPs per token of this run, by the planner's formulas (``bench/plan.py``) for the rack as it
+    """The training FLOPs per token of this run, by the planner's formulas (``flops.py``) for the rack as it
     is: the stack's own blocks (or every block end to end), right to left the frozen suffix, and the head, whose
     weight's gradient counts only where it trains (``trainable``)."""
-    from stackwise_cli.bench.plan import FlopShapes, train_stack_flops_per_token, whole_model_flops_per_token
+    from stackwise_cli.flops import FlopShapes, train_stack_flops_per_token, whole_model_flops_per_token
 
     f = FlopShapes.of(m.recipe, m.data.seq_len)
     head = ends.embed.weight if ends.head is None else ends.head.weight
@@ -378,7 +378,7 @@ def _train(
         distributed.barrier()
         return result
     _finish(project, dict(zip(ids, stacks)), trained_ends, result, precision, job.extra, curriculum, flops)
-    keep_best(ckpt_dir, project.path(f"best/{label}.safetensors"))  # train.eval_every: the best-validation weights
+    keep_best(ckpt_dir, project.best_file(label))  # train.eval_every: the best-validation weights
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the stack files and the manifest now hold the result
     distributed.barrier()
     return result
