@@ -11,11 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stackwise_cli.curricula import curriculum_of
 from stackwise_cli.data.prepare import prepare
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.evaluate.eval import EvalResult, evaluate
 from stackwise_cli.fuse import ANY, fuse, is_fused
 from stackwise_cli.model.hf import export_problem
+from stackwise_cli.objectives import objective_kind
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import Recipe, load_recipe
 from stackwise_cli.store.manifest import StackEntry
@@ -55,11 +57,11 @@ def build(
         adopt_recipe(project, load_recipe(recipe, overrides), recipe, reporter)
     project.sweep()
     recipe = project.load().recipe
-    if recipe.curriculum == "end-to-end":
+    curriculum = curriculum_of(recipe)
+    if curriculum.whole_rack:
         _end_to_end(project, recipe.rack.stacks, device, precision, reporter, result.ran)
     else:
-        side = "right" if recipe.curriculum == "left-to-right" else "left"
-        stack_by_stack(project, recipe.rack.stacks, side, device, precision, reporter, result.ran)
+        stack_by_stack(project, recipe.rack.stacks, curriculum.grows, device, precision, reporter, result.ran)
     problem = export_problem_for(project.load().recipe)
     if problem:
         result.fused = problem
@@ -89,10 +91,10 @@ def adopt_recipe(project: Project, wanted: Recipe, source: Path, reporter: Repor
     if grow is not None and grow.new < grow.old:
         refused.append(grow)
         why = f"; rack.stacks can grow, not shrink ({grow.old} -> {grow.new})"
-    elif grow is not None and m.recipe.objective == "diffusion" and m.recipe.diffusion.time == "depth":
+    elif grow is not None and objective_kind(m.recipe.objective).ratio_per_stack(m.recipe):
         refused.append(grow)
         why = "; rack.stacks spreads the diffusion time-as-depth schedule over the planned stacks, fixed at grow"
-    elif grow is not None and m.recipe.curriculum == "end-to-end" and any(e.state != "new" for e in m.rack):
+    elif grow is not None and curriculum_of(m.recipe).whole_rack and any(e.state != "new" for e in m.rack):
         refused.append(grow)
         why = "; end to end trains the whole rack at once, and it is trained"
     if refused:

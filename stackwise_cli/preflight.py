@@ -12,13 +12,11 @@ from __future__ import annotations
 import logging
 import os
 
+from stackwise_cli.curricula import curriculum_of
 from stackwise_cli.errors import StackwiseError
 from stackwise_cli.recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-# The stage each curriculum trains with: what must fit for the project to get anywhere.
-TRAIN_STAGE = {"left-to-right": "train-stack-l2r", "right-to-left": "train-stack-r2l", "end-to-end": "end-to-end"}
 
 
 class DoesNotFit(StackwiseError):
@@ -76,7 +74,8 @@ def check_fits(recipe: Recipe, command: str, device: str = "auto", force: bool =
     )
     have = available_bytes(dev)
     try:
-        stage = plan(recipe, max(have, 1), options).stage(TRAIN_STAGE[recipe.curriculum])
+        # The stage the curriculum trains with: what must fit for the project to get anywhere.
+        stage = plan(recipe, max(have, 1), options).stage(curriculum_of(recipe).plan_stage)
     except StackwiseError as e:  # a shape the planner does not model: nothing to check against
         log.debug("preflight skipped: %s", e.message)
         return

@@ -9,16 +9,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from stackwise_cli.curricula import CURRICULA, curriculum_of
 from stackwise_cli.errors import RecipeError
 from stackwise_cli.model.config import AttentionConfig, ModelConfig
-from stackwise_cli.schema import SchemaError, check, from_data, to_data
+from stackwise_cli.objectives import OBJECTIVES, objective_kind
+from stackwise_cli.schema import OneOf, SchemaError, check, from_data, to_data
 
-Objective = Literal["clm", "mlm", "diffusion"]
-Curriculum = Literal["left-to-right", "right-to-left", "end-to-end"]
+Objective = Annotated[str, OneOf(OBJECTIVES)]  # a registered objective's name (stackwise_cli/objectives/)
+Curriculum = Annotated[str, OneOf(CURRICULA)]  # a registered curriculum's name (stackwise_cli/curricula.py)
 Init = Literal["random", "copy", "identity"]
 CacheDtype = Literal["bf16", "fp32", "fp8"]  # fp8: e4m3 codes with one fp32 scale per token
 FrozenDtype = Literal["fp32", "bf16", "fp8", "nf4", "fp4"]
@@ -284,19 +286,14 @@ class Recipe:
                 ("data.seq_len", f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}")
             )
         out.extend(self.attention.model_problems(self.model))
-        d = self.diffusion
-        if isinstance(d.schedule, list) and self.objective == "diffusion" and len(d.schedule) != self.rack.stacks:
-            out.append(
-                (
-                    "diffusion.schedule",
-                    f"needs one ratio per planned stack (rack.stacks = {self.rack.stacks}), got {len(d.schedule)}",
-                )
-            )
-        if self.train.prefix == "recompute" and self.curriculum != "left-to-right":
+        objective = objective_kind(self.objective)
+        out.extend(objective.problems(self))
+        curriculum = curriculum_of(self)
+        if self.train.prefix == "recompute" and not curriculum.reads_prefix:
             out.append(("train.prefix", f"recompute applies to left-to-right only, not {self.curriculum}"))
         scale = self.train.step_scale
-        if scale is not None and (self.curriculum == "end-to-end" or len(scale) != self.rack.stacks):
-            why = "end to end trains every stack together" if self.curriculum == "end-to-end" else ""
+        if scale is not None and (curriculum.whole_rack or len(scale) != self.rack.stacks):
+            why = "end to end trains every stack together" if curriculum.whole_rack else ""
             out.append(
                 (
                     "train.step_scale",
@@ -311,13 +308,12 @@ class Recipe:
                     "must train its head",
                 )
             )
-        time_input = self.objective == "diffusion" and d.time == "input"
-        if time_input != getattr(self.model, "time_embedding", False):
+        if objective.time_input(self) != getattr(self.model, "time_embedding", False):
             out.append(
                 (
                     "model.time_embedding",
                     "must be true exactly when objective is diffusion with diffusion.time 'input' "
-                    f"(objective {self.objective!r}, diffusion.time {d.time!r})",
+                    f"(objective {self.objective!r}, diffusion.time {self.diffusion.time!r})",
                 )
             )
         return out
@@ -325,7 +321,7 @@ class Recipe:
     @property
     def bidirectional(self) -> bool:
         """mlm and diffusion attend both ways; clm is causal."""
-        return self.objective != "clm"
+        return not objective_kind(self.objective).causal
 
     def to_data(self) -> dict[str, Any]:
         return to_data(self)

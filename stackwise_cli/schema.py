@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Literal, Union, get_args, get_origin
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 
 class SchemaError(Exception):
@@ -20,6 +21,14 @@ class SchemaError(Exception):
     def __init__(self, problems: list[tuple[str, str]]):
         super().__init__("; ".join(f"{p}: {m}" if p else m for p, m in problems))
         self.problems = problems
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """``Annotated[str, OneOf(REGISTRY)]``: a name that must be a key of a registry, read when a value is checked, so
+    an entry registered after the field was declared (a new objective, a test's toy one) is accepted at once."""
+
+    registry: Mapping[str, Any]
 
 
 def _join(path: str, key: str | int) -> str:
@@ -46,13 +55,24 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _one_of(choices: Any, value: Any, path: str, problems: list[tuple[str, str]]) -> None:
+    if value not in choices:
+        problems.append((path, f"must be one of {', '.join(repr(c) for c in choices)}, got {_describe(value)}"))
+
+
 def _convert(tp: Any, value: Any, path: str, problems: list[tuple[str, str]]) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            problems.append((path, f"must be one of {', '.join(repr(c) for c in choices)}, got {_describe(value)}"))
+        _one_of(get_args(tp), value, path, problems)
         return value
+    if origin is Annotated:
+        inner, *extras = get_args(tp)
+        before = len(problems)
+        out = _convert(inner, value, path, problems)
+        for extra in extras:
+            if isinstance(extra, OneOf) and len(problems) == before:
+                _one_of(list(extra.registry), value, path, problems)
+        return out
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -121,7 +141,7 @@ def _from_mapping(cls: type, data: Any, path: str, problems: list[tuple[str, str
     if not isinstance(data, dict):
         problems.append((path, f"must be a mapping, got {_describe(data)}"))
         return None
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     before = len(problems)
     for key in data:

@@ -12,11 +12,12 @@ import torch
 import stackwise_cli.train.cache as cache_mod
 from stackwise_cli.model.io import load_ends, load_stack
 from stackwise_cli.model.model import Stack
+from stackwise_cli.objectives import CACHE_EPOCH
 from stackwise_cli.store.e4m3 import fp8_dequantize_reference, fp8_quantize_reference
+from stackwise_cli.store.manifest import stack_objective
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_hidden_shard, read_token_shard
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.objectives import CACHE_EPOCH, stack_objective
 from stackwise_cli.train.stack import train_stack
 
 

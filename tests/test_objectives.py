@@ -15,12 +15,13 @@ import torch
 
 from stackwise_cli.errors import ProjectError, StaleError
 from stackwise_cli.model.io import load_ends, load_stack
+from stackwise_cli.objectives import CACHE_EPOCH, Objective, objective_for, uniform
 from stackwise_cli.recipe import DiffusionRecipe, Recipe
 from stackwise_cli.store.files import sha256_file
+from stackwise_cli.store.manifest import stack_objective
 from stackwise_cli.store.project import Project
 from stackwise_cli.train.cache import build_cache
 from stackwise_cli.train.grow import grow
-from stackwise_cli.train.objectives import CACHE_EPOCH, Objective, objective_for, stack_objective, uniform
 from stackwise_cli.train.stack import train_stack
 
 MASK, VOCAB = 1, 512

@@ -248,7 +248,7 @@ def test_steps_must_leave_room_after_warmup(project):
 
 def test_divergence_stops_training_before_any_checkpoint_holds_it(project, monkeypatch):
     """A loss that turns NaN stops the run at once; the newest checkpoint predates it and is finite."""
-    from stackwise_cli.train.objectives import Objective
+    from stackwise_cli.objectives import Objective
 
     grow(project)
     real = Objective.loss

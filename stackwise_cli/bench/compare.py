@@ -34,8 +34,10 @@ import yaml
 from stackwise_cli.bench.plan import PlanOptions, param_counts, plan
 from stackwise_cli.bench.step import _reset_peak_rss, _rss_bytes, exact_rss_accounting
 from stackwise_cli.build import export_problem_for
+from stackwise_cli.curricula import curriculum_of
 from stackwise_cli.errors import RecipeError, StackwiseError
 from stackwise_cli.flops import FlopShapes, cache_flops_per_token, whole_model_flops_per_token
+from stackwise_cli.objectives import objective_kind
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.recipe import DataRecipe, Recipe, load_recipe
 from stackwise_cli.schema import SchemaError, check, from_data, to_data
@@ -229,7 +231,7 @@ def load_comparison(spec_path: Path, out: Path | None = None) -> Comparison:
         except RecipeError as e:
             problems.extend(f"{where}: {line}" for line in e.message.splitlines())
             continue
-        if recipe.objective != "clm":
+        if not objective_kind(recipe.objective).causal:
             problems.append(f"{where}: objective: compare scores next-token models (clm), got {recipe.objective!r}")
         if recipe.model.family != "llama":
             problems.append(
@@ -239,7 +241,7 @@ def load_comparison(spec_path: Path, out: Path | None = None) -> Comparison:
         problem = export_problem_for(recipe)
         if problem:
             problems.append(f"{where}: attention: the evaluator scores the Hugging Face export, and {problem}")
-        if a.finetune is not None and (a.kind == "peer" or recipe.curriculum == "end-to-end"):
+        if a.finetune is not None and (a.kind == "peer" or curriculum_of(recipe).whole_rack):
             problems.append(f"{where}: finetune: only a stack-wise arm fine-tunes its fused rack")
         if a.finetune is not None and a.name == spec.budget.like:
             problems.append(f"{where}: finetune: the budget's reference arm runs its recipe's steps, with no fine-tune")
@@ -337,11 +339,11 @@ def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopSt
     n = recipe.rack.stacks
     if kind == "peer":
         return [FlopStage("peer", plan_for(recipe).stage("end-to-end").flops_per_step)]
-    if recipe.curriculum == "end-to-end":
+    if curriculum_of(recipe).whole_rack:
         # train-stack all runs rack.stacks x train.steps steps (the token budget of training each stack)
         return [FlopStage("all", plan_for(recipe).stage("end-to-end").flops_per_step, steps_per_unit=n)]
     scale = recipe.train.step_scale or [1.0] * n  # in growth order, as train-stack reads it (curriculum.planned_steps)
-    if recipe.curriculum == "left-to-right":
+    if curriculum_of(recipe).reads_prefix:
         p = plan_for(recipe)
         # build caches the train split only, so each cache after the first is incremental (from its left
         # neighbour's) and the first runs the ends and stack 0: one stack's forward either way
@@ -465,11 +467,7 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
         if a.kind == "stackwise":
             recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=n))
         p = plan_for(recipe, device)
-        stage = {
-            "left-to-right": "train-stack-l2r",
-            "right-to-left": "train-stack-r2l",
-            "end-to-end": "end-to-end",
-        }[recipe.curriculum if a.kind == "stackwise" else "end-to-end"]
+        stage = curriculum_of(recipe).plan_stage if a.kind == "stackwise" else "end-to-end"  # a peer: the whole model
         if a.finetune is not None and ft_steps < 1:
             problems.append(f"{where}: finetune.share: {a.finetune.share} of {budget_key} is not one fine-tune step")
             continue
@@ -760,7 +758,7 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
     project = _arm_project(c, ap)
     meter_how = PeakMemory(dev).how
     r = ap.recipe
-    if r.curriculum != "end-to-end":
+    if not curriculum_of(r).whole_rack:
         # build's stack-by-stack loop, each train-stack's peak measured, the val loss read after each stack (the
         # curve's points)
         @contextlib.contextmanager
@@ -776,7 +774,7 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
                 progress.points.append({"after": f"stack {entry.id}", "flops": counted_flops(project), "loss": loss})
                 progress.save()
 
-        side = "right" if r.curriculum == "left-to-right" else "left"
+        side = curriculum_of(r).grows
         stack_by_stack(project, r.rack.stacks, side, device, reporter=reporter, around_train=measured, after_each=point)
         if ap.finetune_steps and not is_fused(project, FinetuneSpec(mode="full", steps=ap.finetune_steps)):
             with measured():

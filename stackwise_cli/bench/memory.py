@@ -251,7 +251,7 @@ def _build(recipe: Recipe, stage: str, precision: str, dev):
     from stackwise_cli.model.model import Ends, Stack
     from stackwise_cli.train.curriculum import trainable_for
     from stackwise_cli.train.frozen import freeze, run_checkpointed
-    from stackwise_cli.train.objectives import objective_for, planned_ratio
+    from stackwise_cli.objectives import objective_for, objective_kind, planned_ratio
     from stackwise_cli.train.stack import forward_for
 
     cfg, tr, rk = recipe.model, recipe.train, recipe.rack
@@ -277,7 +277,7 @@ def _build(recipe: Recipe, stage: str, precision: str, dev):
 
         for s in stacks:
             to_fp8(s)
-    mask_id = cfg.vocab_size - 1 if recipe.objective != "clm" else None
+    mask_id = cfg.vocab_size - 1 if objective_kind(recipe.objective).needs_mask_token else None
     obj = objective_for(recipe, mask_id, cfg.vocab_size, planned_ratio(recipe, 0))
     forward = forward_for(tr.activation_checkpointing)
     B, T = tr.batch_size, recipe.data.seq_len

@@ -40,6 +40,7 @@ from stackwise_cli.flops import (
     whole_model_flops_per_token,
 )
 from stackwise_cli.model.config import AttentionConfig, ModelConfig
+from stackwise_cli.objectives import objective_kind
 from stackwise_cli.recipe import Recipe
 from stackwise_cli.train.defaults import (
     FINETUNE_BASE_STORAGE,
@@ -747,7 +748,7 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
         st.flops_per_step = st.flops_per_token * Bc * T
     # train/cache.py never runs incrementally for these: each stack's input is masked at its own ratio, or an fp8
     # cache would add one e4m3 rounding per stack.
-    only_tokens = (recipe.objective == "diffusion" and recipe.diffusion.time == "depth") or recipe.cache.dtype == "fp8"
+    only_tokens = objective_kind(recipe.objective).ratio_per_stack(recipe) or recipe.cache.dtype == "fp8"
     cache_variants = [from_tokens, incremental] if n_stacks > 2 and not only_tokens else [from_tokens]
     variants += cache_variants
     stages.append(max(cache_variants, key=lambda s: s.total_bytes))

@@ -8,19 +8,21 @@ import typer
 from stackwise_cli.commands.options import DeviceOpt, JsonOpt, ProjectOpt, RunSetOpt
 from stackwise_cli.console import CliReporter, out, print_json, print_table
 from stackwise_cli.errors import StackwiseError
+from stackwise_cli.objectives import objective_kind
 
 
 def render_eval(result, project: Path = Path(".")) -> None:
-    what = {"clm": "next-token loss", "mlm": "masked-token loss", "diffusion": "masked loss at the stack's t"}
+    objective = objective_kind(result.objective)
+    what = objective.scored
     if result.causal_readout == "mask":  # a masked rack read causally (--causal)
-        what["clm"] = "next-token loss via a [MASK] at the next position"
+        what = "next-token loss via a [MASK] at the next position"
     rows = [
         [r.id, r.blocks, r.mask_ratio if r.mask_ratio is not None else "-", r.loss, r.perplexity]
         for r in result.per_stack
     ]
     model = "fused/ " if result.model == "fused" else ""
     print_table(
-        f"{model}{result.split} ({result.objective}, {result.attention}): {what[result.objective]} after each stack",
+        f"{model}{result.split} ({result.objective}, {result.attention}): {what} after each stack",
         ["stack id", "blocks", "mask ratio", "loss", "perplexity"],
         rows,
     )
@@ -30,9 +32,8 @@ def render_eval(result, project: Path = Path(".")) -> None:
             ["t", "masked loss", "accuracy", "ELBO term"],
             [[p.t, p.masked_loss, p.accuracy, p.elbo_term] for p in result.per_t],
         )
-    headline = "ELBO bound" if result.objective == "diffusion" else "loss"
     acc = f", accuracy {result.accuracy:.4f}" if result.accuracy is not None else ""
-    out.print(f"{headline} {result.loss:.4f} nats/token (perplexity {result.perplexity:.2f}){acc}")
+    out.print(f"{objective.headline} {result.loss:.4f} nats/token (perplexity {result.perplexity:.2f}){acc}")
     if result.left_out:
         scored = ", ".join(str(r.id) for r in result.per_stack)
         left = ", ".join(str(i) for i in result.left_out)

@@ -8,6 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from stackwise_cli.errors import DataError
+from stackwise_cli.objectives import objective_kind
 
 EOS = "<|endoftext|>"
 MASK = "[MASK]"  # the masked-objective token (mlm, diffusion); never produced by encoding text
@@ -102,7 +103,7 @@ def eos_token_of(path: Path, tok: Tokenizer) -> str:
 
 def needs_mask(objective: str | None) -> bool:
     """Whether the objective feeds ``[MASK]`` to the model (mlm, diffusion); None: unknown, assume it does."""
-    return objective is None or objective in ("mlm", "diffusion")
+    return objective is None or objective_kind(objective).needs_mask_token
 
 
 def read_tokenizer(path: Path) -> tuple[Tokenizer, str]:

@@ -10,17 +10,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stackwise_cli.curricula import curriculum_of
 from stackwise_cli.device import pick_device
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.evaluate.causal import masked_next_token_logits, require_mask_id
 from stackwise_cli.evaluate.trained import require_trained, trained_prefix
 from stackwise_cli.model.io import load_current_rack
 from stackwise_cli.model.model import Rack
+from stackwise_cli.objectives import NEXT_TOKEN, Objective, objective_for, objective_kind
 from stackwise_cli.progress import QUIET, Reporter
-from stackwise_cli.store.manifest import Manifest, StackEntry
+from stackwise_cli.store.manifest import Manifest, StackEntry, tokenizer_special_ids
 from stackwise_cli.store.project import Project
 from stackwise_cli.store.shards import read_token_shard
-from stackwise_cli.train.objectives import Objective, objective_for, tokenizer_special_ids
 
 
 @dataclass
@@ -71,7 +72,7 @@ def scored_stacks(project: Project, m: Manifest) -> list[StackEntry]:
     stacks was trained with the head reading its output, so it is a model of its own); else a ProjectError naming
     the untrained stacks and the command that trains them (docs/objectives.md)."""
     k = trained_prefix(m)
-    if k < len(m.rack) and (k == 0 or m.recipe.curriculum != "left-to-right"):
+    if k < len(m.rack) and (k == 0 or not curriculum_of(m.recipe).head_reads_each_stack):
         require_trained(project, m, "eval would score")
     return m.rack[:k]
 
@@ -177,9 +178,10 @@ def evaluate(
     recipe = m.recipe
     if causal and recipe.model.time_embedding:
         raise ProjectError("--causal scores a next-token model; this rack needs a diffusion time t as input")
-    kind = "clm" if causal else recipe.objective
+    kind = NEXT_TOKEN if causal else recipe.objective
+    scored = objective_kind(kind)
     # A masked objective trains position i to predict token i: read causally, token i+1 comes from a [MASK] there.
-    from_mask = causal and recipe.objective != "clm"
+    from_mask = causal and not objective_kind(recipe.objective).causal
     if from_mask:
         require_mask_id(m.tokenizer.mask_id, "--causal on an mlm or diffusion rack reads each next token from one")
     max_sequences = max_sequences if max_sequences is not None else recipe.eval.max_sequences
@@ -196,19 +198,16 @@ def evaluate(
     def at(ratio: float | None) -> Objective:
         return objective_for(scored_as, mask_id, vocab, ratio, special)
 
-    if kind == "diffusion":
-        readout = [at(e.mask_ratio if e.mask_ratio is not None else 0.5) for e in entries]
-    else:
-        readout = [at(e.mask_ratio) for e in entries]
+    readout = [at(scored.readout_ratio(e.mask_ratio)) for e in entries]
     # Stacks read out at the same corruption share one pass through the rack (clm and mlm: all of them).
     readers_of: dict[Objective, list[int]] = {}
     for i, obj in enumerate(readout):
         readers_of.setdefault(obj, []).append(i)
-    grid = elbo_grid(recipe.diffusion.eval_points) if kind == "diffusion" else []
+    grid = elbo_grid(recipe.diffusion.eval_points) if scored.scores_elbo else []
     grid_objectives = [at(ratio) for ratio in grid]
     per_stack = [_Scores() for _ in entries]
     per_t = [_Scores() for _ in grid]
-    attn_causal = kind == "clm"
+    attn_causal = scored.causal
     with reporter.task(f"eval {split}", total=len(tokens)) as advance:
         for lo in range(0, len(tokens), batch):
             t = torch.from_numpy(tokens[lo : lo + batch].astype(np.int64)).to(dev)
@@ -239,7 +238,7 @@ def evaluate(
         Readout(e.id, e.blocks, s.mean(), math.exp(min(s.mean(), 700.0)), obj.ratio)
         for e, s, obj in zip(entries, per_stack, readout)
     ]
-    if kind == "diffusion":
+    if scored.scores_elbo:
         loss = sum(p.elbo_term for p in points) / len(points)
         scored, accuracy = (
             sum(s.count for s in per_t),

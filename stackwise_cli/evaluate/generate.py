@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
+from stackwise_cli.curricula import curriculum_named
 from stackwise_cli.errors import ProjectError, StackwiseError
 from stackwise_cli.evaluate.causal import decode_stacks, mask_probe, require_mask_id
 from stackwise_cli.evaluate.trained import require_trained
 from stackwise_cli.model.model import Rack
+from stackwise_cli.objectives import objective_kind
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.project import Project
 
@@ -357,15 +359,16 @@ def resolve_mode(
                 f"--causal generates left to right; {flag} is a way of unmasking", hint=f"drop --causal or {flag}"
             )
         return "autoregressive"
-    if objective == "clm":
+    kind = objective_kind(objective)
+    if kind.causal:
         if flag:
             raise StackwiseError(
-                f"{flag} unmasks tokens, but this project's objective is clm (it generates left to right)",
+                f"{flag} unmasks tokens, but this project's objective is {objective} (it generates left to right)",
                 hint=f"drop {flag}",
             )
         return "autoregressive"
-    if objective == "diffusion" and time == "depth":
-        if curriculum != "left-to-right":
+    if kind.single_pass(time):
+        if not curriculum_named(curriculum).head_reads_each_stack:
             if single_pass:
                 raise StackwiseError(
                     f"--single-pass reads the head after every stack, but this rack was trained {curriculum}: the "
@@ -375,13 +378,12 @@ def resolve_mode(
             return "iterative"
         return "iterative" if single_pass is False else "single-pass"
     if single_pass:
-        what = "mlm" if objective == "mlm" else f"diffusion with diffusion.time {time!r}"
         raise StackwiseError(
             f"--single-pass needs a time-as-depth model (objective diffusion, diffusion.time depth); "
-            f"this project's is {what}",
+            f"this project's is {kind.describe(time)}",
             hint="drop --single-pass (iterative unmasking), or use --causal",
         )
-    if objective in ("mlm", "diffusion"):
+    if kind.needs_mask_token:
         return "iterative"
     raise StackwiseError(f"no generation mode for objective {objective!r}", hint="use --causal")
 
@@ -508,7 +510,7 @@ def generate(
         max_new_tokens = max_new_tokens or room
         settings.update(causal=True, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
         # mlm and diffusion predict the token under a [MASK]: the next token is read from one at the next position.
-        settings.update(causal_readout="shifted" if recipe.objective == "clm" else "mask")
+        settings.update(causal_readout="shifted" if objective_kind(recipe.objective).causal else "mask")
         if settings["causal_readout"] == "mask":
             require_mask_id(mask_id, "--causal on an mlm or diffusion rack reads each next token from one")
     else:

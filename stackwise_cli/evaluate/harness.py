@@ -42,6 +42,7 @@ import torch
 
 from stackwise_cli.errors import DataError, ProjectError, StackwiseError
 from stackwise_cli.model.model import Rack
+from stackwise_cli.objectives import OBJECTIVES, objective_kind
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.project import Project
 
@@ -60,7 +61,6 @@ log = logging.getLogger(__name__)
 RESULTS_DIR = "eval"  # <project>/eval/harness-<time>.json
 DEFAULT_MC_SAMPLES = 32
 MC_SEED = 1234
-SCORING = {"clm": "exact", "diffusion": "bound", "mlm": "score"}
 # lm-eval's output types -> the LM method that scores them.
 OUTPUT_TYPES = {
     "loglikelihood": "loglikelihood",
@@ -159,10 +159,10 @@ def check_scorable(objective: str, types: dict[str, str]) -> None:
     for task, kind in types.items():
         if kind not in OUTPUT_TYPES:
             raise ProjectError(f"task {task}: output type {kind!r} is not one stackwise can score")
-        if objective == "mlm" and OUTPUT_TYPES[kind] == "loglikelihood_rolling":
+        if not objective_kind(objective).document_likelihood and OUTPUT_TYPES[kind] == "loglikelihood_rolling":
             raise ProjectError(
-                f"task {task} scores a perplexity (loglikelihood_rolling), and an mlm rack defines no likelihood of "
-                "a document (it is trained at one mask ratio, not as a generative model)",
+                f"task {task} scores a perplexity (loglikelihood_rolling), and an {objective} rack defines no "
+                "likelihood of a document (it is trained at one mask ratio, not as a generative model)",
                 hint="score multiple-choice or generation tasks on this rack, or perplexity on a clm or diffusion one",
             )
 
@@ -206,11 +206,12 @@ class StackwiseLM(TemplateLM):
         t_range: tuple[float, float] = (0.0, 1.0),
     ):
         super().__init__()
-        if objective not in SCORING:
+        if objective not in OBJECTIVES:
             raise ProjectError(f"no harness scoring for objective {objective!r}")
-        if objective != "clm" and mask_id is None:
+        if objective_kind(objective).needs_mask_token and mask_id is None:
             raise ProjectError(f"an {objective} rack is scored through [MASK] tokens; this tokenizer has none")
         self.rack, self.tok, self.objective = rack.eval(), tokenizer, objective
+        self.causal = objective_kind(objective).causal  # scored exactly left to right, else through [MASK] tokens
         self.eos_id, self.mask_id, self.vocab, self.max_len = eos_id, mask_id, vocab, max_length
         self.batch_size, self.mc_samples, self.seed = batch_size, mc_samples, seed
         self.time_input, self.t_range = time_input, t_range
@@ -237,7 +238,7 @@ class StackwiseLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         self.requests += len(requests)
         pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
-        if self.objective == "clm":
+        if self.causal:
             return self._exact(pairs)
         return self._masked(pairs)
 
@@ -245,7 +246,7 @@ class StackwiseLM(TemplateLM):
         from lm_eval import utils
 
         # Masked rows hold the context and the window in max_length positions (no shift), causal ones one more.
-        window = self.max_len if self.objective == "clm" else self.max_len - 1
+        window = self.max_len if self.causal else self.max_len - 1
         windows, owner = [], []
         for i, req in enumerate(requests):
             (string,) = req.args
@@ -366,7 +367,7 @@ class StackwiseLM(TemplateLM):
             for lo in range(0, len(members), self.batch_size):
                 idx = members[lo : lo + self.batch_size]
                 x = torch.tensor([fitted[i] for i in idx], dtype=torch.long, device=self._device)  # (B, P)
-                if self.objective == "clm":
+                if self.causal:
                     made = self._greedy(x, n, restrict_vocab)
                 else:
                     ids = torch.cat([x, torch.full((len(idx), n), self.mask_id, device=self._device)], dim=1)
@@ -509,7 +510,7 @@ def build_lm(project: Project, m, adapter: str, fused: bool, device: str, batch_
 
 def choose_adapter(m, fused: bool) -> str:
     """hf for a clm project whose fused/ is current (or with ``fused``), else stackwise."""
-    if m.recipe.objective == "clm" and (fused or (m.fused is not None and m.fused_is_current())):
+    if objective_kind(m.recipe.objective).causal and (fused or (m.fused is not None and m.fused_is_current())):
         return "hf"
     return "stackwise"
 
@@ -554,7 +555,9 @@ def run_harness(
 
         require_current_fused(project, m)
     adapter = adapter or choose_adapter(m, fused)
-    if adapter == "hf" and (m.recipe.objective != "clm" or m.fused is None or not m.fused_is_current()):
+    if adapter == "hf" and (
+        not objective_kind(m.recipe.objective).causal or m.fused is None or not m.fused_is_current()
+    ):
         raise ProjectError("the harness's Hugging Face model scores a current clm fused/", hint="run `stackwise fuse`")
     _quiet_harness()
     with reporter.task("harness: load tasks"):
@@ -582,7 +585,7 @@ def run_harness(
     time_s = time.perf_counter() - start
     samples = raw.pop("samples", {}) or {}
     requests = sum(len(s["arguments"]) for rows in samples.values() for s in rows)
-    scoring = "exact" if adapter == "hf" else SCORING[m.recipe.objective]
+    scoring = "exact" if adapter == "hf" else objective_kind(m.recipe.objective).harness_scoring
     settings = {
         "num_fewshot": num_fewshot,
         "limit": lim,

@@ -14,6 +14,7 @@ prefix is a model of its own), and refuses otherwise.
 
 from __future__ import annotations
 
+from stackwise_cli.curricula import curriculum_of
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.store.manifest import Manifest, StackEntry
 from stackwise_cli.store.project import Project
@@ -37,10 +38,8 @@ def trained_prefix(m: Manifest) -> int:
 def train_command(project: Project, m: Manifest, entries: list[StackEntry]) -> str:
     """The command that trains the next of ``entries`` under the recipe's curriculum."""
     where = f" -p {project.root}"
-    if m.recipe.curriculum == "end-to-end":
-        return f"stackwise train-stack all{where}"
-    nxt = entries[-1] if m.recipe.curriculum == "right-to-left" else entries[0]  # right to left: the suffix first
-    return f"stackwise train-stack {nxt.id}{where}"
+    nxt = curriculum_of(m.recipe).next_to_train(entries)
+    return f"stackwise train-stack {'all' if nxt is None else nxt.id}{where}"
 
 
 def describe(entries: list[StackEntry]) -> str:

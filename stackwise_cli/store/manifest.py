@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from stackwise_cli.curricula import trained_together
+from stackwise_cli.objectives import Objective, objective_for, objective_kind
 from stackwise_cli.recipe import Recipe
 
 FORMAT_VERSION = 1
@@ -267,8 +269,8 @@ class Manifest:
     def count_flops(self) -> FlopsEntry:
         """The training FLOPs recorded on the stacks, the train caches of stacks in the rack, and fused/."""
         ids = set(self.ids())
-        e2e = [s.flops for s in self.rack if s.trained_by == "end-to-end"]  # one run, recorded on every stack
-        train = sum(s.flops for s in self.rack if s.trained_by != "end-to-end") + max(e2e, default=0.0)
+        e2e = [s.flops for s in self.rack if trained_together(s.trained_by)]  # one run, recorded on every stack
+        train = sum(s.flops for s in self.rack if not trained_together(s.trained_by)) + max(e2e, default=0.0)
         cache = sum(c.flops for c in self.caches if c.split == "train" and c.stack in ids)
         finetune = self.fused.finetune_flops if self.fused is not None else 0.0
         return FlopsEntry(train=train, cache=cache, finetune=finetune, total=train + cache + finetune)
@@ -282,3 +284,22 @@ class Manifest:
             if c.stack == stack_id and c.split == split:
                 return c
         return None
+
+
+def stack_objective(m: Manifest, stack_id: int | None) -> Objective:
+    """The objective stack ``stack_id`` trains with (None: the whole rack end to end, t drawn per sequence)."""
+    if stack_id is None:
+        ratio = objective_kind(m.recipe.objective).rack_ratio(m.recipe)
+    else:
+        ratio = m.stack(stack_id).mask_ratio
+    return objective_for(m.recipe, m.tokenizer.mask_id, m.tokenizer.vocab_size, ratio, tokenizer_special_ids(m))
+
+
+def tokenizer_special_ids(m: Manifest) -> tuple[int, ...]:
+    """The project's special token ids: EOS, PAD and any other the tokenizer declares; the mask token is excluded
+    from replacements regardless. A manifest written before ``special_ids`` was recorded gets none: its stacks
+    trained with replacements drawn from every id but the mask, and its masks (and caches) stay those."""
+    t = m.tokenizer
+    if not t.special_ids:
+        return ()
+    return tuple(sorted({t.eos_id, *t.special_ids} | ({t.pad_id} if t.pad_id is not None else set())))

@@ -22,6 +22,7 @@ from stackwise_cli.store.manifest import (
     Manifest,
     StackRef,
     Upstream,
+    stack_objective,
 )
 
 MANIFEST = "stackwise.yaml"
@@ -196,8 +197,6 @@ class Project:
 
     def upstream_for(self, manifest: Manifest, stack_id: int, split: str) -> Upstream:
         """What the cache entering ``stack_id`` depends on: the split's tokens, the embedding, the stacks left of it."""
-        from stackwise_cli.train.objectives import stack_objective  # the store stays importable without torch
-
         pos = manifest.position(stack_id)
         return Upstream(
             data=self.split_digest(manifest, split),

@@ -12,6 +12,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from stackwise_cli.curricula import curriculum_of
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.store.manifest import CacheEntry, Manifest, StackEntry
 from stackwise_cli.store.project import CACHE, CKPT, MANIFEST, PARTS, Project
@@ -22,20 +23,14 @@ _FINETUNE = "finetune"  # train/finetune.py's CKPT_NAME
 
 def grow_side(m: Manifest) -> str:
     """The side this curriculum grows on: where a new stack goes."""
-    return "left" if m.recipe.curriculum == "right-to-left" else "right"
+    return curriculum_of(m.recipe).grows
 
 
 def dependents(m: Manifest, stack_id: int) -> list[int]:
     """Stacks (outermost first) whose training used stack ``stack_id``: left to right, the trained stacks to its
     right (they learnt on its output); right to left, those to its left (they learnt against it); end to end, every
     other trained stack (one run trained them together)."""
-    pos = m.position(stack_id)
-    if m.recipe.curriculum == "right-to-left":
-        others = m.rack[:pos]
-    elif m.recipe.curriculum == "end-to-end":
-        others = m.rack[:pos] + m.rack[pos + 1 :]
-    else:
-        others = list(reversed(m.rack[pos + 1 :]))
+    others = curriculum_of(m.recipe).dependents(m, m.position(stack_id))
     return [s.id for s in others if s.state != "new"]
 
 
@@ -139,7 +134,7 @@ class Cleaned:
 def cache_need(m: Manifest, c: CacheEntry) -> str | None:
     """What still reads cache ``c`` (None: nothing; it can be recomputed with ``stackwise cache``). Left to right: the
     stack's own training, and the cache of the stack to its right, built from it in one stack's pass."""
-    if c.stack not in m.ids() or m.recipe.curriculum != "left-to-right":
+    if c.stack not in m.ids() or not curriculum_of(m.recipe).reads_prefix:
         return None
     pos = m.position(c.stack)
     s = m.rack[pos]
@@ -227,7 +222,7 @@ def _resumable(m: Manifest, name: str) -> str | None:
     if name == _FINETUNE:
         return "the fuse fine-tune"
     if name == "all":
-        training = m.rack and m.recipe.curriculum == "end-to-end" and any(s.state == "training" for s in m.rack)
+        training = m.rack and curriculum_of(m.recipe).whole_rack and any(s.state == "training" for s in m.rack)
         return "`train-stack all`" if training else None
     if name.isdigit() and int(name) in m.ids() and m.stack(int(name)).state == "training":
         return f"`train-stack {name}`"

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stackwise_cli.curricula import check_left_to_right, curriculum_of
 from stackwise_cli.data.pack import SPLITS
 from stackwise_cli.device import pick_device
 from stackwise_cli.errors import ProjectError, StaleError
 from stackwise_cli.model.io import load_ends, load_stack
+from stackwise_cli.objectives import CACHE_EPOCH
 from stackwise_cli.progress import QUIET, Reporter
 from stackwise_cli.store.files import sha256_file
-from stackwise_cli.store.manifest import CacheEntry, CacheShard, Manifest
+from stackwise_cli.store.manifest import CacheEntry, CacheShard, Manifest, stack_objective
 from stackwise_cli.store.project import Project, record
 from stackwise_cli.store.shards import read_hidden_shard, read_token_shard, write_hidden_shard
-from stackwise_cli.train.curriculum import check_left_to_right
-from stackwise_cli.train.objectives import CACHE_EPOCH, stack_objective
 
 
 def _start_entry(project: Project, stack_id: int, split: str) -> tuple[CacheEntry, bool]:
@@ -140,10 +140,10 @@ def _intact(path: Path, sha256: str) -> bool:
 
 
 def _build_cache(project: Project, stack_id: int, split: str, dev: torch.device, reporter: Reporter) -> CacheEntry:
-    curriculum = project.load().recipe.curriculum
-    if curriculum != "left-to-right":
+    recipe = project.load().recipe
+    if not curriculum_of(recipe).reads_prefix:
         raise ProjectError(
-            f"the recipe's curriculum is {curriculum}: stacks train from the tokens, so no cache is read",
+            f"the recipe's curriculum is {recipe.curriculum}: stacks train from the tokens, so no cache is read",
             hint="caches serve left-to-right training; run `stackwise train-stack` directly",
         )
     check_left_to_right(project.load(), stack_id, right=False)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stackwise_cli.curricula import trained_together
 from stackwise_cli.errors import ProjectError, StackwiseError
 from stackwise_cli.store.manifest import Manifest, StackEntry
 from stackwise_cli.store.project import Project
@@ -116,8 +117,8 @@ def stream_start(m: Manifest, before: list[StackEntry]) -> int:
     """Where a run begins in the train split's sample stream: after every sequence the runs recorded on the stack
     entries ``before`` drew (each run draws its ``tokens / data.seq_len`` sequences in turn; the stacks of one
     end-to-end run share it, so it counts once)."""
-    runs = [e.tokens for e in before if e.trained_by != "end-to-end"]
-    runs.append(max((e.tokens for e in before if e.trained_by == "end-to-end"), default=0))
+    runs = [e.tokens for e in before if not trained_together(e.trained_by)]
+    runs.append(max((e.tokens for e in before if trained_together(e.trained_by)), default=0))
     return sum(runs) // m.data.seq_len
 
 

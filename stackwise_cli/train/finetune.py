@@ -29,7 +29,7 @@ from stackwise_cli.model.hf import check_exportable
 from stackwise_cli.model.io import load_current_rack, load_ends, load_stack
 from stackwise_cli.model.model import Rack, Stack
 from stackwise_cli.progress import QUIET, Reporter
-from stackwise_cli.store.manifest import Manifest
+from stackwise_cli.store.manifest import Manifest, stack_objective
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train import distributed
@@ -37,7 +37,6 @@ from stackwise_cli.train.data import Sequences, token_data, val_data
 from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_PRECISIONS
 from stackwise_cli.train.lora import Adapters, add_lora, merge_lora
 from stackwise_cli.train.metrics import Metrics, Validation, device_peak, keep_best
-from stackwise_cli.train.objectives import stack_objective
 from stackwise_cli.train.precision import autocast, resolve_precision
 from stackwise_cli.train.run import RESUME, Job, Result, run
 from stackwise_cli.train.stack import forward_for, whole_rack_loss, whole_rack_modules

@@ -6,12 +6,13 @@ from typing import Literal
 
 import torch
 
+from stackwise_cli.curricula import curriculum_of
 from stackwise_cli.errors import ProjectError
 from stackwise_cli.model.io import load_stack, save_ends, save_stack
 from stackwise_cli.model.model import Ends, Stack
+from stackwise_cli.objectives import objective_kind, planned_ratio
 from stackwise_cli.store.manifest import EndsEntry, StackEntry
 from stackwise_cli.store.project import Project, record
-from stackwise_cli.train.objectives import planned_ratio
 
 Side = Literal["right", "left"]
 
@@ -49,24 +50,19 @@ def grow(
         source = "--init" if init is not None else "rack.init"
         if init is None:
             init = recipe.rack.init if m.rack else "random"
+        curriculum = curriculum_of(recipe)
         at = _insert_position(m, after, recipe) if after is not None else None
-        trained = [s.id for s in m.rack if s.state in ("trained", "frozen")]
-        if recipe.curriculum == "left-to-right" and side == "left" and trained and at is None:
+        if at is None:
+            curriculum.check_side(m, side)
+        if (
+            not curriculum.from_output
+            and side == "left"
+            and m.rack
+            and objective_kind(recipe.objective).place_sets_ratio
+        ):
             raise ProjectError(
-                f"the recipe's curriculum is left-to-right: it grows on the right, and stack(s) "
-                f"{', '.join(map(str, trained))} are trained on what the embedding gives them now",
-                hint=f"run `stackwise grow --side right`, or `stackwise grow --after {m.rack[0].id}` to insert a "
-                "stack between trained ones; growing on the left is the right-to-left curriculum's",
-            )
-        if recipe.curriculum == "right-to-left" and side == "right" and m.rack and at is None:  # the first: either
-            raise ProjectError(
-                "the recipe's curriculum is right-to-left: new stacks go on the left, in front of the trained ones",
-                hint="run `stackwise grow --side left`",
-            )
-        if recipe.curriculum != "right-to-left" and side == "left" and m.rack and recipe.objective == "diffusion":
-            raise ProjectError(
-                f"the recipe's curriculum is {recipe.curriculum}: a diffusion stack's mask ratio comes from its place "
-                "in the planned rack, which fills from the left",
+                f"the recipe's curriculum is {recipe.curriculum}: a {recipe.objective} stack's mask ratio comes from "
+                "its place in the planned rack, which fills from the left",
                 hint="run `stackwise grow --side right`, or use `curriculum: right-to-left`",
             )
         if init not in ("random", "copy", "identity"):
@@ -105,9 +101,7 @@ def grow(
         # Its place in the planned rack: left to right (and end to end) the rack fills from the left, right to left
         # from the right, whichever side the first stack was grown on. That place fixes its mask ratio (diffusion:
         # depth is reverse time).
-        right_to_left = recipe.curriculum == "right-to-left"
-        index = recipe.rack.stacks - 1 - len(m.rack) if right_to_left else len(m.rack)
-        ratio = planned_ratio(recipe, index)
+        ratio = planned_ratio(recipe, curriculum.planned_index(recipe, len(m.rack)))
         entry = StackEntry(
             id=stack_id,
             blocks=blocks,
@@ -132,16 +126,11 @@ def _insert_position(m, after: int, recipe) -> int:
     """The rack position a stack inserted after stack ``after`` takes. Left to right (or end to end) only: right to
     left only the leftmost stack trains, and a diffusion stack's mask ratio is its place in the planned rack."""
     pos = m.position(after)  # an unknown id names the ids there are
-    if recipe.curriculum == "right-to-left":
+    curriculum_of(recipe).check_insert(m)
+    if objective_kind(recipe.objective).place_sets_ratio:
         raise ProjectError(
-            "--after inserts a stack between trained ones, which the right-to-left curriculum cannot train "
-            "(only its leftmost stack trains)",
-            hint="run `stackwise grow --side left`, or use `curriculum: left-to-right`",
-        )
-    if recipe.objective == "diffusion":
-        raise ProjectError(
-            "--after: a diffusion stack's mask ratio comes from its place in the planned rack, which an inserted "
-            "stack has none of",
+            f"--after: a {recipe.objective} stack's mask ratio comes from its place in the planned rack, which an "
+            "inserted stack has none of",
             hint="run `stackwise grow --side right`",
         )
     return pos + 1

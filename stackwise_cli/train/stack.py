@@ -20,17 +20,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stackwise_cli.curricula import curriculum_of
 from stackwise_cli.device import pick_device
 from stackwise_cli.errors import ProjectError, StackwiseError, Stopped
 from stackwise_cli.model.io import load_ends, load_stack, save_ends, save_stack
 from stackwise_cli.model.model import Ends, Stack
+from stackwise_cli.objectives import CACHE_EPOCH, Objective
 from stackwise_cli.progress import QUIET, Reporter
-from stackwise_cli.store.manifest import Manifest
+from stackwise_cli.store.manifest import Manifest, stack_objective
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.shards import read_hidden_shard
 from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train import distributed
-from stackwise_cli.train.curriculum import check_curriculum, frozen_suffix, lr_span, planned_steps, trainable_for
+from stackwise_cli.train.curriculum import frozen_suffix, lr_span, planned_steps, trainable_for
 from stackwise_cli.train.data import Batch, Sequences, stream_start, token_data, val_data
 from stackwise_cli.train.metrics import (
     Metrics,
@@ -38,7 +40,6 @@ from stackwise_cli.train.metrics import (
     device_peak,
     keep_best,
 )
-from stackwise_cli.train.objectives import CACHE_EPOCH, Objective, stack_objective
 from stackwise_cli.train.precision import autocast, resolve_precision
 from stackwise_cli.train.run import RESUME, Job, Result, run
 
@@ -99,7 +100,7 @@ def _setup_one(
     obj = stack_objective(m, stack_id)
     causal = obj.causal
     forward = forward_for(tr.activation_checkpointing)
-    right_to_left = recipe.curriculum == "right-to-left"
+    right_to_left = curriculum_of(recipe).from_output
     suffix = frozen_suffix(m, pos)
     trainable = trainable_for(stack, ends, tr, pos, right_to_left, bool(suffix))
     tokens = token_data(project, m)
@@ -223,7 +224,7 @@ def train_flops_per_token(
         blocks = sum(e.blocks for e in m.rack)
         return whole_model_flops_per_token(f, blocks, len(m.rack), checkpointing=ckpt_on, head_trains=head_trains)
     suffix = frozen_suffix(m, pos)
-    prefix = m.rack[:pos] if m.recipe.train.prefix == "recompute" and m.recipe.curriculum == "left-to-right" else []
+    prefix = m.rack[:pos] if m.recipe.train.prefix == "recompute" and curriculum_of(m.recipe).reads_prefix else []
     return train_stack_flops_per_token(
         f,
         m.rack[pos].blocks,
@@ -248,7 +249,8 @@ def _train(
 ) -> Result | None:
     m = project.load()
     tr = m.recipe.train
-    pos = check_curriculum(m, stack_id)
+    curriculum = curriculum_of(m.recipe)
+    pos = curriculum.check(m, stack_id)
     ids = m.ids() if stack_id is None else [stack_id]
     span = None  # the stack's slice of a whole-rack schedule, for the planned run only (not for --steps N)
     if steps is None:  # end to end: the same token budget as training every stack for train.steps
@@ -319,12 +321,7 @@ def _train(
 
     # The stacks trained before this one (left to right: those to its left; right to left: its suffix) drew the
     # start of the stream, and an earlier run of this stack (--resume never) what follows: this run reads on.
-    if stack_id is None:
-        before = []
-    elif m.recipe.curriculum == "right-to-left":
-        before = m.rack[pos + 1 :]
-    else:
-        before = m.rack[:pos]
+    before = [] if stack_id is None else curriculum.before(m, pos)
     start = stream_start(m, before) + prior_tokens // m.data.seq_len
     job = Job(
         f"train-stack {label}",
@@ -371,13 +368,12 @@ def _train(
         raise
 
     trained_ends = ends if any(n.startswith("ends.") for n in setup.trainable) else None
-    curriculum = m.recipe.curriculum
     flops = result.tokens * flops_per_token
     stacks = [distributed.whole_copy(s, lambda s=s: Stack(s.cfg, len(s.blocks), s.attn)) for s in stacks]
     if not distributed.is_main():  # rank 0 alone writes the result; the others wait for it
         distributed.barrier()
         return result
-    _finish(project, dict(zip(ids, stacks)), trained_ends, result, precision, job.extra, curriculum, flops)
+    _finish(project, dict(zip(ids, stacks)), trained_ends, result, precision, job.extra, curriculum.name, flops)
     keep_best(ckpt_dir, project.best_file(label))  # train.eval_every: the best-validation weights
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the stack files and the manifest now hold the result
     distributed.barrier()
