@@ -149,7 +149,9 @@ def planned_stage(recipe: Recipe, stage: str, precision: str, device: str = "cpu
 
 def _variant(recipe: Recipe, stage: str) -> str:
     if stage == "train-stack-l2r":
-        return "cached" if recipe.rack.stacks > 1 else "leftmost"
+        if recipe.rack.stacks == 1:
+            return "leftmost"
+        return "recompute" if recipe.train.prefix == "recompute" else "cached"
     return "suffix" if stage == "train-stack-r2l" else "whole"
 
 
@@ -243,96 +245,20 @@ def _tensor_bytes(tensors) -> int:
 
 
 def _build(recipe: Recipe, stage: str, precision: str, dev):
-    """The modules, trainable parameters, frozen modules and loss of ``stage``, as ``train/stack.py`` sets them up
-    (``_train``, ``trainable_for`` and ``_setup_one`` / ``_setup_all``), on random data."""
-    import numpy as np
-    import torch
-
-    from stackwise_cli.model.model import Ends, Stack
-    from stackwise_cli.train.curriculum import trainable_for
-    from stackwise_cli.train.frozen import freeze, run_checkpointed
-    from stackwise_cli.objectives import objective_for, objective_kind, planned_ratio
-    from stackwise_cli.train.stack import forward_for
-
-    cfg, tr, rk = recipe.model, recipe.train, recipe.rack
-    k, n_stacks = rk.blocks_per_stack, rk.stacks
-    gen = torch.Generator().manual_seed(tr.seed)
-    torch.manual_seed(tr.seed)
-
-    def new_stack() -> Stack:
-        s = Stack(cfg, k, recipe.attention)
-        s.init_weights("random", k * n_stacks, gen)
-        return s.to(dev)
-
-    ends = Ends(cfg)
-    ends.init_weights(gen)
-    ends = ends.to(dev)
-    n_trained = n_stacks if stage == "end-to-end" else 1
-    stacks = [new_stack() for _ in range(n_trained)]
-    for mod in [*stacks, ends]:  # frozen unless named trainable below, as _train does
-        for p in mod.parameters():
-            p.requires_grad_(False)
-    if precision == "fp8":
-        from stackwise_cli.train.fp8 import to_fp8
-
-        for s in stacks:
-            to_fp8(s)
-    mask_id = cfg.vocab_size - 1 if objective_kind(recipe.objective).needs_mask_token else None
-    obj = objective_for(recipe, mask_id, cfg.vocab_size, planned_ratio(recipe, 0))
-    forward = forward_for(tr.activation_checkpointing)
-    B, T = tr.batch_size, recipe.data.seq_len
-    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=gen).to(dev)
-    c = obj.corrupt(tokens, np.arange(B), np.zeros(B, dtype=np.int64))
-    stack = stacks[0]
-    frozen: list = []
-    buffers: list = []
-
-    if stage == "end-to-end":
-        trainable = {f"stack{i}.{n}": p for i, s in enumerate(stacks) for n, p in s.named_parameters()}
-        trainable.update({f"ends.{n}": p for n, p in ends.named_output_parameters().items()})
-        if tr.embedding == "train":
-            trainable.update({f"ends.{n}": p for n, p in ends.named_input_parameters().items()})
-
-        def loss_fn():
-            h = ends.embed_tokens(c.inputs)
-            for s in stacks:
-                h = forward(s, h, obj.causal, c.t)
-            return obj.loss(ends.logits(h), c)
-
-    elif stage == "train-stack-r2l":
-        suffix = [freeze(new_stack(), tr.frozen_dtype).to(dev) for _ in range(n_stacks - 1)]
-        frozen = suffix
-        trainable = trainable_for(stack, ends, tr, 0, right_to_left=True, has_suffix=bool(suffix))
-
-        def loss_fn():
-            h = forward(stack, ends.embed_tokens(c.inputs), obj.causal, c.t)
-            for s in suffix:
-                h = run_checkpointed(s, h, obj.causal, c.t)
-            return obj.loss(ends.logits(h), c)
-
-    elif n_stacks == 1:  # left to right, the leftmost stack: from the tokens, the embedding and head train
-        trainable = trainable_for(stack, ends, tr, 0, right_to_left=False, has_suffix=False)
-
-        def loss_fn():
-            return obj.loss(ends.logits(forward(stack, ends.embed_tokens(c.inputs), obj.causal, c.t)), c)
-
-    else:  # left to right from a cache: a random hidden state enters the stack, in fp32 as Sequences.get loads it
-        trainable = trainable_for(stack, ends, tr, 1, right_to_left=False, has_suffix=False)
-        hidden = torch.randn(B, T, cfg.d_model, generator=gen).to(dev)  # (B, T, d)
-        buffers = [hidden]
-
-        def loss_fn():
-            return obj.loss(ends.logits(forward(stack, hidden, obj.causal, c.t)), c)
-
-    for p in trainable.values():
-        p.requires_grad_(True)
-    held = {id(p) for p in trainable.values()}
+    """The trainable parameters, loss, frozen bytes and buffers of ``stage`` as train-stack sets it up, on random
+    data: the planned stage (train/stage.py) that ``planned_stage`` plans, built by bench/case.py."""
+    from stackwise_cli.bench.case import random_case
     from stackwise_cli.train.frozen import frozen_bytes
+    from stackwise_cli.train.stage import planned
 
-    frozen_count = sum(frozen_bytes(m) for m in frozen) + _tensor_bytes(
-        p for m in [*stacks, ends] for p in m.parameters() if id(p) not in held
+    variant = _variant(recipe, stage)
+    st = next(s for s in planned(recipe) if s.name == stage and s.variant == variant)
+    c = random_case(recipe, st, precision, dev)
+    held = {id(p) for p in c.trainable.values()}
+    frozen_count = sum(frozen_bytes(m) for m in c.frozen) + _tensor_bytes(
+        p for m in [*c.stacks, c.ends] for p in m.parameters() if id(p) not in held
     )
-    return trainable, loss_fn, frozen_count, buffers
+    return c.trainable, c.loss, frozen_count, c.buffers
 
 
 def _measure(recipe_data: dict, stage: str, precision: str, steps: int, device: str, rehearse: bool) -> dict:

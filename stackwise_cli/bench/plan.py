@@ -24,7 +24,7 @@ Conventions (one place, used everywhere below):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from stackwise_cli.errors import StackwiseError
 from stackwise_cli.flops import (
@@ -36,7 +36,6 @@ from stackwise_cli.flops import (
     lora_flops_per_token,
     numel,
     time_shapes,
-    train_stack_flops_per_token,
     whole_model_flops_per_token,
 )
 from stackwise_cli.model.config import AttentionConfig, ModelConfig
@@ -49,6 +48,9 @@ from stackwise_cli.train.defaults import (
     GPU_PRECISION,
     adamw_step,
 )
+from stackwise_cli.train.stage import Stage as StageDef
+from stackwise_cli.train.stage import flops_per_token as stage_flops
+from stackwise_cli.train.stage import planned
 
 # Total memory of each GPU as ``nvidia-smi`` (and ``torch.cuda.mem_get_info``) reports it: 81,559 MiB for the
 # H100 SXM 80 GB and 143,771 MiB for the H200 141 GB. What a process can use is that minus the CUDA context,
@@ -497,16 +499,12 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     time = Params.of(time_shapes(m).values())  # each stack's time network (diffusion with t as input)
     stack = Params.of([s for s, _ in block.tensors], k) + time
     head_mm = m.vocab_size * m.d_model  # the logits matmul, tied or not
-    train_head = recipe.train.head == "train"
 
     dt = ActDtypes.of(o.precision, o.device)
     a_block = block_bytes_per_token(m, at, T, dt) * n_rank
     a_in = dt.residual * m.d_model * n_rank  # what a checkpointed block keeps: its input
     a_head = head_bytes_per_token(m, dt) * n_rank
     fs = FlopShapes.of(recipe, T)
-    # The head's weight trains with the leftmost stack (the first trained always trains the head; tied, it is the
-    # embedding, unless train.embedding is frozen), with a later one when train.head says so and it is not tied.
-    tied_frozen = m.tie_embeddings and recipe.train.embedding != "train"
     # train/finetune.py checkpoints every block of a fine-tune when train.finetune_checkpointing says so (the default)
     ft_ckpt = recipe.train.finetune_checkpointing
     ckpt_default = {"fuse-full": ft_ckpt, "fuse-lora": ft_ckpt, "fuse-qlora": ft_ckpt}
@@ -586,122 +584,73 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
 
     stages = []
 
-    # --- train-stack, left to right: the leftmost stack (from the tokens, trains the embedding) or a later one
-    # (from its cache; the embedding is loaded frozen in fp32 with the ends). The worse of the two is planned.
-    name = "train-stack-l2r"
-    on = ckpt(name)
-    head_train = out_ends if train_head else Params()
-    head_frozen = Params() if train_head else out_ends
-    stack_act = blocks_and_head_act(k, on, a_block, a_in, a_head)
-    flops = train_stack_flops_per_token(fs, k, head_trains=not tied_frozen, checkpointing=on)
-    flops_later = train_stack_flops_per_token(fs, k, head_trains=train_head and not m.tie_embeddings, checkpointing=on)
-    first = make(
-        name,
-        "leftmost",
-        f"stack at rack position 0 ({k} block(s)) + embedding{' + final norm + head' if train_head else ''} "
-        "trainable, input from the tokens",
-        stack + embed + head_train,
-        frozen_bytes(head_frozen, "fp32"),
-        stack_act,
-        0.0,
-        flops,
-        frozen_count=head_frozen.count,
-        on=on,
-        sharded=stack,
-    )
-    later_train = stack + head_train  # a tied head is the embedding: frozen after the leftmost stack
-    later_frozen = embed + head_frozen
-    later = make(
-        name,
-        "cached",
-        f"stack at rack position >= 1 ({k} block(s)){' + final norm + head' if train_head else ''} trainable, "
-        "input read from its cache",
-        later_train,
-        frozen_bytes(later_frozen, "fp32"),
-        stack_act - a_in,  # block 0's input is the cache buffer
-        4.0 * m.d_model * n_rank,  # the cached batch on the device, in fp32 (data.Sequences.get)
-        flops_later,
-        frozen_count=later_frozen.count,
-        on=on,
-        sharded=stack,
-    )
-    if recipe.train.prefix == "recompute" and n_stacks > 1:
-        # No cache: the rightmost stack runs its frozen prefix (every stack to its left, in train.frozen_dtype)
-        # forward without grad on each batch; one block's no-grad tensors are live at a time, beside its output.
-        prefix = Params.of([s for s, _ in block.tensors], L - k) + Params(time.tensors * (n_stacks - 1))
-        fd = recipe.train.frozen_dtype
-        later = make(
-            name,
-            "recompute",
-            f"stack at rack position {n_stacks - 1} ({k} block(s)){' + final norm + head' if train_head else ''} "
-            f"trainable, its {L - k}-block prefix frozen in {fd} and recomputed without grad on every batch",
-            later_train,
-            frozen_bytes(later_frozen, "fp32") + frozen_bytes(prefix, fd),
-            stack_act - a_in,  # block 0's input is the prefix's output, counted with the prefix's tensors
-            inference_bytes_per_token(m, at, T) * n_rank,
-            train_stack_flops_per_token(
-                fs,
-                k,
-                head_trains=train_head and not m.tie_embeddings,
-                checkpointing=on,
-                prefix_blocks=[k] * (n_stacks - 1),
-            ),
-            frozen_count=later_frozen.count + prefix.count,
-            on=on,
-            sharded=stack,
-        )
-    variants = [first, later] if n_stacks > 1 else [first]
-    stages.append(max(variants, key=lambda s: s.total_bytes))
+    # --- train-stack: each training stage as train/stage.py defines it, the definition train-stack builds its
+    # modules from. Left to right: the leftmost stack (from the tokens, trains the embedding) and a later one (from
+    # its cache, or the rightmost recomputing its whole prefix without grad), the worse of the two planned. Right to
+    # left: the new leftmost stack in front of the whole trained suffix, the gradient passing through it, each
+    # suffix block checkpointed. The frozen stacks (prefix, suffix) are stored in the plan's frozen dtype, the
+    # frozen ends in fp32.
+    defs = planned(recipe)
+    fd = o.frozen_dtype
 
-    # --- train-stack, right to left: the new leftmost stack + embedding trainable, the other stacks frozen in
-    # --frozen-dtype, the gradient passing through them, each suffix block checkpointed. As train/stack.py does: with
-    # a suffix the final norm and head stay frozen (the trained suffix reads out through them) and a tied embedding,
-    # being that head, too; only a one-stack rack trains them.
-    name = "train-stack-r2l"
-    on = ckpt(name)
-    suffix_blocks = L - k
-    suffix = Params.of([s for s, _ in block.tensors], suffix_blocks) + Params(time.tensors * (n_stacks - 1))
-    embed_trains = recipe.train.embedding == "train" and not (m.tie_embeddings and suffix_blocks)
-    r2l_train = stack + (embed if embed_trains else Params()) + (Params() if suffix_blocks else out_ends)
-    r2l_frozen_ends = (Params() if embed_trains else embed) + (out_ends if suffix_blocks else Params())
-    dequant, dequant_note = 0.0, ""
-    if suffix_blocks and o.frozen_dtype in ("nf4", "fp4"):
-        # bitsandbytes keeps the 4-bit weight for backward and dequantises one layer at a time: to the autocast
-        # dtype on a GPU, to fp32 on the CPU.
-        dequant = (4 if o.device == "cpu" else dt.compute) * block.largest
-        dequant_note = f"includes one dequantised {o.frozen_dtype} layer"
-    elif suffix_blocks and o.frozen_dtype in ("bf16", "fp8"):
-        # FrozenLinear dequantises to the input's dtype and F.linear keeps that weight (or autocast's 2-byte cast
-        # of it) for backward: a whole block's weights while it is recomputed.
-        dequant = dequantised_block_bytes(m, at, dt, o.frozen_dtype)
-        dequant_note = f"includes one block's {o.frozen_dtype} weights dequantised for its backward"
-    act = blocks_and_head_act(k, on, a_block, a_in, a_head, suffix_blocks)
-    flops = train_stack_flops_per_token(
-        fs,
-        k,
-        head_trains=not suffix_blocks and not tied_frozen,
-        checkpointing=on,
-        suffix_blocks=suffix_blocks,
-        suffix_stacks=n_stacks - 1,
-    )
-    stages.append(
-        make(
-            name,
-            "suffix",
-            f"new leftmost stack ({k} block(s)){' + embedding' if embed_trains else ''}"
-            f"{'' if suffix_blocks else ' + final norm + head'} trainable; {suffix_blocks} suffix block(s) frozen in "
-            f"{o.frozen_dtype}, checkpointed",
-            r2l_train,
-            frozen_bytes(suffix, o.frozen_dtype) + frozen_bytes(r2l_frozen_ends, "fp32") + dequant,
+    def frozen_stacks(blocks: tuple[int, ...]) -> Params:
+        return Params.of([s for s, _ in block.tensors], sum(blocks)) + Params(time.tensors * len(blocks))
+
+    def describe(st: StageDef) -> str:
+        what = f"stack at rack position {st.position} ({k} block(s))"
+        if st.name == "train-stack-r2l":
+            what = f"new leftmost stack ({k} block(s))"
+        ends_part = (" + embedding" if st.embedding_trains else "") + (" + final norm + head" if st.head_trains else "")
+        source = {
+            "tokens": "input from the tokens",
+            "cache": "input read from its cache",
+            "recompute": f"its {sum(st.prefix)}-block prefix frozen in {fd} and recomputed without grad on every batch",
+        }[st.source]
+        if st.suffix:
+            source = f"{sum(st.suffix)} suffix block(s) frozen in {fd}, checkpointed"
+        return f"{what}{ends_part} trainable; {source}"
+
+    def train_stage(st: StageDef) -> Stage:
+        on = ckpt(st.name)
+        trains = stack + (embed if st.embedding_trains else Params()) + (out_ends if st.head_trains else Params())
+        frozen_ends = (Params() if st.embedding_trains else embed) + (Params() if st.head_trains else out_ends)
+        held = frozen_stacks(st.prefix + st.suffix)
+        frozen = frozen_bytes(frozen_ends, "fp32") + (frozen_bytes(held, fd) if held.count else 0.0)
+        act = blocks_and_head_act(k, on, a_block, a_in, a_head, sum(st.suffix))
+        buffers = 0.0
+        if st.source != "tokens":  # block 0's input is the cache buffer, or the prefix's output beside its tensors
+            act -= a_in
+            buffers = 4.0 * m.d_model * n_rank if st.source == "cache" else inference_bytes_per_token(m, at, T) * n_rank
+        notes = []
+        if st.suffix and fd in ("nf4", "fp4"):
+            # bitsandbytes keeps the 4-bit weight for backward and dequantises one layer at a time: to the autocast
+            # dtype on a GPU, to fp32 on the CPU.
+            frozen += (4 if o.device == "cpu" else dt.compute) * block.largest
+            notes.append(f"includes one dequantised {fd} layer")
+        elif st.suffix and fd in ("bf16", "fp8"):
+            # FrozenLinear dequantises to the input's dtype and F.linear keeps that weight (or autocast's 2-byte cast
+            # of it) for backward: a whole block's weights while it is recomputed.
+            frozen += dequantised_block_bytes(m, at, dt, fd)
+            notes.append(f"includes one block's {fd} weights dequantised for its backward")
+        return make(
+            st.name,
+            st.variant,
+            describe(st),
+            trains,
+            frozen,
             act,
-            0.0,
-            flops,
-            frozen_count=suffix.count + r2l_frozen_ends.count,
+            buffers,
+            stage_flops(replace(st, checkpointing=on), fs),
+            frozen_count=frozen_ends.count + held.count,
             on=on,
             sharded=stack,
-            notes=[dequant_note] if dequant else [],
+            notes=notes,
         )
-    )
+
+    l2r = [train_stage(st) for st in defs if st.name == "train-stack-l2r"]
+    variants = list(l2r)
+    stages.append(max(l2r, key=lambda s: s.total_bytes))
+    stages.extend(train_stage(st) for st in defs if st.name == "train-stack-r2l")
 
     # --- cache: a no-grad fp32 forward (train/cache.py) with cache.batch_size sequences. From the tokens (at any
     # position p >= 1) the shard's states stay on the host and the prefix streams through the device one stack at a
@@ -762,25 +711,29 @@ def plan(recipe: Recipe, device_bytes: int, options: PlanOptions | None = None) 
     f_block = block_bytes_per_token(m, at, T, fdt) * n_rank
     f_in = fdt.residual * m.d_model * n_rank
     f_head = head_bytes_per_token(m, fdt) * n_rank
+    whole = next(st for st in defs if st.end_to_end)
+    e2e_frozen = Params() if whole.embedding_trains else embed
     for name, what, prec, acts in (
         ("fuse-full", "the whole fused model trainable", fp, (f_block, f_in, f_head)),
         ("end-to-end", "the whole model trained at once (the baseline)", o.precision, (a_block, a_in, a_head)),
     ):
         on = ckpt(name)
-        flops = whole_model_flops_per_token(
-            fs, L, n_stacks, checkpointing=on, head_trains=name == "fuse-full" or not tied_frozen
-        )
+        if name == "fuse-full":
+            trains, frozen, flops = every, Params(), whole_model_flops_per_token(fs, L, n_stacks, checkpointing=on)
+        else:  # train/stage.py's end-to-end stage: the embedding frozen with train.embedding: frozen
+            trains = blocks_all + (embed if whole.embedding_trains else Params()) + out_ends
+            frozen, flops = e2e_frozen, stage_flops(replace(whole, checkpointing=on), fs)
         stages.append(
             make(
                 name,
                 "whole",
                 what,
-                every,
-                0.0,
+                trains,
+                frozen_bytes(frozen, "fp32") if frozen.count else 0.0,
                 blocks_and_head_act(L, on, *acts),
                 0.0,
                 flops,
-                frozen_count=0,
+                frozen_count=frozen.count,
                 on=on,
                 precision=prec,
                 sharded=blocks_all,

@@ -1,4 +1,5 @@
-"""One training step of a stack against one step of the same model trained end to end.
+"""One training step of a stack against one step of the same model trained end to end: the real stages
+(train/stage.py, built by bench/case.py as train-stack builds them, objective included) on random data.
 
 Each case runs in a fresh subprocess so its peak memory is its own: on CUDA the peak allocated bytes; on the
 CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) above the resident set the process had
@@ -29,6 +30,7 @@ class StepMeasure:
     tokens_per_s: float
     peak_bytes: int
     memory_how: str
+    stage: str = ""  # the planned stage measured, as name/variant (train/stage.py), objective included
 
 
 def _rss_bytes(field: str) -> int:
@@ -75,18 +77,18 @@ def _measure(
 
     import torch
 
-    from stackwise_cli.model.model import Ends, Rack, Stack, causal_lm_loss
+    from stackwise_cli.bench.case import random_case
     from stackwise_cli.recipe import recipe_from_data
     from stackwise_cli.train.optim import make_optimizer
+    from stackwise_cli.train.stage import planned
 
     if memory:
         exact_rss_accounting()
         warmup, repeats = 0, 2
     recipe = recipe_from_data(recipe_data, "recipe")
-    cfg, tr = recipe.model, recipe.train
+    tr = recipe.train
     dev = torch.device(device)
     T = recipe.data.seq_len
-    gen = torch.Generator().manual_seed(0)
     gc.collect()
     cuda = dev.type == "cuda"
     if cuda:
@@ -96,38 +98,16 @@ def _measure(
         base = _rss_bytes("VmRSS")
         _reset_peak_rss()
 
-    ends = Ends(cfg).to(dev)
-    if case == "stack":
-        blocks = recipe.rack.blocks_per_stack
-        stack = Stack(cfg, blocks, recipe.attention).to(dev)
-        ends.embed.weight.requires_grad_(False)  # a cached stack never touches the embedding
-        params = {f"stack.{n}": p for n, p in stack.named_parameters()}
-        params.update({f"ends.{n}": p for n, p in ends.named_parameters() if not n.startswith("embed")})
-
-        def loss_fn(tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-            return causal_lm_loss(ends.logits(stack(hidden)), tokens)
-    else:
-        blocks = recipe.rack.stacks * recipe.rack.blocks_per_stack
-        rack = Rack(
-            cfg,
-            ends,
-            [Stack(cfg, recipe.rack.blocks_per_stack, recipe.attention) for _ in range(recipe.rack.stacks)],
-            list(range(recipe.rack.stacks)),
-        ).to(dev)
-        params = dict(rack.named_parameters())
-
-        def loss_fn(tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-            return causal_lm_loss(rack(tokens), tokens)
-
+    stage = _stage_of(planned(recipe), case)
+    c = random_case(recipe, stage, "fp32", dev, batch_size)
+    params, blocks = c.trainable, sum(stage.blocks)
     opt = make_optimizer(params, tr)
-    tokens = torch.randint(0, cfg.vocab_size, (batch_size, T), generator=gen).to(dev)
-    hidden = torch.randn(batch_size, T, cfg.d_model, generator=gen).to(dev) if case == "stack" else None
     times = []
     for i in range(warmup + repeats):
         if cuda:
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        loss = loss_fn(tokens, hidden)
+        loss = c.loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -151,8 +131,18 @@ def _measure(
             batch_size * T / step_s,
             peak,
             how,
+            f"{stage.name}/{stage.variant}",
         )
     )
+
+
+def _stage_of(stages, case: str):
+    """The planned stage a case measures: "stack" a later stack left to right (from its cache, or recomputing its
+    prefix), the leftmost when the rack has one stack; "end-to-end" the whole rack."""
+    if case == "end-to-end":
+        return next(s for s in stages if s.end_to_end)
+    l2r = [s for s in stages if s.name == "train-stack-l2r"]
+    return l2r[-1]
 
 
 def bench_step(

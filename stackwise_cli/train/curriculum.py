@@ -5,10 +5,7 @@ are grown are the curriculum's own (stackwise_cli/curricula.py).
 
 from __future__ import annotations
 
-from torch import nn
-
 from stackwise_cli.curricula import curriculum_of
-from stackwise_cli.model.model import Ends, Stack
 from stackwise_cli.recipe import TrainRecipe
 from stackwise_cli.store.manifest import Manifest, StackEntry
 
@@ -41,24 +38,3 @@ def lr_span(m: Manifest, pos: int) -> tuple[int, int] | None:
         return None
     steps = [_steps_of(tr, g) for g in range(m.recipe.rack.stacks)]
     return sum(steps[:grown]), sum(steps)
-
-
-def trainable_for(
-    stack: Stack, ends: Ends, tr: TrainRecipe, pos: int, right_to_left: bool, has_suffix: bool
-) -> dict[str, nn.Parameter]:
-    """What trains with one stack at rack position ``pos``, as ``stack.<name>`` / ``ends.<name>``.
-
-    The embedding trains with the leftmost stack. Right to left with tied embeddings it is also the head that the
-    trained suffix reads out through, so it trains only with the first stack. The first stack trained always trains
-    the final norm and head (a random head makes every readout useless); left to right the later ones do too with
-    `train.head: train`, tied or not: with tied embeddings the output side is what is not the embedding matrix (the
-    final norm, BERT's MLM transform and output bias), which no cache depends on. Right to left, and left to right
-    for a stack inserted in front of trained ones, the head stays frozen: the trained suffix was fitted to it."""
-    trainable = {f"stack.{n}": p for n, p in stack.named_parameters()}
-    tied_head_in_use = right_to_left and ends.head is None and has_suffix
-    if pos == 0 and tr.embedding == "train" and not tied_head_in_use:
-        trainable.update({f"ends.{n}": p for n, p in ends.named_input_parameters().items()})
-    first = not has_suffix if right_to_left else pos == 0
-    if first or (tr.head == "train" and not right_to_left and not has_suffix):
-        trainable.update({f"ends.{n}": p for n, p in ends.named_output_parameters().items()})
-    return trainable

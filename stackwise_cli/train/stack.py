@@ -12,6 +12,7 @@ would make every cache stale.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch import nn
 from stackwise_cli.curricula import curriculum_of
 from stackwise_cli.device import pick_device
 from stackwise_cli.errors import ProjectError, StackwiseError, Stopped
+from stackwise_cli.flops import FlopShapes
 from stackwise_cli.model.io import load_ends, load_stack, save_ends, save_stack
 from stackwise_cli.model.model import Ends, Stack
 from stackwise_cli.objectives import CACHE_EPOCH, Objective
@@ -31,9 +33,10 @@ from stackwise_cli.store.manifest import Manifest, stack_objective
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.store.shards import read_hidden_shard
 from stackwise_cli.train import checkpoint as ckpt
-from stackwise_cli.train import distributed
-from stackwise_cli.train.curriculum import frozen_suffix, lr_span, planned_steps, trainable_for
+from stackwise_cli.train import distributed, stage
+from stackwise_cli.train.curriculum import frozen_suffix, lr_span, planned_steps
 from stackwise_cli.train.data import Batch, Sequences, stream_start, token_data, val_data
+from stackwise_cli.train.frozen import freeze
 from stackwise_cli.train.metrics import (
     Metrics,
     Validation,
@@ -94,72 +97,91 @@ def _freeze(modules: list[nn.Module]) -> None:
 def _setup_one(
     project: Project, m: Manifest, stack_id: int, pos: int, stack: Stack, ends: Ends, dev: torch.device
 ) -> Setup:
-    """One stack, left to right (from its cache, or from the tokens when leftmost) or right to left (from the
-    tokens, through the frozen suffix)."""
+    """One stack as its stage says (train/stage.py): from the tokens (leftmost, or right to left), from its cache,
+    or from its prefix recomputed on every batch, reading out through any frozen suffix."""
     recipe, tr = m.recipe, m.recipe.train
+    st = stage.for_stack(m, pos)
     obj = stack_objective(m, stack_id)
-    causal = obj.causal
-    forward = forward_for(tr.activation_checkpointing)
-    right_to_left = curriculum_of(recipe).from_output
     suffix = frozen_suffix(m, pos)
-    trainable = trainable_for(stack, ends, tr, pos, right_to_left, bool(suffix))
+    modules: dict[str, nn.Module] = {"stack": stack, "ends": ends}
+    trainable = trainable_params(st, modules)
     tokens = token_data(project, m)
-    frozen = []
-    if suffix:
-        from stackwise_cli.train.frozen import freeze
-
-        frozen = [freeze(load_stack(project, m, s.id), tr.frozen_dtype).to(dev) for s in suffix]
-    suffix_forward = forward_for(tr.suffix_checkpointing)
+    frozen = [freeze(load_stack(project, m, s.id), tr.frozen_dtype).to(dev) for s in suffix]
     # The frozen inputs: a checkpoint made against another suffix or head is not this run.
     suffix_key = [m.ends.sha256, *[f"{s.id}:{s.sha256}" for s in suffix], tr.frozen_dtype] if suffix else []
-
-    if pos == 0 or right_to_left:
-
-        def loss_fn(b: Batch) -> torch.Tensor:
-            c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
-            h = forward(stack, ends.embed_tokens(c.inputs), causal, c.t)
-            for s in frozen:
-                h = suffix_forward(s, h, causal, c.t)
-            return obj.loss(ends.logits(h), c)
-
-        parts = ["tokens", project.split_digest(m, "train"), obj.key(), *suffix_key]
-        return Setup({"stack": stack, "ends": ends}, trainable, loss_fn, Sequences(tokens), digest(parts))
-
-    if tr.prefix == "recompute":
-        from stackwise_cli.train.frozen import freeze
-
+    prefix: list[nn.Module] = []
+    if st.source == "tokens":
+        data = Sequences(tokens)
+        fingerprint = digest(["tokens", project.split_digest(m, "train"), obj.key(), *suffix_key])
+    elif st.source == "recompute":
         prefix = [freeze(load_stack(project, m, s.id), tr.frozen_dtype).to(dev) for s in m.rack[:pos]]
+        prefix_key = [m.ends.sha256, *[f"{s.id}:{s.sha256}" for s in m.rack[:pos]], tr.frozen_dtype]
+        data = Sequences(tokens)
+        fingerprint = digest(["recompute", project.split_digest(m, "train"), obj.key(), *prefix_key, *suffix_key])
+    else:
+        cache = project.fresh_cache(m, stack_id, "train")
+        hidden = [
+            read_hidden_shard(project.path(s.file), expect_shape=(m.data.seq_len, recipe.model.d_model))
+            for s in cache.shards
+        ]
+        data = Sequences(tokens, hidden)
+        fingerprint = digest(["cache", *[s.sha256 for s in cache.shards], *suffix_key])
+    return Setup(modules, trainable, stage_loss(st, obj, [stack], ends, prefix, frozen), data, fingerprint)
 
-        def recomputed_loss(b: Batch) -> torch.Tensor:
+
+def trainable_params(st: stage.Stage, modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """What trains in stage ``st``, by checkpoint name (``<module key>.<parameter name>``): every parameter of the
+    trained stacks, and of the ends the input side where ``st.embedding_trains`` and the output side where
+    ``st.head_trains`` (train/stage.py says which and why). End to end the ends come first, as the whole rack's
+    modules list them."""
+    ends = modules["ends"]
+    if st.end_to_end:
+        trainable = {f"{k}.{n}": p for k, mod in modules.items() for n, p in mod.named_parameters()}
+        if not st.embedding_trains:
+            for n in ends.named_input_parameters():
+                trainable.pop(f"ends.{n}")
+        return trainable
+    trainable = {f"{k}.{n}": p for k, mod in modules.items() if k != "ends" for n, p in mod.named_parameters()}
+    if st.embedding_trains:
+        trainable.update({f"ends.{n}": p for n, p in ends.named_input_parameters().items()})
+    if st.head_trains:
+        trainable.update({f"ends.{n}": p for n, p in ends.named_output_parameters().items()})
+    return trainable
+
+
+def stage_loss(
+    st: stage.Stage,
+    obj: Objective,
+    stacks: list[Stack],
+    ends: Ends,
+    prefix: list[nn.Module],
+    suffix: list[nn.Module],
+) -> Callable[[Batch], torch.Tensor]:
+    """The loss of stage ``st`` on a batch: corrupt the tokens by the objective (a cache holds the masks of
+    ``CACHE_EPOCH``), then read the cache, or embed and run the frozen ``prefix`` without grad (what the cache would
+    hold, for this batch only), then the trained ``stacks``, the frozen ``suffix`` (the gradient passes through
+    it), the head and the objective's loss."""
+    forward = forward_for(st.checkpointing)
+    suffix_forward = forward_for(st.suffix_checkpointing)
+    causal = obj.causal
+
+    def loss_fn(b: Batch) -> torch.Tensor:
+        if st.source == "cache":
+            c = obj.corrupt(b.tokens, b.seq_ids, CACHE_EPOCH)
+            h = b.hidden
+        else:
             c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
-            with torch.no_grad():  # what the cache would hold, computed for this batch only
+            with torch.no_grad() if st.source == "recompute" else contextlib.nullcontext():
                 h = ends.embed_tokens(c.inputs)
                 for s in prefix:
                     h = s(h, causal, c.t)
-            h = forward(stack, h, causal, c.t)
-            for s in frozen:
-                h = suffix_forward(s, h, causal, c.t)
-            return obj.loss(ends.logits(h), c)
-
-        prefix_key = [m.ends.sha256, *[f"{s.id}:{s.sha256}" for s in m.rack[:pos]], tr.frozen_dtype]
-        parts = ["recompute", project.split_digest(m, "train"), obj.key(), *prefix_key, *suffix_key]
-        return Setup({"stack": stack, "ends": ends}, trainable, recomputed_loss, Sequences(tokens), digest(parts))
-
-    cache = project.fresh_cache(m, stack_id, "train")
-    hidden = [
-        read_hidden_shard(project.path(s.file), expect_shape=(m.data.seq_len, recipe.model.d_model))
-        for s in cache.shards
-    ]
-
-    def cached_loss(b: Batch) -> torch.Tensor:
-        c = obj.corrupt(b.tokens, b.seq_ids, CACHE_EPOCH)  # the masks the cache was computed with
-        h = forward(stack, b.hidden, causal, c.t)
-        for s in frozen:  # an inserted stack reads out through the trained stacks after it
+        for s in stacks:
+            h = forward(s, h, causal, c.t)
+        for s in suffix:
             h = suffix_forward(s, h, causal, c.t)
         return obj.loss(ends.logits(h), c)
 
-    fingerprint = digest(["cache", *[s.sha256 for s in cache.shards], *suffix_key])
-    return Setup({"stack": stack, "ends": ends}, trainable, cached_loss, Sequences(tokens, hidden), fingerprint)
+    return loss_fn
 
 
 def forward_for(checkpointed: bool) -> Callable:
@@ -197,43 +219,21 @@ def whole_rack_modules(
 
 
 def _setup_all(project: Project, m: Manifest, stacks: list[Stack], ends: Ends) -> Setup:
-    """The whole rack end to end: the embedding, every stack and the head train together."""
+    """The whole rack end to end (train/stage.py's end-to-end stage): every stack and the head train together, and
+    the embedding unless ``train.embedding: frozen``."""
+    st = stage.for_rack(m)
     obj = stack_objective(m, None)
-    modules, trainable = whole_rack_modules(m, stacks, ends)
-    if m.recipe.train.embedding == "frozen":
-        for n in ends.named_input_parameters():
-            trainable.pop(f"ends.{n}")
-    loss_fn = whole_rack_loss(obj, ends, stacks, forward_for(m.recipe.train.activation_checkpointing))
+    modules, _ = whole_rack_modules(m, stacks, ends)
+    loss_fn = stage_loss(st, obj, stacks, ends, [], [])
     fingerprint = digest(["tokens", project.split_digest(m, "train"), obj.key(), "end-to-end"])
-    return Setup(modules, trainable, loss_fn, Sequences(token_data(project, m)), fingerprint)
+    return Setup(modules, trainable_params(st, modules), loss_fn, Sequences(token_data(project, m)), fingerprint)
 
 
-def train_flops_per_token(
-    m: Manifest, stack_id: int | None, pos: int | None, trainable: dict[str, nn.Parameter], ends: Ends
-) -> float:
-    """The training FLOPs per token of this run, by the planner's formulas (``flops.py``) for the rack as it
-    is: the stack's own blocks (or every block end to end), right to left the frozen suffix, and the head, whose
-    weight's gradient counts only where it trains (``trainable``)."""
-    from stackwise_cli.flops import FlopShapes, train_stack_flops_per_token, whole_model_flops_per_token
-
-    f = FlopShapes.of(m.recipe, m.data.seq_len)
-    head = ends.embed.weight if ends.head is None else ends.head.weight
-    head_trains = any(p is head for p in trainable.values())
-    ckpt_on = m.recipe.train.activation_checkpointing
-    if stack_id is None:
-        blocks = sum(e.blocks for e in m.rack)
-        return whole_model_flops_per_token(f, blocks, len(m.rack), checkpointing=ckpt_on, head_trains=head_trains)
-    suffix = frozen_suffix(m, pos)
-    prefix = m.rack[:pos] if m.recipe.train.prefix == "recompute" and curriculum_of(m.recipe).reads_prefix else []
-    return train_stack_flops_per_token(
-        f,
-        m.rack[pos].blocks,
-        head_trains=head_trains,
-        checkpointing=ckpt_on,
-        suffix_blocks=sum(e.blocks for e in suffix),
-        suffix_stacks=len(suffix),
-        prefix_blocks=[e.blocks for e in prefix],
-    )
+def train_flops_per_token(m: Manifest, pos: int | None) -> float:
+    """The training FLOPs per token of the stage that trains the stack at ``pos`` (None: the whole rack), by the
+    planner's formulas (``flops.py``) for the rack as it is (``stage.flops_per_token``)."""
+    st = stage.for_rack(m) if pos is None else stage.for_stack(m, pos)
+    return stage.flops_per_token(st, FlopShapes.of(m.recipe, m.data.seq_len))
 
 
 def _train(
@@ -334,7 +334,7 @@ def _train(
         start,
         span if prior_steps == 0 else None,  # a second run (--resume never) has a schedule of its own
     )
-    flops_per_token = train_flops_per_token(m, stack_id, pos, setup.trainable, ends)
+    flops_per_token = train_flops_per_token(m, pos)
     metrics = Metrics(flops_per_token, device_peak(dev, precision), run_validation(project, m, stack_id, setup, dev))
     try:
         result = run(
