@@ -9,7 +9,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from stackwise_cli.app import app
 from stackwise_cli.curricula import CURRICULA, Curriculum
 from stackwise_cli.data.tokenizer import needs_mask
 from stackwise_cli.errors import RecipeError
@@ -108,9 +110,13 @@ def test_a_registered_objective_trains_and_is_scored(project, toy_objective):
 def test_a_registered_curriculum_grows_and_orders_the_rack(project, toy_curriculum):
     with project.update() as m:
         m.recipe = dataclasses.replace(m.recipe, curriculum="from-the-top")
-    first, second = grow(project, side="right"), grow(project, side="left")
+    env = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb", "STACKWISE_DEBUG": None}
+    for _ in range(2):  # `grow` with no --side grows on the curriculum's side
+        result = CliRunner().invoke(app, ["grow", "-p", str(project.root)], env=env)
+        assert result.exit_code == 0 and "on the left" in result.output, result.output
     m = project.load()
-    assert m.ids() == [second.id, first.id]  # grown on the left, which no check refused
+    first, second = m.stack(0), m.stack(1)
+    assert m.ids() == [second.id, first.id]  # grown on the left
     assert grow_side(m) == "left"  # what tidy tells a user to regrow with
     assert train_command(project, m, m.rack).startswith(f"stackwise train-stack {first.id} ")
     with project.update() as mm:
