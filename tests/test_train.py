@@ -159,7 +159,7 @@ def test_checkpoint_restores_optimizer_moments(project):
     with pytest.raises(Stopped):
         train_stack(project, 0, steps=20, stop_at=10)
     weights, optim, rng, state = ckpt.load_checkpoint(ckpt.list_checkpoints(project.ckpt_dir(0))[-1])
-    assert state["step"] == 10 and state["sampler"] == {"epoch": 0, "offset": 80}
+    assert state.step == 10 and state.sampler == {"epoch": 0, "offset": 80}
     assert any(k.endswith("::exp_avg_sq") and v.abs().sum() > 0 for k, v in optim.items())
     assert optim["stack.blocks.0.attn.q.weight::step"].item() == 10
     assert "torch_cpu" in rng
@@ -265,7 +265,7 @@ def test_divergence_stops_training_before_any_checkpoint_holds_it(project, monke
         train_stack(project, 0, steps=20)
     newest = ckpt.list_checkpoints(project.ckpt_dir(0))[-1]
     weights, _, _, state = ckpt.load_checkpoint(newest)
-    assert state["step"] == 5 and all(torch.isfinite(w).all() for w in weights.values())
+    assert state.step == 5 and all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_readers_reload_the_manifest_when_a_training_run_finishes_under_them(project, monkeypatch):
@@ -419,7 +419,7 @@ def test_grad_accum_resumes_bit_identically(project, tmp_path):
     with pytest.raises(Stopped):
         train_stack(p, 0, steps=14, stop_at=7)
     state = ckpt.load_checkpoint(ckpt.list_checkpoints(p.ckpt_dir(0))[-1])[3]
-    assert state["step"] == 7 and state["tokens"] == 7 * 3 * 4 * 32 and state["sampler"]["offset"] == 7 * 12
+    assert state.step == 7 and state.tokens == 7 * 3 * 4 * 32 and state.sampler["offset"] == 7 * 12
     assert train_stack(p, 0, steps=14).resumed_from == 7
     a, b = straight.load().stack(0), p.load().stack(0)
     assert a.sha256 == b.sha256 and a.tokens == b.tokens == 14 * 3 * 4 * 32

@@ -17,7 +17,6 @@ files, not from the bf16 or NF4 copy the adapters trained against.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 
@@ -38,8 +37,8 @@ from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_PRECISI
 from stackwise_cli.train.lora import Adapters, add_lora, merge_lora
 from stackwise_cli.train.metrics import Metrics, Validation, device_peak, keep_best
 from stackwise_cli.train.precision import autocast, resolve_precision
-from stackwise_cli.train.run import RESUME, Job, Result, run
-from stackwise_cli.train.stack import forward_for, whole_rack_loss, whole_rack_modules
+from stackwise_cli.train.run import RESUME, Job, Result, recipe_settings, run
+from stackwise_cli.train.stack import OBJECTIVE_SETTINGS, forward_for, whole_rack_loss, whole_rack_modules
 
 MODES = ("full", "lora", "qlora")
 # How the frozen base's linear weights are held, and the precisions a fine-tune computes in: in train/defaults.py,
@@ -126,14 +125,14 @@ def _fingerprint(project: Project, m: Manifest, spec: FinetuneSpec, objective_ke
 
 def _check_checkpoint(project: Project, spec: FinetuneSpec, fingerprint: str, resume: str) -> None:
     """A checkpoint in ckpt/finetune from another fine-tune is refused here, in fuse's own words."""
-    existing = ckpt.list_checkpoints(project.ckpt_dir(CKPT_NAME))
-    if resume != "auto" or not existing:
+    latest = ckpt.Checkpoints(project.ckpt_dir(CKPT_NAME)).latest()
+    if resume != "auto" or latest is None:
         return
-    state = json.loads((existing[-1] / "state.json").read_text())
-    if state.get("fingerprint") != fingerprint or state.get("steps_total") != spec.steps:
+    state = ckpt.read_state(latest)
+    if state.fingerprint != fingerprint or state.steps_total != spec.steps:
         raise StackwiseError(
-            f"{existing[-1]} holds an interrupted fine-tune with other settings or of another rack "
-            f"({state.get('steps_total')} steps) than `fuse {spec.label()}` asks for",
+            f"{latest} holds an interrupted fine-tune with other settings or of another rack "
+            f"({state.steps_total} steps) than `fuse {spec.label()}` asks for",
             hint="rerun the interrupted command to finish it, or pass --resume never to start this one over",
         )
 
@@ -200,7 +199,8 @@ def finetune(
     loss_fn = whole_rack_loss(obj, ends, stacks, forward_for(tr.finetune_checkpointing))
 
     data = Sequences(token_data(project, m))
-    job = Job(f"fuse {spec.mode} fine-tune", modules, trainable, loss_fn, data, fingerprint)
+    settings = recipe_settings(m.recipe, OBJECTIVE_SETTINGS)
+    job = Job(f"fuse {spec.mode} fine-tune", modules, trainable, loss_fn, data, fingerprint, settings=settings)
     ckpt_dir = project.ckpt_dir(CKPT_NAME)
     per_token = flops_per_token(m, spec, sum(p.numel() for p in trainable.values()))
     ev = m.recipe.eval

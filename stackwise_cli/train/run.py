@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import threading
 import time
@@ -20,7 +19,8 @@ from torch import nn
 
 from stackwise_cli.errors import EXIT_INTERRUPTED, StackwiseError, Stopped
 from stackwise_cli.progress import QUIET, Reporter
-from stackwise_cli.recipe import TrainRecipe
+from stackwise_cli.recipe import Recipe, TrainRecipe
+from stackwise_cli.schema import to_data
 from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train import distributed
 from stackwise_cli.train.data import Batch, Sampler, Sequences
@@ -91,6 +91,9 @@ class Job:
     lr_span: tuple[int, int] | None = (
         None  # (offset, total): step s follows the schedule of a total-step run at s+offset
     )
+    # The caller's settings its numbers depend on beyond the loop's own (``run_settings``), by recipe key: a resume
+    # under other values is refused, naming the key.
+    settings: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +147,11 @@ def run_settings(tr: TrainRecipe, precision: str, seq_len: int) -> dict[str, obj
     }
 
 
+def recipe_settings(recipe: Recipe, keys: tuple[str, ...]) -> dict[str, object]:
+    """The values of the recipe ``keys`` (``section.name``) as plain data, for ``Job.settings``."""
+    return {key: to_data(getattr(getattr(recipe, key.partition(".")[0]), key.partition(".")[2])) for key in keys}
+
+
 def check_resume_settings(checkpoint: Path, saved: dict[str, object], now: dict[str, object]) -> None:
     """Refuse to resume ``checkpoint`` under settings other than those it was made with, naming each one. A
     checkpoint from before settings were recorded (no ``saved``) is checked on ``--precision`` alone, if it has it."""
@@ -156,6 +164,44 @@ def check_resume_settings(checkpoint: Path, saved: dict[str, object], now: dict[
         f"the checkpoint {checkpoint} was made with other settings than this run: {what}",
         hint=f"to resume it, rerun with the old value ({back}); or pass --resume never to start again",
     )
+
+
+def check_resumable(
+    path: Path,
+    state: ckpt.TrainState,
+    job: Job,
+    settings: dict[str, object],
+    steps: int,
+    optim: dict[str, torch.Tensor],
+) -> None:
+    """Refuse to resume checkpoint ``path`` into a run that is not the one it was made by, naming what differs: the
+    settings first (a changed recipe key also changes the fingerprint of what it shapes, and the key is what the user
+    can put back), then the inputs, the run's length and what trains."""
+    check_resume_settings(path, state.settings or {"--precision": state.precision}, settings)
+    if state.fingerprint != job.fingerprint:
+        raise StackwiseError(
+            f"the checkpoint {path} was made on other inputs than {job.name} has now (its cache or data changed)",
+            hint="use --resume never to start again",
+        )
+    if state.steps_total != steps:
+        raise StackwiseError(
+            f"the checkpoint {path} belongs to a {state.steps_total}-step run, not {steps} "
+            "(the learning-rate schedule depends on it)",
+            hint=f"pass --steps {state.steps_total}, or --resume never to start again",
+        )
+    # What trains must be what the checkpoint trained (a setting outside run_settings, or a version of stackwise
+    # with another rule for it, may have changed it): its optimizer state is for those parameters alone. Older
+    # checkpoints do not list them; their optimizer tensors name every parameter that had a gradient.
+    now = set(job.trainable)
+    listed = state.trainable is not None
+    held = set(state.trainable) if listed else {key.partition("::")[0] for key in optim}
+    if held - now or (listed and now - held):
+        gone, new = sorted(held - now), sorted(now - held)
+        raise StackwiseError(
+            f"the checkpoint {path} trained other parameters than this run would "
+            f"(only in the checkpoint: {', '.join(gone) or 'none'}; only now: {', '.join(new) or 'none'})",
+            hint="rerun with the settings it was made with, or pass --resume never to start again",
+        )
 
 
 def run(
@@ -186,71 +232,47 @@ def run(
     step, tokens, last_loss, resumed_from = 0, 0, None, None
     window: list[torch.Tensor] = []  # losses since the last log line (saved, so a resumed log is identical)
 
-    settings = run_settings(tr, precision, job.data.tokens[0].seq_len)
-    existing = ckpt.list_checkpoints(ckpt_dir)
+    settings = run_settings(tr, precision, job.data.tokens[0].seq_len) | job.settings
+    checkpoints = ckpt.Checkpoints(ckpt_dir, tr.keep_checkpoints)
+    latest = checkpoints.latest()
     distributed.barrier()  # under torchrun every rank has read the checkpoints before rank 0 removes any
-    if resume == "never" and existing:
+    if resume == "never" and latest:
         if distributed.is_main():
-            shutil.rmtree(ckpt_dir)
-    elif resume == "auto" and existing:
-        weights, optim, rng, state = ckpt.load_checkpoint(existing[-1])
-        if state["fingerprint"] != job.fingerprint:
-            raise StackwiseError(
-                f"the checkpoint {existing[-1]} was made on other inputs than {job.name} has now "
-                "(its cache or data changed)",
-                hint="use --resume never to start again",
-            )
-        saved = state.get("settings") or ({"--precision": state["precision"]} if "precision" in state else {})
-        check_resume_settings(existing[-1], saved, settings)
-        if state["steps_total"] != steps:
-            raise StackwiseError(
-                f"the checkpoint {existing[-1]} belongs to a {state['steps_total']}-step run, not {steps} "
-                "(the learning-rate schedule depends on it)",
-                hint=f"pass --steps {state['steps_total']}, or --resume never to start again",
-            )
-        # What trains must be what the checkpoint trained (a setting outside run_settings, or a version of stackwise
-        # with another rule for it, may have changed it): its optimizer state is for those parameters alone. Older
-        # checkpoints do not list them; their optimizer tensors name every parameter that had a gradient.
-        now = set(job.trainable)
-        held = set(state["trainable"]) if "trainable" in state else {key.partition("::")[0] for key in optim}
-        if held - now or ("trainable" in state and now - held):
-            gone, new = sorted(held - now), sorted(now - held)
-            raise StackwiseError(
-                f"the checkpoint {existing[-1]} trained other parameters than this run would "
-                f"(only in the checkpoint: {', '.join(gone) or 'none'}; only now: {', '.join(new) or 'none'})",
-                hint="rerun with the settings it was made with, or pass --resume never to start again",
-            )
+            checkpoints.clear()
+    elif resume == "auto" and latest:
+        weights, optim, rng, state = ckpt.load_checkpoint(latest)
+        check_resumable(latest, state, job, settings, steps, optim)
         _load_weights(job, weights)
         ckpt.load_optimizer_tensors(opt, job.trainable, optim)
         ckpt.restore_rng(rng)
-        sampler.load_state(state["sampler"])
-        step, tokens, last_loss = state["step"], state["tokens"], state["last_loss"]
-        window = [torch.tensor(x) for x in state["window"]]
-        job.extra.update(state["extra"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        sampler.load_state(state.sampler)
+        step, tokens, last_loss = state.step, state.tokens, state.last_loss
+        window = [torch.tensor(x) for x in state.window]
+        job.extra.update(state.extra)
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)
         resumed_from = step
-        reporter.info(f"{job.name}: resuming from step {step} ({existing[-1].name})")
+        reporter.info(f"{job.name}: resuming from step {step} ({latest.name})")
 
     def save(at: int) -> None:
-        state = {
-            "step": at,
-            "steps_total": steps,
-            "tokens": tokens,
-            "last_loss": last_loss,
-            "sampler": sampler.state(),
-            "window": [w.item() for w in window],
-            "extra": job.extra,
-            "fingerprint": job.fingerprint,
-            "precision": precision,
-            "settings": settings,
-            "trainable": sorted(job.trainable),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "time": time.time(),
-        }
+        state = ckpt.TrainState(
+            step=at,
+            steps_total=steps,
+            tokens=tokens,
+            last_loss=last_loss,
+            sampler=sampler.state(),
+            window=[w.item() for w in window],
+            extra=job.extra,
+            fingerprint=job.fingerprint,
+            precision=precision,
+            settings=settings,
+            trainable=sorted(job.trainable),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            time=time.time(),
+        )
         weights, optim = _weights(job), ckpt.optimizer_tensors(opt, names)  # every rank joins the gathers
         if distributed.is_main():
-            ckpt.save_checkpoint(ckpt_dir, at, weights, optim, state, tr.keep_checkpoints)
+            checkpoints.save(at, weights, optim, state)
 
     for line in epochs_line(job.name, steps, tr.batch_size * tr.grad_accum, len(job.data)):
         if line:

@@ -13,8 +13,6 @@ would make every cache stale.
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,9 +42,23 @@ from stackwise_cli.train.metrics import (
     keep_best,
 )
 from stackwise_cli.train.precision import autocast, resolve_precision
-from stackwise_cli.train.run import RESUME, Job, Result, run
+from stackwise_cli.train.run import RESUME, Job, Result, recipe_settings, run
 
 ALL = "all"
+# The recipe keys outside the loop's own (``run.run_settings``) that change what a run computes, held by its
+# checkpoints: the objective's corruption (its masks and noise levels) and, for a stack, what it reads (the cache or
+# the prefix recomputed), how its frozen stacks are stored, and its steps (which also place it in a whole-rack
+# schedule). A key that does nothing in this run (mask.* under clm) is held too: a refused resume names the key and
+# the way back, a resume under a changed one would silently be neither run.
+OBJECTIVE_SETTINGS = (
+    "mask.ratio",
+    "mask.mask_token",
+    "mask.random_token",
+    "diffusion.time",
+    "diffusion.t_min",
+    "diffusion.t_max",
+)
+STACK_SETTINGS = ("train.prefix", "train.frozen_dtype", "train.step_scale", *OBJECTIVE_SETTINGS)
 
 
 def train_stack(
@@ -290,12 +302,14 @@ def _train(
     # of the weights in the stack file are the entry's, unless an interrupted run already moved the entry on: then
     # its checkpoints remember what the file held when that run began.
     ckpt_dir = project.ckpt_dir(label)
+    checkpoints = ckpt.Checkpoints(ckpt_dir, tr.keep_checkpoints)
+    latest = checkpoints.latest()
     prior_steps, prior_tokens, prior_flops = entries[0].steps, entries[0].tokens, entries[0].flops
-    if states != {"trained"} and ckpt.list_checkpoints(ckpt_dir):
-        extra = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())["extra"]
+    if states != {"trained"} and latest is not None:
+        extra = ckpt.read_state(latest).extra
         prior_steps, prior_tokens = extra["prior_steps"], extra["prior_tokens"]
         prior_flops = extra.get("prior_flops", 0.0)  # a checkpoint from before FLOPs were counted: none before it
-    have_ckpt = resume == "auto" and bool(ckpt.list_checkpoints(ckpt_dir))
+    have_ckpt = resume == "auto" and latest is not None
 
     # With a checkpoint to resume from, the weights come from it: the files may be one step ahead or behind.
     stacks = [load_stack(project, m, i, verify=not have_ckpt).to(dev) for i in ids]
@@ -333,6 +347,7 @@ def _train(
         {"prior_steps": prior_steps, "prior_tokens": prior_tokens, "prior_flops": prior_flops},
         start,
         span if prior_steps == 0 else None,  # a second run (--resume never) has a schedule of its own
+        recipe_settings(m.recipe, STACK_SETTINGS),
     )
     flops_per_token = train_flops_per_token(m, pos)
     metrics = Metrics(flops_per_token, device_peak(dev, precision), run_validation(project, m, stack_id, setup, dev))
@@ -355,14 +370,14 @@ def _train(
         if not distributed.is_main():
             distributed.barrier()  # rank 0 records the stop in the manifest; the others wait for it, then stop
             raise
-        state = json.loads((ckpt.list_checkpoints(ckpt_dir)[-1] / "state.json").read_text())
+        state = checkpoints.latest_state()
         with project.update() as mm:
             for i in ids:
                 e = mm.stack(i)
-                e.steps = state["extra"]["prior_steps"] + state["step"]
-                e.tokens = state["extra"]["prior_tokens"] + state["tokens"]
-                e.last_loss, e.precision = state["last_loss"], precision
-                e.flops = state["extra"].get("prior_flops", 0.0) + state["tokens"] * flops_per_token
+                e.steps = state.extra["prior_steps"] + state.step
+                e.tokens = state.extra["prior_tokens"] + state.tokens
+                e.last_loss, e.precision = state.last_loss, precision
+                e.flops = state.extra.get("prior_flops", 0.0) + state.tokens * flops_per_token
             mm.recount_flops()
         distributed.barrier()
         raise
@@ -375,7 +390,7 @@ def _train(
         return result
     _finish(project, dict(zip(ids, stacks)), trained_ends, result, precision, job.extra, curriculum.name, flops)
     keep_best(ckpt_dir, project.best_file(label))  # train.eval_every: the best-validation weights
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the stack files and the manifest now hold the result
+    checkpoints.clear()  # the stack files and the manifest now hold the result
     distributed.barrier()
     return result
 
