@@ -180,6 +180,7 @@ class TrainRecipe:
     suffix_checkpointing: bool = True  # right-to-left: recompute the suffix in backward instead of keeping it
     activation_checkpointing: bool = False  # recompute each trained block in backward (keeps only block inputs)
     finetune_checkpointing: bool = True  # the same for every block of a fuse fine-tune (full, lora, qlora)
+    compile: bool = False  # torch.compile the trained stacks (traced at the first step: minutes on a large model)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes 8-bit states (paged on CUDA)
     checkpoint_every: int = 100  # steps between checkpoints; 0 = off
     checkpoint_every_min: float = 0.0  # minutes of wall time between checkpoints; 0 = off

@@ -359,8 +359,8 @@ def test_finetune_by_default_runs_what_bench_plan_plans(trained, monkeypatch, mo
     from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_ENDS_DTYPE
 
     calls = []
-    real = frozen.run_checkpointed
-    monkeypatch.setattr(frozen, "run_checkpointed", lambda *a: calls.append(1) or real(*a))
+    real = frozen.checkpoint
+    monkeypatch.setattr(frozen, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     _, done = _finetune(trained, mode, steps=3)
     recipe = trained.load().recipe
     planned = plan(recipe, 10**15, PlanOptions(precision="fp32", device="cpu")).stage(f"fuse-{mode}")

@@ -20,7 +20,7 @@ from stackwise_cli.errors import StackwiseError
 from stackwise_cli.model.config import ModelConfig
 from stackwise_cli.model.model import Stack
 from stackwise_cli.store.e4m3 import fp8_quantize_reference
-from stackwise_cli.train.frozen import FrozenLinear, freeze, frozen_bytes, run_checkpointed
+from stackwise_cli.train.frozen import FrozenLinear, checkpoint_blocks, freeze, frozen_bytes
 
 # dtype -> (max relative error of y - x, min cosine of the input gradient through the blocks, min relative error)
 TOLERANCES = {
@@ -143,7 +143,7 @@ def test_checkpointed_matches_plain_and_saves_less():
     stack = _stack("llama")
     x = torch.randn(2, 32, 64, requires_grad=True)
     y, plain_bytes = _saved_bytes(lambda: stack(x, True))
-    yc, ckpt_bytes = _saved_bytes(lambda: run_checkpointed(stack, x, True))
+    yc, ckpt_bytes = _saved_bytes(lambda: checkpoint_blocks(stack)(x, True))
     assert torch.equal(y, yc)
     g = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, x, g, retain_graph=True)
@@ -151,7 +151,7 @@ def test_checkpointed_matches_plain_and_saves_less():
     assert torch.equal(gx, gxc)
     # Plain: every activation inside both blocks; checkpointed: only the block inputs (recomputed in backward).
     assert ckpt_bytes < plain_bytes / 4, (ckpt_bytes, plain_bytes)
-    assert isinstance(stack.blocks[0], type(_stack().blocks[0]))  # the blocks are put back
+    assert isinstance(stack.blocks[0], type(_stack().blocks[0]))  # the blocks stay the modules they were
 
 
 def test_checkpointed_parameter_gradients_and_frozen_stack():
@@ -160,13 +160,13 @@ def test_checkpointed_parameter_gradients_and_frozen_stack():
     trained(x).square().sum().backward()
     expected = [p.grad.clone() for p in trained.parameters()]
     trained.zero_grad()
-    run_checkpointed(trained, x).square().sum().backward()
+    checkpoint_blocks(trained)(x).square().sum().backward()
     assert all(torch.equal(a, b) for a, b in zip(expected, (p.grad for p in trained.parameters()), strict=True))
 
     frozen = freeze(_stack(), "nf4")
     xr = x.clone().requires_grad_(True)
     (ga,) = torch.autograd.grad(frozen(xr).sum(), xr)
-    (gb,) = torch.autograd.grad(run_checkpointed(frozen, xr).sum(), xr)
+    (gb,) = torch.autograd.grad(checkpoint_blocks(frozen)(xr).sum(), xr)
     torch.testing.assert_close(ga, gb)
 
 
@@ -177,7 +177,7 @@ def test_checkpointed_with_time_embedding():
     stack.init_weights("random", 2)
     torch.nn.init.normal_(stack.time.out.weight, 0.0, 0.02)  # starts at 0: make the time signal matter
     x, t = torch.randn(2, 16, 32), torch.rand(2)
-    assert torch.equal(stack(x, True, t), run_checkpointed(stack, x, True, t))
+    assert torch.equal(stack(x, True, t), checkpoint_blocks(copy.deepcopy(stack))(x, True, t))
     frozen = freeze(copy.deepcopy(stack), "nf4")  # the time network stays fp32 and still runs
     assert frozen.time.inp.weight.dtype == torch.float32
     assert frozen(x, True, t).shape == x.shape

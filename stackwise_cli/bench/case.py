@@ -34,7 +34,8 @@ class Case:
 def random_case(recipe: Recipe, stage: Stage, precision: str, dev: torch.device, batch_size: int | None = None) -> Case:
     """``stage`` of ``recipe`` on the device with random weights and one random batch of ``batch_size`` sequences
     (default train.batch_size), its trainable parameters marked, ready for optimizer steps."""
-    from stackwise_cli.train.frozen import freeze
+    from stackwise_cli.train.frozen import checkpoint_blocks, freeze
+    from stackwise_cli.train.transforms import Context, Modules, apply_transforms
 
     cfg, tr = recipe.model, recipe.train
     depth = recipe.rack.blocks_per_stack * recipe.rack.stacks
@@ -50,16 +51,14 @@ def random_case(recipe: Recipe, stage: Stage, precision: str, dev: torch.device,
     ends.init_weights(gen)
     ends = ends.to(dev)
     stacks = [new_stack(k) for k in stage.blocks]
-    for mod in [*stacks, ends]:  # frozen unless trainable below, as train-stack does
-        for p in mod.parameters():
-            p.requires_grad_(False)
-    if precision == "fp8":
-        from stackwise_cli.train.fp8 import to_fp8
-
-        for s in stacks:
-            to_fp8(s)
+    # frozen unless trainable below, fp8 and checkpointing as the stage says: train-stack's transforms
+    ctx = Context(device=dev, precision=precision, checkpointing=stage.checkpointing)
+    apply_transforms(Modules({str(i): s for i, s in enumerate(stacks)}, ends), ctx)
     prefix = [freeze(new_stack(k), stage.frozen_dtype).to(dev) for k in stage.prefix]
     suffix = [freeze(new_stack(k), stage.frozen_dtype).to(dev) for k in stage.suffix]
+    if stage.suffix_checkpointing:
+        for s in suffix:
+            checkpoint_blocks(s)
     mask_id = cfg.vocab_size - 1 if objective_kind(recipe.objective).needs_mask_token else None
     obj = objective_for(recipe, mask_id, cfg.vocab_size, planned_ratio(recipe, stage.position or 0))
     B, T = batch_size or tr.batch_size, recipe.data.seq_len

@@ -3,7 +3,7 @@ plan").
 
 A stage runs real optimizer steps on random data with the pieces ``stackwise train-stack`` uses: ``Stack`` and
 ``Ends`` from ``model/model.py``, ``make_optimizer``, ``autocast`` and ``grad_scaler``, ``to_fp8`` on the trained
-stacks, ``run_checkpointed`` for activation checkpointing, ``freeze`` for the right-to-left suffix, the recipe's
+stacks, ``checkpoint_blocks`` for activation checkpointing, ``freeze`` for the right-to-left suffix, the recipe's
 objective loss, and gradient clipping. The batch is fixed (random token ids; for a cached left-to-right stack also
 a random hidden-state input), so the loss goes down as the steps fit it, and the learning rate is the recipe's
 ``train.lr`` without warm-up.

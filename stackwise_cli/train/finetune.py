@@ -34,11 +34,12 @@ from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train import distributed
 from stackwise_cli.train.data import Sequences, token_data, val_data
 from stackwise_cli.train.defaults import FINETUNE_BASE_STORAGE, FINETUNE_PRECISIONS
-from stackwise_cli.train.lora import Adapters, add_lora, merge_lora
+from stackwise_cli.train.lora import Adapters, merge_lora
 from stackwise_cli.train.metrics import Metrics, Validation, device_peak, keep_best
 from stackwise_cli.train.precision import autocast, resolve_precision
 from stackwise_cli.train.run import RESUME, Job, Result, recipe_settings, run
-from stackwise_cli.train.stack import OBJECTIVE_SETTINGS, forward_for, whole_rack_loss, whole_rack_modules
+from stackwise_cli.train.stack import OBJECTIVE_SETTINGS, whole_rack_loss, whole_rack_modules
+from stackwise_cli.train.transforms import Context, Lora, Modules, apply_transforms
 
 MODES = ("full", "lora", "qlora")
 # How the frozen base's linear weights are held, and the precisions a fine-tune computes in: in train/defaults.py,
@@ -174,29 +175,26 @@ def finetune(
     _check_checkpoint(project, spec, fingerprint, resume)
 
     ends, stacks = rack.ends, list(rack.stacks)
-    if spec.mode == "full":
-        if distributed.active():  # under torchrun: FSDP2 over each block, before what trains is listed
-            rack.to(dev)
-            distributed.shard(stacks, dev, precision)
+    full = spec.mode == "full"
+    ctx = Context(
+        device=dev,
+        precision=precision,
+        checkpointing=tr.finetune_checkpointing,
+        compile=tr.compile,
+        storage=None if full else BASE_STORAGE[spec.mode],
+        lora=None if full else Lora(rank=spec.rank, alpha=spec.alpha, seed=tr.seed),
+    )
+    transformed = Modules({str(e.id): s for e, s in zip(m.rack, stacks)}, ends)
+    apply_transforms(transformed, ctx)
+    if full:
         modules, trainable = whole_rack_modules(m, stacks, ends)
     else:
-        from stackwise_cli.train.frozen import freeze
-
-        for p in rack.parameters():
-            p.requires_grad_(False)
-        # One generator for every A, seeded by the recipe: the same project gives the same initial adapters.
-        gen = torch.Generator().manual_seed(tr.seed)
-        layers = {}
-        for e, s in zip(m.rack, stacks):
-            freeze(s, BASE_STORAGE[spec.mode])
-            layers.update({f"{e.id}.{path}": layer for path, layer in add_lora(s, spec.rank, spec.alpha, gen).items()})
-        adapters = Adapters(layers)
+        adapters = Adapters(transformed.adapters)
         modules = {"lora": adapters}
         trainable = {f"lora.{n}": p for n, p in adapters.named_parameters()}
-    rack.to(dev)
     for p in trainable.values():
         p.requires_grad_(True)
-    loss_fn = whole_rack_loss(obj, ends, stacks, forward_for(tr.finetune_checkpointing))
+    loss_fn = whole_rack_loss(obj, ends, stacks)
 
     data = Sequences(token_data(project, m))
     settings = recipe_settings(m.recipe, OBJECTIVE_SETTINGS)

@@ -1,4 +1,4 @@
-"""Frozen stacks in a storage precision, and running a stack with activation checkpointing.
+"""Frozen stacks in a storage precision, and a stack's blocks under activation checkpointing.
 
 A stack that is not being trained (the frozen suffix of the right-to-left curriculum, or the frozen prefix whose
 outputs are cached) only has to be run, and differentiated *through*: the gradient reaches the trained stack by
@@ -196,29 +196,14 @@ def frozen_bytes(module: nn.Module) -> int:
 # Activation checkpointing
 
 
-class _CheckpointedBlock(nn.Module):
-    """A block run under non-reentrant ``torch.utils.checkpoint``: only its inputs are kept for backward."""
+def checkpoint_blocks(stack: nn.Module) -> nn.Module:
+    """Run each block of ``stack`` under non-reentrant ``torch.utils.checkpoint`` from now on (in place; returns it):
+    backward keeps only each block's input and recomputes the block. The same values as the plain forward, bit for
+    bit in fp32.
 
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args):
-        return checkpoint(self.block, *args, use_reentrant=False)
-
-
-def run_checkpointed(stack: nn.Module, h: torch.Tensor, causal: bool = True, t: torch.Tensor | None = None):
-    """``stack(h, causal, t)`` with each block under ``torch.utils.checkpoint`` (non-reentrant): backward keeps only
-    each block's input and recomputes the block, instead of keeping every activation inside it. The same values
-    as the plain forward, bit for bit in fp32.
-
-    It runs ``Stack.forward`` itself (rope tables, time embedding, the loop) with ``stack.blocks`` swapped for
-    checkpointing wrappers for the duration of the call, so it cannot drift from the plain forward as the model
-    changes. Not safe to call concurrently on one stack from several threads.
-    """
-    blocks = stack.blocks
-    stack.blocks = nn.ModuleList(_CheckpointedBlock(b) for b in blocks)
-    try:
-        return stack(h, causal) if t is None else stack(h, causal, t)
-    finally:
-        stack.blocks = blocks
+    Each block's own ``forward`` is wrapped, once, so the stack and its blocks stay the modules they were: the same
+    state_dict keys and parameters, hooks (FSDP2's) still around the block, and ``Stack.forward`` unchanged."""
+    for block in stack.blocks:
+        plain = block.forward
+        block.forward = functools.partial(checkpoint, plain, use_reentrant=False)
+    return stack

@@ -34,7 +34,7 @@ from stackwise_cli.train import checkpoint as ckpt
 from stackwise_cli.train import distributed, stage
 from stackwise_cli.train.curriculum import frozen_suffix, lr_span, planned_steps
 from stackwise_cli.train.data import Batch, Sequences, stream_start, token_data, val_data
-from stackwise_cli.train.frozen import freeze
+from stackwise_cli.train.frozen import checkpoint_blocks, freeze
 from stackwise_cli.train.metrics import (
     Metrics,
     Validation,
@@ -43,6 +43,7 @@ from stackwise_cli.train.metrics import (
 )
 from stackwise_cli.train.precision import autocast, resolve_precision
 from stackwise_cli.train.run import RESUME, Job, Result, recipe_settings, run
+from stackwise_cli.train.transforms import Context, Modules, apply_transforms
 
 ALL = "all"
 # The recipe keys outside the loop's own (``run.run_settings``) that change what a run computes, held by its
@@ -119,6 +120,9 @@ def _setup_one(
     trainable = trainable_params(st, modules)
     tokens = token_data(project, m)
     frozen = [freeze(load_stack(project, m, s.id), tr.frozen_dtype).to(dev) for s in suffix]
+    if st.suffix_checkpointing:  # the gradient passes through the suffix: keep only its block inputs
+        for s in frozen:
+            checkpoint_blocks(s)
     # The frozen inputs: a checkpoint made against another suffix or head is not this run.
     suffix_key = [m.ends.sha256, *[f"{s.id}:{s.sha256}" for s in suffix], tr.frozen_dtype] if suffix else []
     prefix: list[nn.Module] = []
@@ -173,8 +177,6 @@ def stage_loss(
     ``CACHE_EPOCH``), then read the cache, or embed and run the frozen ``prefix`` without grad (what the cache would
     hold, for this batch only), then the trained ``stacks``, the frozen ``suffix`` (the gradient passes through
     it), the head and the objective's loss."""
-    forward = forward_for(st.checkpointing)
-    suffix_forward = forward_for(st.suffix_checkpointing)
     causal = obj.causal
 
     def loss_fn(b: Batch) -> torch.Tensor:
@@ -187,36 +189,21 @@ def stage_loss(
                 h = ends.embed_tokens(c.inputs)
                 for s in prefix:
                     h = s(h, causal, c.t)
-        for s in stacks:
-            h = forward(s, h, causal, c.t)
-        for s in suffix:
-            h = suffix_forward(s, h, causal, c.t)
+        for s in [*stacks, *suffix]:  # activation checkpointing, where on, is in their blocks (train/transforms.py)
+            h = s(h, causal, c.t)
         return obj.loss(ends.logits(h), c)
 
     return loss_fn
 
 
-def forward_for(checkpointed: bool) -> Callable:
-    """How a stack runs: whole, or (``checkpointed``: ``train.activation_checkpointing`` for a trained stack,
-    ``train.suffix_checkpointing`` for a frozen suffix, ``train.finetune_checkpointing`` in a fuse fine-tune) block by
-    block under checkpoint, keeping only each block's input for backward and recomputing the rest."""
-    if checkpointed:
-        from stackwise_cli.train.frozen import run_checkpointed
-
-        return run_checkpointed
-    return lambda stack, h, causal, t: stack(h, causal, t)
-
-
-def whole_rack_loss(
-    obj: Objective, ends: Ends, stacks: list[Stack], forward: Callable
-) -> Callable[[Batch], torch.Tensor]:
+def whole_rack_loss(obj: Objective, ends: Ends, stacks: list[Stack]) -> Callable[[Batch], torch.Tensor]:
     """The loss of the whole rack on a batch: corrupt, embed, every stack in order, head, objective."""
 
     def loss_fn(b: Batch) -> torch.Tensor:
         c = obj.corrupt(b.tokens, b.seq_ids, b.epochs)
         h = ends.embed_tokens(c.inputs)
         for s in stacks:
-            h = forward(s, h, obj.causal, c.t)
+            h = s(h, obj.causal, c.t)
         return obj.loss(ends.logits(h), c)
 
     return loss_fn
@@ -314,13 +301,10 @@ def _train(
     # With a checkpoint to resume from, the weights come from it: the files may be one step ahead or behind.
     stacks = [load_stack(project, m, i, verify=not have_ckpt).to(dev) for i in ids]
     ends = load_ends(project, m, verify=not have_ckpt).to(dev)
-    _freeze([*stacks, ends])
-    if precision == "fp8":  # the trained stacks' linear layers become scaled fp8 matmuls, same parameters
-        from stackwise_cli.train.fp8 import to_fp8
-
-        for stack in stacks:
-            to_fp8(stack)
-    distributed.shard(stacks, dev, precision)  # under torchrun: FSDP2 over each block, before what trains is listed
+    # Frozen, then fp8, kernels, activation checkpointing, FSDP2 and compile as the run asks, before what trains is
+    # listed (FSDP2 replaces each parameter by its sharded DTensor) and before the optimizer exists.
+    ctx = Context(device=dev, precision=precision, checkpointing=tr.activation_checkpointing, compile=tr.compile)
+    apply_transforms(Modules({str(i): s for i, s in zip(ids, stacks)}, ends), ctx)
     if stack_id is None:
         setup = _setup_all(project, m, stacks, ends)
     else:
@@ -411,7 +395,7 @@ def run_validation(
         left = [load_stack(project, m, e.id).to(dev) for e in m.rack[:pos]]
         _freeze(left)
         stack, ends = setup.modules["stack"], setup.modules["ends"]
-        loss = whole_rack_loss(stack_objective(m, stack_id), ends, [*left, stack], forward_for(False))
+        loss = whole_rack_loss(stack_objective(m, stack_id), ends, [*left, stack])
     return Validation(tr.eval_every, loss, val_data(project, m), ev.max_sequences, ev.batch_size)
 
 
