@@ -244,3 +244,15 @@ def test_build_trains_in_the_precision_it_is_given(tmp_path, tiny_recipe_path):
     result = CliRunner().invoke(app, args, env=ENV)
     assert result.exit_code == 0, result.output
     assert {s.precision for s in Project(root).load().rack} == {"fp8"}
+
+
+def test_unigram_baseline_scores_the_sequences_eval_scores(project):
+    """The context-free baseline is scored on the first eval.max_sequences sequences, as eval is: on a split whose
+    files differ in difficulty, the whole split's entropy is another number, and a loss compared with it misleads."""
+    from stackwise_cli.evaluate.eval import val_tokens
+
+    m = project.load()
+    n = m.recipe.eval.max_sequences
+    assert len(val_tokens(project, m, "val", None)) > n  # the split is larger than what eval scores
+    assert unigram_entropy(project) == unigram_entropy(project, max_sequences=n)
+    assert unigram_entropy(project) != unigram_entropy(project, max_sequences=n // 2)

@@ -42,4 +42,8 @@ def build(
     if result.fused:
         out.print(f"not fused: {result.fused}")
     else:
-        out.print(f"fused model: {Path(project) / 'fused'} (transformers.AutoModelForCausalLM.from_pretrained)")
+        from stackwise_cli.model.hf import HF_FORMATS
+
+        fmt = HF_FORMATS[Project(project).load().recipe.model.family]
+        auto = "AutoModelForMaskedLM" if fmt.bidirectional else "AutoModelForCausalLM"
+        out.print(f"fused model: {Project(project).fused_dir} (transformers.{auto}.from_pretrained)")

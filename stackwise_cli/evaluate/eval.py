@@ -269,14 +269,17 @@ def evaluate(
     return result
 
 
-def unigram_entropy(project: Project, split: str = "val") -> float:
+def unigram_entropy(project: Project, split: str = "val", max_sequences: int | None = None) -> float:
     """Entropy (nats) of the split's tokens under the train split's unigram distribution: the loss of a model
-    that ignores context. A trained LM must beat it."""
+    that ignores context. A trained LM must beat it. Scored on the sequences ``eval`` scores: the first
+    ``max_sequences`` of the split (default the recipe's ``eval.max_sequences``), so the two compare on the same
+    tokens."""
     m = project.load()
+    max_sequences = m.recipe.eval.max_sequences if max_sequences is None else max_sequences
     counts = np.zeros(m.recipe.model.vocab_size, dtype=np.float64)
     for s in m.data.splits["train"].shards:
         shard = read_token_shard(project.path(s.file))
         counts += np.bincount(np.asarray(shard.tokens).ravel(), minlength=len(counts))
     probs = (counts + 1) / (counts.sum() + len(counts))  # add-one so unseen val tokens have finite loss
-    val = val_tokens(project, m, split, None)[:, 1:].ravel()
+    val = val_tokens(project, m, split, max_sequences)[:, 1:].ravel()
     return float(-np.log(probs[val]).mean())
