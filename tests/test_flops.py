@@ -167,3 +167,11 @@ def test_a_manifest_from_before_flops_were_recorded_loads_with_none(project):
     project.manifest_path.write_text(yaml.safe_dump(data))
     m = project.load()
     assert m.flops is None and m.stack(0).flops == 0 and m.count_flops().total == 0
+
+
+def test_the_planners_linear_attention_chunk_is_the_models():
+    """flops.py repeats model.attention's chunk length to stay torch-free; the two must not drift apart."""
+    from stackwise_cli import flops
+    from stackwise_cli.model import attention
+
+    assert flops.LINEAR_CHUNK == attention.LINEAR_CHUNK
