@@ -162,6 +162,20 @@ def test_step_scale_is_checked_against_the_rack_and_the_curriculum(tmp_path):
     assert "arms[1] 'b': finetune: only a stack-wise arm" in text
 
 
+def test_a_finetune_share_its_warmup_fills_is_refused_before_any_arm_runs(tmp_path):
+    """fuse --finetune-steps refuses a fine-tune no longer than train.warmup_steps: the spec is refused for it at
+    once, naming the arm and the key, not after the arm's stacks have trained."""
+    arms = [
+        {"name": "l2r", "set": {"train.steps": 40}},
+        {"name": "short", "set": {"train.warmup_steps": 8}, "finetune": {"share": 0.02}},
+    ]
+    spec = write_spec(tmp_path, arms)
+    text = error_text(cli("bench", "compare", spec))
+    assert "arms[1] 'short': finetune.share: 0.02" in text and "train.warmup_steps (8)" in text
+    c = cmp.load_comparison(spec)
+    assert not (c.arm_dir("l2r") / "project").exists() and not (c.arm_dir("short") / "project").exists()
+
+
 # --- a run -----------------------------------------------------------------------------------------------------
 
 

@@ -468,8 +468,12 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
             recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=n))
         p = plan_for(recipe, device)
         stage = curriculum_of(recipe).plan_stage if a.kind == "stackwise" else "end-to-end"  # a peer: the whole model
-        if a.finetune is not None and ft_steps < 1:
-            problems.append(f"{where}: finetune.share: {a.finetune.share} of {budget_key} is not one fine-tune step")
+        if a.finetune is not None and ft_steps <= recipe.train.warmup_steps:
+            # fuse --finetune-steps refuses a fine-tune its warmup fills: say so now, before the arm's stacks train
+            problems.append(
+                f"{where}: finetune.share: {a.finetune.share} of {budget_key} is {ft_steps} fine-tune step(s), not "
+                f"more than train.warmup_steps ({recipe.train.warmup_steps}); raise the share or lower the warmup"
+            )
             continue
         peak = p.stage(stage).total_bytes
         plans.append(ArmPlan(a, recipe, n, st, total_flops(st, n) + ft_flops, peak, fixed, ft_steps))
