@@ -34,6 +34,7 @@ from stackwise_cli.bench.plan import PlanOptions, Stage, plan
 from stackwise_cli.bench.step import _reset_peak_rss, _rss_bytes, exact_rss_accounting
 from stackwise_cli.errors import StackwiseError
 from stackwise_cli.recipe import Recipe, apply_overrides, recipe_from_data
+from stackwise_cli.train.stage import measured
 
 STAGES = ("train-stack-l2r", "train-stack-r2l", "end-to-end")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
@@ -144,15 +145,7 @@ def planned_stage(recipe: Recipe, stage: str, precision: str, device: str = "cpu
         device="cuda" if device.startswith("cuda") else "cpu",
     )
     p = plan(recipe, 10**15, options)
-    return p.stage(stage, _variant(recipe, stage))
-
-
-def _variant(recipe: Recipe, stage: str) -> str:
-    if stage == "train-stack-l2r":
-        if recipe.rack.stacks == 1:
-            return "leftmost"
-        return "recompute" if recipe.train.prefix == "recompute" else "cached"
-    return "suffix" if stage == "train-stack-r2l" else "whole"
+    return p.stage(stage, measured(recipe, stage).variant)
 
 
 def check_options(recipe: Recipe, stage: str, precision: str, steps: int, device: str) -> None:
@@ -249,11 +242,8 @@ def _build(recipe: Recipe, stage: str, precision: str, dev):
     data: the planned stage (train/stage.py) that ``planned_stage`` plans, built by bench/case.py."""
     from stackwise_cli.bench.case import random_case
     from stackwise_cli.train.frozen import frozen_bytes
-    from stackwise_cli.train.stage import planned
 
-    variant = _variant(recipe, stage)
-    st = next(s for s in planned(recipe) if s.name == stage and s.variant == variant)
-    c = random_case(recipe, st, precision, dev)
+    c = random_case(recipe, measured(recipe, stage), precision, dev)
     held = {id(p) for p in c.trainable.values()}
     frozen_count = sum(frozen_bytes(m) for m in c.frozen) + _tensor_bytes(
         p for m in [*c.stacks, c.ends] for p in m.parameters() if id(p) not in held

@@ -80,7 +80,7 @@ def _measure(
     from stackwise_cli.bench.case import random_case
     from stackwise_cli.recipe import recipe_from_data
     from stackwise_cli.train.optim import make_optimizer
-    from stackwise_cli.train.stage import planned
+    from stackwise_cli.train.stage import measured
 
     if memory:
         exact_rss_accounting()
@@ -98,7 +98,7 @@ def _measure(
         base = _rss_bytes("VmRSS")
         _reset_peak_rss()
 
-    stage = _stage_of(planned(recipe), case)
+    stage = measured(recipe, "train-stack-l2r" if case == "stack" else "end-to-end")
     c = random_case(recipe, stage, "fp32", dev, batch_size)
     params, blocks = c.trainable, sum(stage.blocks)
     opt = make_optimizer(params, tr)
@@ -134,15 +134,6 @@ def _measure(
             f"{stage.name}/{stage.variant}",
         )
     )
-
-
-def _stage_of(stages, case: str):
-    """The planned stage a case measures: "stack" a later stack left to right (from its cache, or recomputing its
-    prefix), the leftmost when the rack has one stack; "end-to-end" the whole rack."""
-    if case == "end-to-end":
-        return next(s for s in stages if s.end_to_end)
-    l2r = [s for s in stages if s.name == "train-stack-l2r"]
-    return l2r[-1]
 
 
 def bench_step(

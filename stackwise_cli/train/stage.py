@@ -162,6 +162,13 @@ def planned(recipe: Recipe) -> list[Stage]:
     return stages
 
 
+def measured(recipe: Recipe, name: str) -> Stage:
+    """The planned stage ``name`` that ``bench memory`` and ``bench step`` measure: its last variant in
+    ``planned``, so left to right a later stack (from its cache, or recomputing its prefix), the leftmost only
+    when the rack has one stack."""
+    return [s for s in planned(recipe) if s.name == name][-1]
+
+
 def flops_per_token(stage: Stage, f: FlopShapes) -> float:
     """The training FLOPs per token of ``stage``, by the planner's formulas: the trained blocks forward and
     backward, the recomputed prefix forward, the frozen suffix forward and backward (its weights get no gradient),
