@@ -333,51 +333,34 @@ class FlopStage:
 
 
 def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopStage]:
-    """The training stages an arm runs, in order, with the planner's FLOPs. Cache passes (left to right, before
-    each stack after the first) are one forward of a stack over the train split (``train_tokens``); evaluation is
-    not training and is not counted."""
-    n = recipe.rack.stacks
-    if kind == "peer":
-        return [FlopStage("peer", plan_for(recipe).stage("end-to-end").flops_per_step)]
+    """The training stages an arm runs, in order, with the FLOPs its runs record: each stage of
+    ``train/stage.grown`` (``stage.flops_per_token`` times the tokens of a step), any family. Cache passes (left to
+    right from a cache, before each stack after the first) are one forward of a stack over the train split
+    (``train_tokens``): build caches the train split only, so each cache after the first is incremental from its
+    left neighbour's, and the first runs the ends and stack 0. Evaluation is not training and is not counted."""
+    from stackwise_cli.train import stage as stages
+
+    fs, tr = FlopShapes.of(recipe), recipe.train
+    per_step = tr.batch_size * tr.grad_accum * recipe.data.seq_len
+    if kind == "peer":  # the whole model, trained as end to end trains it
+        whole = stages.planned(recipe)[-1]
+        return [FlopStage("peer", stages.flops_per_token(whole, fs) * per_step)]
+    grown = stages.grown(recipe)
     if curriculum_of(recipe).whole_rack:
         # train-stack all runs rack.stacks x train.steps steps (the token budget of training each stack)
-        return [FlopStage("all", plan_for(recipe).stage("end-to-end").flops_per_step, steps_per_unit=n)]
-    scale = recipe.train.step_scale or [1.0] * n  # in growth order, as train-stack reads it (curriculum.planned_steps)
-    if curriculum_of(recipe).reads_prefix:
-        p = plan_for(recipe)
-        # build caches the train split only, so each cache after the first is incremental (from its left
-        # neighbour's) and the first runs the ends and stack 0: one stack's forward either way
-        k, fs = recipe.rack.blocks_per_stack, FlopShapes.of(recipe)
-        cache = cache_flops_per_token(fs, [k])
-        if recipe.train.prefix == "recompute":  # no cache pass: each step runs the stacks to the left, no grad
-            per_step = p.stage("train-stack-l2r", "leftmost").tokens_per_step
-            # the planned variant is the rightmost stack's: take its prefix off, then add each stack's own
-            later = p.stage("train-stack-l2r", "recompute").flops_per_step
-            later -= cache_flops_per_token(fs, [k] * (n - 1)) * per_step
-            return [
-                FlopStage(
-                    f"stack {i}",
-                    p.stage("train-stack-l2r", "leftmost").flops_per_step
-                    if i == 0
-                    else later + cache_flops_per_token(fs, [k] * i) * per_step,
-                    scale=scale[i],
-                )
-                for i in range(n)
-            ]
-        return [
-            FlopStage(
-                f"stack {i}",
-                p.stage("train-stack-l2r", "leftmost" if i == 0 else "cached").flops_per_step,
-                scale=scale[i],
-                cache_per_token=cache if i else 0.0,
-                cache_tokens=train_tokens if i else 0,
-            )
-            for i in range(n)
-        ]
-    # right to left: the j-th stack grown trains through a frozen suffix of j stacks
+        (whole,) = grown
+        return [FlopStage("all", stages.flops_per_token(whole, fs) * per_step, steps_per_unit=recipe.rack.stacks)]
+    scale = tr.step_scale or [1.0] * len(grown)  # in growth order, as train-stack reads it
+    cache = cache_flops_per_token(fs, [recipe.rack.blocks_per_stack])
     return [
-        FlopStage(f"stack {j}", plan_for(recipe, stacks=j + 1).stage("train-stack-r2l").flops_per_step, scale=scale[j])
-        for j in range(n)
+        FlopStage(
+            f"stack {i}",
+            stages.flops_per_token(st, fs) * per_step,
+            scale=scale[i],
+            cache_per_token=cache if st.source == "cache" else 0.0,
+            cache_tokens=train_tokens if st.source == "cache" else 0,
+        )
+        for i, st in enumerate(grown)
     ]
 
 

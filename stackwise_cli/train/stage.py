@@ -162,6 +162,20 @@ def planned(recipe: Recipe) -> list[Stage]:
     return stages
 
 
+def grown(recipe: Recipe) -> list[Stage]:
+    """The stage of every planned stack in the order ``build`` trains them (end to end: the one whole-rack stage),
+    each as ``for_stack`` builds it when that stack's turn comes: left to right stack i after the i trained to its
+    left (from their cache, or recomputing them), right to left the j-th stack grown in front of the j trained."""
+    k, n = recipe.rack.blocks_per_stack, recipe.rack.stacks
+    curriculum = curriculum_of(recipe)
+    if curriculum.whole_rack:
+        return [_whole(recipe, [k] * n)]
+    if curriculum.from_output:
+        return [_one(recipe, "suffix", 0, k, [], [k] * j, True) for j in range(n)]
+    later = "recompute" if recipe.train.prefix == "recompute" else "cached"
+    return [_one(recipe, "leftmost" if i == 0 else later, i, k, [k] * i, [], False) for i in range(n)]
+
+
 def measured(recipe: Recipe, name: str) -> Stage:
     """The planned stage ``name`` that ``bench memory`` and ``bench step`` measure: its last variant in
     ``planned``, so left to right a later stack (from its cache, or recomputing its prefix), the leftmost only
