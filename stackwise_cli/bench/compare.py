@@ -91,6 +91,8 @@ class EvalSpec:
     max_sequences: int = 256  # the first N val sequences, the same for every arm
     batch_size: int = 32
     peer_points: int = 4  # val evaluations during the peer's training (the plot's points)
+    mask_ratio: float = 0.15  # mlm arms: the share of positions masked when scoring (the same for every arm)
+    elbo_points: int = 8  # diffusion arms: the t grid of the ELBO bound
 
     def __post_init__(self) -> None:
         from stackwise_cli.schema import check
@@ -98,11 +100,24 @@ class EvalSpec:
         check(self)
 
     def problems(self) -> list[tuple[str, str]]:
-        return [
+        out = [
             (k, f"must be >= 1, got {getattr(self, k)}")
-            for k in ("max_sequences", "batch_size", "peer_points")
+            for k in ("max_sequences", "batch_size", "peer_points", "elbo_points")
             if getattr(self, k) < 1
         ]
+        if not 0 < self.mask_ratio < 1:
+            out.append(("mask_ratio", f"must be between 0 and 1, got {self.mask_ratio}"))
+        return out
+
+    def key(self, objective: str) -> dict:
+        """What of the eval settings an arm's score depends on (its fingerprint): the masked keys only for the
+        masked objectives, so a clm arm's result stays valid whatever they are."""
+        data = to_data(self)
+        if objective != "mlm":
+            data.pop("mask_ratio")
+        if objective != "diffusion":
+            data.pop("elbo_points")
+        return data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,16 +246,9 @@ def load_comparison(spec_path: Path, out: Path | None = None) -> Comparison:
         except RecipeError as e:
             problems.extend(f"{where}: {line}" for line in e.message.splitlines())
             continue
-        if not objective_kind(recipe.objective).causal:
-            problems.append(f"{where}: objective: compare scores next-token models (clm), got {recipe.objective!r}")
-        if recipe.model.family != "llama":
-            problems.append(
-                f"{where}: model.family: compare counts FLOPs with the planner, which models llama only, "
-                f"got {recipe.model.family!r}"
-            )
-        problem = export_problem_for(recipe)
+        problem = _scoring_problem(recipe, a.kind)
         if problem:
-            problems.append(f"{where}: attention: the evaluator scores the Hugging Face export, and {problem}")
+            problems.append(f"{where}: {problem}")
         if a.finetune is not None and (a.kind == "peer" or curriculum_of(recipe).whole_rack):
             problems.append(f"{where}: finetune: only a stack-wise arm fine-tunes its fused rack")
         if a.finetune is not None and a.name == spec.budget.like:
@@ -258,6 +266,35 @@ def load_comparison(spec_path: Path, out: Path | None = None) -> Comparison:
     return Comparison(spec_path, spec, arms, Path(out_dir))
 
 
+def hf_scored_bidirectionally(recipe: Recipe) -> bool:
+    """A masked llama rack: no transformers class computes it, so the evaluator runs ``LlamaForCausalLM`` on its
+    weights with a full attention mask (``bench/peer.bidirectional_llama``)."""
+    return not objective_kind(recipe.objective).causal and recipe.model.family == "llama"
+
+
+def _scoring_problem(recipe: Recipe, kind: ArmKind) -> str | None:
+    """Why the one evaluator (a transformers forward) cannot score this arm, or None."""
+    if kind == "peer" and recipe.objective == "diffusion":
+        return (
+            "kind: peer: a diffusion rack's depth is its time, which no transformers model trains; "
+            "compare it with stack-wise arms"
+        )
+    if kind == "peer" and hf_scored_bidirectionally(recipe):
+        return (
+            f"kind: peer: transformers has no bidirectional llama to train for {recipe.objective}; "
+            "use model.family bert"
+        )
+    if hf_scored_bidirectionally(recipe):
+        from stackwise_cli.model.hf import export_problem
+
+        problem = export_problem(recipe.attention, recipe.model, bidirectional=False)  # the HF class holds it
+        if problem:
+            return f"attention: the evaluator scores the rack in transformers' LlamaForCausalLM, and {problem}"
+        return None
+    problem = export_problem_for(recipe)
+    return f"attention: the evaluator scores the Hugging Face export, and {problem}" if problem else None
+
+
 def _spec_line(spec_path: Path, data: Any, path: str, message: str) -> str:
     """A schema problem as one line, with the arm's name beside its index: ``arms[1] 'e2e'.sett: unknown key``."""
     m = re.match(r"^arms\[(\d+)\]", path)
@@ -270,10 +307,18 @@ def _spec_line(spec_path: Path, data: Any, path: str, message: str) -> str:
 
 
 def _shared_data_problems(spec_path: Path, spec: Spec, arms: list[Arm]) -> list[str]:
-    """Every arm must read the same tokenizer and split: the first arm's vocabulary size and data settings."""
+    """Every arm must read the same tokenizer and split (the first arm's vocabulary size and data settings) and be
+    scored the same way (its objective: one table holds one loss)."""
     first = arms[0]
+    out = [
+        f"{spec_path}: arms[{i}] {a.name!r}: objective: {a.recipe.objective!r} differs from arm {first.name!r}'s "
+        f"{first.recipe.objective!r}; every arm of a comparison is scored by one loss (make a spec per objective)"
+        for i, a in enumerate(arms[1:], start=1)
+        if a.recipe.objective != first.recipe.objective
+    ]
+    if out:
+        return out
     ref = {"model.vocab_size": first.recipe.model.vocab_size, **_flat(to_data(first.recipe.data), "data")}
-    out = []
     for i, a in enumerate(arms[1:], start=1):
         have = {"model.vocab_size": a.recipe.model.vocab_size, **_flat(to_data(a.recipe.data), "data")}
         for k, v in have.items():
@@ -387,7 +432,7 @@ class ArmPlan:
     steps: int  # n: train.steps, or the peer's total steps
     stages: list[FlopStage]
     flops: float  # planned total at n
-    planned_peak_bytes: int  # the planner's largest training stage on the device
+    planned_peak_bytes: int | None  # the planner's largest training stage on the device (None: it models llama only)
     fixed_steps: bool  # the budget's reference arm runs at its recipe's steps
     finetune_steps: int = 0  # the fine-tune of the fused rack (arm finetune:), its share of the budget
 
@@ -397,7 +442,7 @@ class ArmPlan:
             "kind": self.arm.kind,
             "steps": self.steps,
             "recipe": to_data(self.recipe),
-            "eval": to_data(eval_spec),
+            "eval": eval_spec.key(self.recipe.objective),
             **ft,
         }
 
@@ -449,7 +494,6 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
         recipe = a.recipe
         if a.kind == "stackwise":
             recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=n))
-        p = plan_for(recipe, device)
         stage = curriculum_of(recipe).plan_stage if a.kind == "stackwise" else "end-to-end"  # a peer: the whole model
         if a.finetune is not None and ft_steps <= recipe.train.warmup_steps:
             # fuse --finetune-steps refuses a fine-tune its warmup fills: say so now, before the arm's stacks train
@@ -458,7 +502,7 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
                 f"more than train.warmup_steps ({recipe.train.warmup_steps}); raise the share or lower the warmup"
             )
             continue
-        peak = p.stage(stage).total_bytes
+        peak = plan_for(recipe, device).stage(stage).total_bytes if recipe.model.family == "llama" else None
         plans.append(ArmPlan(a, recipe, n, st, total_flops(st, n) + ft_flops, peak, fixed, ft_steps))
     if problems:
         raise CompareError("\n".join(problems), hint="rerun after fixing: arms already finished are kept")
@@ -735,8 +779,53 @@ def run_arm(c: Comparison, ap: ArmPlan, device: str = "auto", reporter: Reporter
     return result
 
 
+def masked_scoring(c: Comparison, dp: Project):
+    """How this comparison's masked arms are scored (``bench/peer.MaskedScoring``), or None for next-token ones."""
+    from stackwise_cli.bench.peer import MaskedScoring
+
+    objective = c.arms[0].recipe.objective
+    if objective_kind(objective).causal:
+        return None
+    mask_id = dp.load().tokenizer.mask_id
+    if mask_id is None:
+        raise CompareError(f"{dp.root}: the tokenizer has no [MASK] token, which a {objective} arm is scored with")
+    return MaskedScoring.of(objective, mask_id, c.spec.eval.mask_ratio, c.spec.eval.elbo_points)
+
+
+def score_rack(project: Project, val, how, batch_size: int, dev) -> float:
+    """A masked arm's curve point: the trained stacks so far (stackwise's forward), scored at the evaluator's
+    masks; the final score is transformers' (``score_arm``)."""
+    from stackwise_cli.bench.peer import masked_loss
+    from stackwise_cli.evaluate.eval import scored_stacks
+    from stackwise_cli.model.io import load_current_rack
+    from stackwise_cli.model.model import Rack
+
+    m, rack = load_current_rack(project)
+    n = len(scored_stacks(project, m))
+    rack = Rack(rack.cfg, rack.ends, list(rack.stacks[:n]), rack.ids[:n]).to(dev).eval()
+    return masked_loss(lambda x: rack(x, False, None), val, how, batch_size, dev)
+
+
+def score_arm(project: Project, val, how, batch_size: int, dev) -> float:
+    """The one evaluator on a stack-wise arm's model, in transformers: fused/ (``AutoModelForCausalLM`` for clm,
+    ``AutoModelForMaskedLM`` for a masked bert), or a masked llama rack's weights in ``LlamaForCausalLM`` attending
+    both ways (``bench/peer.bidirectional_llama``)."""
+    from stackwise_cli.bench.peer import bidirectional_llama, hf_logits, load_masked_lm, masked_loss, score_folder
+
+    if how is None:
+        return score_folder(project.fused_dir, val, batch_size, dev)
+    m = project.load()
+    if hf_scored_bidirectionally(m.recipe):
+        from stackwise_cli.model.io import load_current_rack
+
+        _, rack = load_current_rack(project, manifest=m)
+        model = bidirectional_llama(rack, m.tokenizer.eos_id, m.tokenizer.pad_id).to(dev)
+        return masked_loss(hf_logits(model, bidirectional_mask=True), val, how, batch_size, dev)
+    model = load_masked_lm(project.fused_dir).to(dev)
+    return masked_loss(hf_logits(model), val, how, batch_size, dev)
+
+
 def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tuple[float, str, float, dict]:
-    from stackwise_cli.bench.peer import score_folder
     from stackwise_cli.build import build, stack_by_stack
     from stackwise_cli.evaluate.eval import evaluate
     from stackwise_cli.fuse import fuse, is_fused
@@ -745,6 +834,15 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
     project = _arm_project(c, ap)
     meter_how = PeakMemory(dev).how
     r = ap.recipe
+    how = masked_scoring(c, c.data_project)
+    bs = c.spec.eval.batch_size
+
+    def val_loss(fused: bool = False) -> float:
+        """stackwise's eval (clm), or the evaluator's masks on the rack so far (masked objectives)."""
+        if how is None:
+            return evaluate(project, max_sequences=c.spec.eval.max_sequences, device=device, fused=fused).loss
+        return score_rack(project, val, how, bs, dev)
+
     if not curriculum_of(r).whole_rack:
         # build's stack-by-stack loop, each train-stack's peak measured, the val loss read after each stack (the
         # curve's points)
@@ -757,7 +855,7 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
 
         def point(i: int, entry) -> None:
             if len(progress.points) <= i:
-                loss = evaluate(project, max_sequences=c.spec.eval.max_sequences, device=device).loss
+                loss = val_loss()
                 progress.points.append({"after": f"stack {entry.id}", "flops": counted_flops(project), "loss": loss})
                 progress.save()
 
@@ -766,7 +864,7 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
         if ap.finetune_steps and not is_fused(project, FinetuneSpec(mode="full", steps=ap.finetune_steps)):
             with measured():
                 fuse(project, FinetuneSpec(mode="full", steps=ap.finetune_steps), device, reporter=reporter)
-            loss = evaluate(project, max_sequences=c.spec.eval.max_sequences, device=device, fused=True).loss
+            loss = val_loss(fused=True) if how is None else score_arm(project, val, how, bs, dev)
             progress.points.append({"after": "fine-tune", "flops": counted_flops(project), "loss": loss})
             progress.save()
         build(project, device=device, reporter=reporter)  # every stack trained: fuse (kept if fine-tuned) and eval
@@ -776,17 +874,25 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
         if "train-stack all" in res.ran:
             progress.measured(meter)
         if not progress.points:
-            progress.points.append({"after": "train-stack all", "flops": counted_flops(project), "loss": res.eval.loss})
+            loss = res.eval.loss if how is None else score_rack(project, val, how, bs, dev)
+            progress.points.append({"after": "train-stack all", "flops": counted_flops(project), "loss": loss})
         progress.save()
-    val_loss = score_folder(project.fused_dir, val, c.spec.eval.batch_size, dev)
-    return counted_flops(project), meter_how, val_loss, {}
+    return counted_flops(project), meter_how, score_arm(project, val, how, bs, dev), {}
 
 
 def _run_peer(c, ap, dp: Project, val, dev, progress: _Progress, reporter) -> tuple[float, str, float, dict]:
     """The peer from scratch (a peer killed mid-run starts over: it keeps no checkpoints)."""
     import numpy as np
 
-    from stackwise_cli.bench.peer import next_token_loss, peer_model, score_folder, train_peer
+    from stackwise_cli.bench.peer import (
+        hf_logits,
+        load_masked_lm,
+        masked_loss,
+        next_token_loss,
+        peer_model,
+        score_folder,
+        train_peer,
+    )
     from stackwise_cli.store.files import atomic_replace_dir
     from stackwise_cli.train.data import token_data
 
@@ -797,11 +903,15 @@ def _run_peer(c, ap, dp: Project, val, dev, progress: _Progress, reporter) -> tu
     steps, pts = ap.steps, c.spec.eval.peer_points
     eval_at = {max(1, round(steps * k / pts)) for k in range(1, pts + 1)}
     bs = c.spec.eval.batch_size
+    how = masked_scoring(c, dp)
+    if how is None:
+        masking, score = None, lambda mod: next_token_loss(mod, val, bs, dev)
+    else:
+        masking = (r.mask.ratio, how.mask_id, m.tokenizer.vocab_size)
+        score = lambda mod: masked_loss(hf_logits(mod), val, how, bs, dev)  # noqa: E731
     reporter.info(f"arm {ap.arm.name}: peer ({type(model).__name__}) for {steps} steps")
     with PeakMemory(dev) as meter:
-        run = train_peer(
-            model, stream, r.train, r.data.seq_len, steps, dev, eval_at, lambda mod: next_token_loss(mod, val, bs, dev)
-        )
+        run = train_peer(model, stream, r.train, r.data.seq_len, steps, dev, eval_at, score, masking)
     fps = ap.stages[0].flops_per_step
     progress.peak_bytes, progress.rss_peak_bytes = 0, None  # a peer run starts over
     progress.measured(meter)
@@ -812,7 +922,10 @@ def _run_peer(c, ap, dp: Project, val, dev, progress: _Progress, reporter) -> tu
     shutil.rmtree(tmp, ignore_errors=True)
     model.cpu().save_pretrained(tmp)
     atomic_replace_dir(tmp, folder)
-    val_loss = score_folder(folder, val, bs, dev)
+    if how is None:
+        val_loss = score_folder(folder, val, bs, dev)
+    else:
+        val_loss = masked_loss(hf_logits(load_masked_lm(folder).to(dev)), val, how, bs, dev)
     params = sum(p.numel() for p in model.parameters())
     return run.steps * fps, meter.how, val_loss, {"params": params, "train_loss_last": run.losses[-1]}
 
@@ -828,6 +941,7 @@ class Report:
     arms: list[dict]  # the finished arms' results, in spec order
     missing: list[str]  # arms not finished yet
     files: dict[str, str] = field(default_factory=dict)
+    scored_as: str = ""  # what the val loss is (the evaluator's loss for the arms' objective)
 
     def to_data(self) -> dict:
         return dataclasses.asdict(self)
@@ -869,7 +983,7 @@ def table_rows(report: Report) -> list[list[Any]]:
                 a["val_perplexity"],
                 f"{a['peak_bytes'] / 2**20:,.1f}",
                 None if a.get("peak_rss_bytes") is None else f"{a['peak_rss_bytes'] / 2**20:,.1f}",
-                f"{a['planned_peak_bytes'] / 2**20:,.1f}",
+                None if a["planned_peak_bytes"] is None else f"{a['planned_peak_bytes'] / 2**20:,.1f}",
                 f"{a['wall_s']:,.0f}",
             ]
         )
@@ -883,8 +997,8 @@ def _markdown(report: Report) -> str:
     lines = [
         f"# Comparison: {report.spec}",
         "",
-        f"Budget: {report.budget_flops:.4g} FLOPs per arm (planner formulas, docs/science.md). Val loss: mean "
-        "next-token cross-entropy of each arm's Hugging Face model on the same val sequences.",
+        f"Budget: {report.budget_flops:.4g} FLOPs per arm (planner formulas, docs/science.md). Val loss: "
+        f"{report.scored_as}.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "| " + " | ".join("---" for _ in COLUMNS) + " |",
@@ -896,7 +1010,8 @@ def _markdown(report: Report) -> str:
         "steps: train.steps of a stack-wise arm (per stack; end to end runs rack.stacks x that), the peer's total "
         "optimizer steps; * = the budget's reference arm at its recipe's steps. peak MiB: measured training peak "
         f"({'; '.join(how)}); RSS MiB (CPU): the whole resident set's peak above the stage's start, pages of the "
-        "memory-mapped shards and cache included; plan MiB: `bench plan`'s largest training stage for the device.",
+        "memory-mapped shards and cache included; plan MiB: `bench plan`'s largest training stage for the device "
+        "(- where the planner does not model the family).",
     ]
     if report.missing:
         lines += ["", f"Not finished: {', '.join(report.missing)}."]
@@ -933,6 +1048,20 @@ def _plot(report: Report, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def scored_as(c: Comparison) -> str:
+    """What the table's val loss is, in words."""
+    objective, e = c.arms[0].recipe.objective, c.spec.eval
+    where = "of each arm's model in transformers, on the same val sequences"
+    if objective == "mlm":
+        return f"mean cross-entropy at the same masked positions ({e.mask_ratio:g} of each sequence, [MASK]) {where}"
+    if objective == "diffusion":
+        return (
+            f"the ELBO bound (the masked loss over t, per position, averaged over {e.elbo_points} t in (0, 1), "
+            f"the same masks for every arm) {where}"
+        )
+    return f"mean next-token cross-entropy {where}"
+
+
 def gather(c: Comparison, plans: list[ArmPlan]) -> Report:
     """The finished arms' results as a report; writes results.json, results.md and loss_vs_flops.png."""
     results, missing = [], []
@@ -941,6 +1070,7 @@ def gather(c: Comparison, plans: list[ArmPlan]) -> Report:
         (results.append(res) if res is not None else missing.append(ap.arm.name))
     budget = plans[[p.arm.name for p in plans].index(c.spec.budget.like)].flops if c.spec.budget.like else None
     report = Report(str(c.spec_path), str(c.out), budget or float(c.spec.budget.flops), results, missing)
+    report.scored_as = scored_as(c)
     c.out.mkdir(parents=True, exist_ok=True)
     files = {"json": c.out / "results.json", "markdown": c.out / "results.md", "plot": c.out / "loss_vs_flops.png"}
     report.files = {k: str(v) for k, v in files.items()}

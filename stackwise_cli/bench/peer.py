@@ -6,8 +6,20 @@ recipe's lr, betas and weight decay (matrices only), linear warmup then cosine d
 recipe's batch size, grad accumulation and gradient clipping, on random windows of the train token stream. It shows
 how stackwise's own end-to-end baseline compares with an ordinary training loop of the same model.
 
-The evaluator is Hugging Face's forward too: the mean next-token cross-entropy over the first N val sequences,
-every position but the first, for any folder ``AutoModelForCausalLM`` loads (an arm's ``fused/``, the peer).
+The evaluator is Hugging Face's forward too, on the first N val sequences of the data project:
+
+- next-token models (clm): the mean next-token cross-entropy, every position but the first, for any folder
+  ``AutoModelForCausalLM`` loads (an arm's ``fused/``, the peer);
+- masked models (mlm, diffusion): the cross-entropy at masked positions of masks drawn here, from the seed and the
+  ratio alone (``eval_masks``: the same positions for every arm, whatever each arm trained at), every masked
+  position reading ``[MASK]``. mlm: the mean at one ratio (``eval.mask_ratio``). diffusion: the ELBO bound, as
+  ``stackwise eval`` defines it, the mean over a grid of t of the masked loss summed over a sequence's positions
+  and divided by t, per position. The model is ``AutoModelForMaskedLM`` (bert's ``fused/``) or, for a llama
+  diffusion rack, which no transformers class computes bidirectionally, ``LlamaForCausalLM`` holding its weights
+  with a full attention mask (every position sees every other one).
+
+For masked objectives the peer is ``AutoModelForMaskedLM`` trained on masks it draws itself (BERT's: each
+position selected with probability ``mask.ratio``, 80% ``[MASK]``, 10% a random token, 10% kept).
 """
 
 from __future__ import annotations
@@ -26,15 +38,17 @@ from stackwise_cli.recipe import Recipe, TrainRecipe
 
 
 def peer_model(recipe: Recipe, eos_id: int, pad_id: int | None, seed: int) -> torch.nn.Module:
-    """A freshly initialised ``transformers`` causal LM of the recipe's whole planned shape (every stack's blocks)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A freshly initialised ``transformers`` model of the recipe's whole planned shape (every stack's blocks): a
+    causal LM for clm, a masked LM for mlm."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     n_layers = recipe.rack.stacks * recipe.rack.blocks_per_stack
     cfg = hf_config(recipe.model, n_layers, eos_id, pad_id)
     cfg.pop("architectures")
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(seed)  # HF initialises from the global generator: normal(0, initializer_range)
-    return AutoModelForCausalLM.from_config(config).float()
+    auto = AutoModelForCausalLM if recipe.objective == "clm" else AutoModelForMaskedLM
+    return auto.from_config(config).float()
 
 
 def warm_up(device: torch.device) -> None:
@@ -82,6 +96,115 @@ def next_token_loss(model: torch.nn.Module, tokens: np.ndarray, batch_size: int,
     return total / max(count, 1)
 
 
+# --- masked objectives --------------------------------------------------------------------------------------------
+
+
+def eval_masks(shape: tuple[int, int], ratio: float, seed: int = 0) -> np.ndarray:
+    """(N, T) bools: ``max(1, round(ratio * T))`` positions of each row, drawn uniformly without replacement from
+    ``seed`` and ``ratio`` alone, so every arm is scored at the same positions."""
+    n, length = shape
+    k = min(length, max(1, round(ratio * length)))
+    rng = np.random.default_rng([seed, round(ratio * 1_000_000)])
+    order = np.argsort(rng.random((n, length)), axis=1)
+    masks = np.zeros((n, length), dtype=bool)
+    np.put_along_axis(masks, order[:, :k], True, axis=1)
+    return masks
+
+
+@dataclass(frozen=True)
+class MaskedScoring:
+    """How a masked arm is scored: mlm at one ratio; diffusion the ELBO bound over a grid of t."""
+
+    mask_id: int
+    ratios: tuple[float, ...]
+    elbo: bool
+
+    @staticmethod
+    def of(objective: str, mask_id: int, mask_ratio: float, elbo_points: int) -> MaskedScoring:
+        if objective == "diffusion":
+            return MaskedScoring(mask_id, tuple((i + 0.5) / elbo_points for i in range(elbo_points)), True)
+        return MaskedScoring(mask_id, (mask_ratio,), False)
+
+
+LogitsOf = Callable[[torch.Tensor], torch.Tensor]  # input ids (B, T) -> logits (B, T, V)
+
+
+@torch.inference_mode()
+def masked_loss(logits_of: LogitsOf, tokens: np.ndarray, how: MaskedScoring, batch_size: int, device) -> float:
+    """mlm: the mean cross-entropy (nats) over the masked positions at ``how.ratios[0]``. diffusion: the ELBO bound,
+    the mean over ``how.ratios`` (the t grid) of the masked positions' summed cross-entropy over t, per position."""
+    terms = []
+    for ratio in how.ratios:
+        masks = eval_masks(tokens.shape, ratio)
+        total, count = 0.0, 0
+        for lo in range(0, len(tokens), batch_size):
+            x = torch.from_numpy(tokens[lo : lo + batch_size].astype(np.int64)).to(device)  # (B, T)
+            sel = torch.from_numpy(masks[lo : lo + batch_size]).to(device)
+            logits = logits_of(x.masked_fill(sel, how.mask_id)).float()  # (B, T, V)
+            total += float(F.cross_entropy(logits[sel], x[sel], reduction="sum").double())
+            count += int(sel.sum())
+        terms.append(total / ratio / tokens.size if how.elbo else total / max(count, 1))
+    return sum(terms) / len(terms)
+
+
+def hf_logits(model: torch.nn.Module, bidirectional_mask: bool = False) -> LogitsOf:
+    """A Hugging Face model's logits; ``bidirectional_mask``: a full 4-D attention mask (True: attend), which makes
+    a causal class attend both ways."""
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        if bidirectional_mask:
+            mask = torch.ones(x.shape[0], 1, x.shape[1], x.shape[1], dtype=torch.bool, device=x.device)
+        else:
+            mask = torch.ones_like(x)
+        return model(input_ids=x, attention_mask=mask).logits
+
+    return logits_of
+
+
+def bidirectional_llama(rack, eos_id: int, pad_id: int | None) -> torch.nn.Module:
+    """A llama rack trained bidirectionally (diffusion) in transformers' ``LlamaForCausalLM``, for ``hf_logits``
+    with its full mask: the weights as the export names them (``model/hf.hf_state_dict``), fp32 on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stackwise_cli.model.hf import hf_state_dict, total_blocks
+
+    cfg = hf_config(rack.cfg, total_blocks(rack), eos_id, pad_id)
+    cfg.pop("architectures")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).float()
+    # the HF class is causal: it holds the weights, the 4-D mask makes it attend as the rack was trained
+    state = {k: v.detach().float().cpu() for k, v in hf_state_dict(rack, bidirectional=False).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ValueError(f"the rack does not map onto LlamaForCausalLM: missing {missing[:3]}, extra {unexpected[:3]}")
+    if rack.cfg.tie_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def bert_masking(x: torch.Tensor, ratio: float, mask_id: int, vocab: int, gen: torch.Generator):
+    """BERT's corruption, drawn here: each position selected with probability ``ratio`` (at least one a batch),
+    80% of them read ``mask_id``, 10% a random token, 10% are kept; returns (inputs, labels with -100 elsewhere)."""
+    sel = torch.rand(x.shape, generator=gen) < ratio
+    if not bool(sel.any()):
+        sel.view(-1)[torch.randint(sel.numel(), (1,), generator=gen)] = True
+    roll = torch.rand(x.shape, generator=gen)
+    inputs = x.clone()
+    inputs[sel & (roll < 0.8)] = mask_id
+    swap = sel & (roll >= 0.8) & (roll < 0.9)
+    inputs[swap] = torch.randint(vocab, x.shape, generator=gen)[swap]
+    return inputs, x.masked_fill(~sel, -100)
+
+
+def load_masked_lm(folder: Path) -> torch.nn.Module:
+    """``AutoModelForMaskedLM`` from a Hugging Face folder (bert's fused/, the masked peer), fp32, eval mode."""
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return AutoModelForMaskedLM.from_pretrained(folder).float().eval()
+
+
 def score_folder(folder: Path, tokens: np.ndarray, batch_size: int, device: torch.device) -> float:
     """The evaluator on a Hugging Face folder (``fused/``, the peer's ``model/``), loaded in fp32."""
     from transformers import AutoModelForCausalLM
@@ -109,10 +232,12 @@ def train_peer(
     device: torch.device,
     eval_at: set[int] = frozenset(),
     evaluate: Callable[[torch.nn.Module], float] | None = None,
+    masking: tuple[float, int, int] | None = None,
 ) -> PeerRun:
     """Train ``model`` for ``steps`` optimizer steps on random ``seq_len`` windows of the 1-D token ``stream``
     (seeded by ``train.seed``: the same windows every run), scoring it with ``evaluate`` after each step in
-    ``eval_at``."""
+    ``eval_at``. The loss is next-token cross-entropy, or with ``masking`` = (ratio, mask id, vocab size) the
+    masked-LM loss at the positions ``bert_masking`` selects (seeded too)."""
     if len(stream) < seq_len:
         raise ValueError(f"the train stream has {len(stream)} tokens, fewer than one window of {seq_len}")
     model.to(device).train()
@@ -124,6 +249,7 @@ def train_peer(
     ]
     opt = torch.optim.AdamW(groups, lr=tr.lr, betas=tr.betas, eps=1e-8)
     rng = np.random.default_rng(tr.seed)
+    gen = torch.Generator().manual_seed(tr.seed)
     stream_t = torch.from_numpy(np.asarray(stream, dtype=np.int64))
     run = PeerRun(steps=steps, tokens=0)
     for step in range(steps):
@@ -133,8 +259,13 @@ def train_peer(
         for _ in range(tr.grad_accum):
             starts = torch.from_numpy(rng.integers(0, len(stream) - seq_len + 1, size=tr.batch_size))
             x = stream_t[starts[:, None] + torch.arange(seq_len)].to(device)  # (B, T)
-            logits = model(input_ids=x).logits  # (B, T, V)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+            if masking is None:
+                logits = model(input_ids=x).logits  # (B, T, V)
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+            else:
+                inputs, labels = bert_masking(x.cpu(), *masking, gen)
+                logits = model(input_ids=inputs.to(device), attention_mask=torch.ones_like(x)).logits
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.to(device).reshape(-1))
             (loss / tr.grad_accum).backward()
             loss_sum += float(loss.detach())
             run.tokens += x.numel()

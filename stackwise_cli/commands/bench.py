@@ -352,6 +352,7 @@ def compare(
     print_table(f"{r.spec}: budget {r.budget_flops:.4g} FLOPs per arm", COLUMNS, table_rows(r))
     if r.arms:
         how = "; ".join(sorted({a["peak_how"] for a in r.arms}))
+        out.print(f"val loss: {r.scored_as}")
         out.print(f"peak MiB measured as {how}; plan MiB from the memory planner")
         out.print(f"wrote {r.files['markdown']}, {r.files['plot']}, {r.files['json']}")
     for name in r.missing:
