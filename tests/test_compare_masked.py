@@ -151,6 +151,9 @@ def test_masked_arms_bad_input_names_the_arm_and_the_key(tmp_path):
     assert "arms[1] 'b': objective: 'clm' differs from arm 'a''s 'diffusion'" in text
     text = error_text(cli("bench", "compare", masked_spec(tmp_path, bert_tiny(), [{"name": "a"}], mask_ratio=1.5)))
     assert "eval.mask_ratio" in text
+    arms = [{"name": "a"}, {"name": "ft", "finetune": {"share": 0.3}}]
+    text = error_text(cli("bench", "compare", masked_spec(tmp_path, diff, arms)))
+    assert "arms[1] 'ft': finetune: the fine-tune writes fused/" in text
     time_input = {**diff, "diffusion": {"time": "input"}}
     text = error_text(cli("bench", "compare", masked_spec(tmp_path, time_input, [{"name": "a"}])))
     assert "arms[0] 'a'" in text and "time" in text

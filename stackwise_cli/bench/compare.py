@@ -251,6 +251,10 @@ def load_comparison(spec_path: Path, out: Path | None = None) -> Comparison:
             problems.append(f"{where}: {problem}")
         if a.finetune is not None and (a.kind == "peer" or curriculum_of(recipe).whole_rack):
             problems.append(f"{where}: finetune: only a stack-wise arm fine-tunes its fused rack")
+        if a.finetune is not None and hf_scored_bidirectionally(recipe):
+            problems.append(
+                f"{where}: finetune: the fine-tune writes fused/, which cannot hold a {recipe.objective} llama"
+            )
         if a.finetune is not None and a.name == spec.budget.like:
             problems.append(f"{where}: finetune: the budget's reference arm runs its recipe's steps, with no fine-tune")
         arms.append(Arm(a.name, a.kind, path, overrides, recipe, a.finetune))
