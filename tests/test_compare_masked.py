@@ -185,6 +185,8 @@ def test_mlm_arms_run_and_report_with_the_masked_evaluator(tmp_path):
         assert np.isfinite(a["val_loss"]) and a["val_loss"] < np.log(512), a["name"]
         assert a["planned_peak_bytes"] is None and a["peak_bytes"] > 0  # the planner models llama only
     assert len(by["l2r"]["points"]) == 2 and len(by["peer"]["points"]) == 2
+    # the parameters as built: a bert rack and the BertForMaskedLM of the same shape (which adds no weights)
+    assert by["l2r"]["params"] == by["e2e"]["params"] == by["peer"]["params"]
     # the last curve point is the rack's own forward at the evaluator's masks: transformers' score to 1e-4
     assert by["l2r"]["points"][-1]["loss"] == pytest.approx(by["l2r"]["val_loss"], abs=1e-4)
     md = (tmp_path / "out" / "results.md").read_text()

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from stackwise_cli.bench.plan import PlanOptions, param_counts, plan
+from stackwise_cli.bench.plan import PlanOptions, plan
 from stackwise_cli.bench.step import _reset_peak_rss, _rss_bytes, exact_rss_accounting
 from stackwise_cli.build import export_problem_for
 from stackwise_cli.curricula import curriculum_of
@@ -758,7 +758,7 @@ def run_arm(c: Comparison, ap: ArmPlan, device: str = "auto", reporter: Reporter
             "curriculum": "end-to-end" if ap.arm.kind == "peer" else r.curriculum,
             "recipe": str(ap.arm.recipe_path),
             "overrides": ap.arm.overrides,
-            "params": extra.pop("params", param_counts(r)["total"]),
+            "params": extra.pop("params"),
             "blocks": r.rack.stacks * r.rack.blocks_per_stack,
             "d_model": r.model.d_model,
             "steps": ap.steps,
@@ -881,7 +881,11 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
             loss = res.eval.loss if how is None else score_rack(project, val, how, bs, dev)
             progress.points.append({"after": "train-stack all", "flops": counted_flops(project), "loss": loss})
         progress.save()
-    return counted_flops(project), meter_how, score_arm(project, val, how, bs, dev), {}
+    from stackwise_cli.model.io import load_current_rack
+
+    _, rack = load_current_rack(project)  # the model as built (the planner's parameter count is llama's shapes)
+    params = sum(p.numel() for p in rack.parameters())
+    return counted_flops(project), meter_how, score_arm(project, val, how, bs, dev), {"params": params}
 
 
 def _run_peer(c, ap, dp: Project, val, dev, progress: _Progress, reporter) -> tuple[float, str, float, dict]:
