@@ -59,7 +59,7 @@ def build(
     recipe = project.load().recipe
     curriculum = curriculum_of(recipe)
     if curriculum.whole_rack:
-        _end_to_end(project, recipe.rack.stacks, device, precision, reporter, result.ran)
+        end_to_end(project, recipe.rack.stacks, device, precision, reporter, result.ran)
     else:
         stack_by_stack(project, recipe.rack.stacks, curriculum.grows, device, precision, reporter, result.ran)
     problem = export_problem_for(project.load().recipe)
@@ -151,13 +151,22 @@ def stack_by_stack(
             after_each(i, entry)
 
 
-def _end_to_end(
-    project: Project, planned: int, device: str, precision: str, reporter: Reporter, ran: list[str]
+def end_to_end(
+    project: Project,
+    planned: int,
+    device: str = "auto",
+    precision: str = "auto",
+    reporter: Reporter = QUIET,
+    ran: list[str] | None = None,
+    around_train: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> None:
-    """Grow the whole planned rack, then train it at once: the baseline."""
+    """Grow the whole planned rack, then train it at once: the baseline. The training runs inside
+    ``around_train()`` (``bench compare`` measures its memory there)."""
+    ran = [] if ran is None else ran
     while len(project.load().rack) < planned:
         entry = grow(project, "right")
         ran.append(f"grow -> {entry.id}")
     if any(s.state != "trained" for s in project.load().rack):
-        train_stack(project, "all", precision=precision, device=device, reporter=reporter)
+        with around_train():
+            train_stack(project, "all", precision=precision, device=device, reporter=reporter)
         ran.append("train-stack all")

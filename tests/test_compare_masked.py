@@ -193,10 +193,37 @@ def test_mlm_arms_run_and_report_with_the_masked_evaluator(tmp_path):
     assert "masked positions" in md and "| peer |" in md
 
 
-def test_diffusion_arms_run_and_are_scored_as_the_elbo(tmp_path):
+def test_diffusion_arms_run_and_are_scored_as_the_elbo(tmp_path, monkeypatch):
+    import stackwise_cli.build as build_mod
+    import stackwise_cli.train.stack as stack_mod
+
+    # every arm's peak is measured around its training alone: no meter is open while build fuses and evaluates
+    open_meters, real_enter, real_exit = [0], cmp.PeakMemory.__enter__, cmp.PeakMemory.__exit__
+    seen = {"train": [], "eval": []}
+
+    def enter(self):
+        open_meters[0] += 1
+        return real_enter(self)
+
+    def leave(self, *exc):
+        open_meters[0] -= 1
+        return real_exit(self, *exc)
+
+    def watched(fn, what):
+        def call(*a, **k):
+            seen[what].append(open_meters[0])
+            return fn(*a, **k)
+
+        return call
+
+    monkeypatch.setattr(cmp.PeakMemory, "__enter__", enter)
+    monkeypatch.setattr(cmp.PeakMemory, "__exit__", leave)
+    monkeypatch.setattr(build_mod, "train_stack", watched(stack_mod.train_stack, "train"))
+    monkeypatch.setattr(build_mod, "evaluate", watched(build_mod.evaluate, "eval"))
     diff = {**copy.deepcopy(TINY), "objective": "diffusion"}
     arms = [{"name": "l2r"}, {"name": "e2e", "set": {"curriculum": "end-to-end"}}]
     r = cmp.compare(masked_spec(tmp_path, diff, arms, elbo_points=4), device="cpu")
+    assert seen["train"] == [1, 1, 1] and seen["eval"] == [0, 0]  # two stacks and the whole rack; build's evals
     assert "ELBO" in r.scored_as and [a["name"] for a in r.arms] == ["l2r", "e2e"]
     for a in r.arms:
         assert a["flops"] == pytest.approx(a["flops_planned"], rel=1e-9)

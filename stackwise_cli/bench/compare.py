@@ -830,7 +830,7 @@ def score_arm(project: Project, val, how, batch_size: int, dev) -> float:
 
 
 def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tuple[float, str, float, dict]:
-    from stackwise_cli.build import build, stack_by_stack
+    from stackwise_cli.build import build, end_to_end, stack_by_stack
     from stackwise_cli.evaluate.eval import evaluate
     from stackwise_cli.fuse import fuse, is_fused
     from stackwise_cli.train.finetune import FinetuneSpec
@@ -847,15 +847,16 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
             return evaluate(project, max_sequences=c.spec.eval.max_sequences, device=device, fused=fused).loss
         return score_rack(project, val, how, bs, dev)
 
+    @contextlib.contextmanager
+    def measured():
+        with PeakMemory(dev) as meter:
+            yield
+        progress.measured(meter)
+        progress.save()
+
     if not curriculum_of(r).whole_rack:
         # build's stack-by-stack loop, each train-stack's peak measured, the val loss read after each stack (the
         # curve's points)
-        @contextlib.contextmanager
-        def measured():
-            with PeakMemory(dev) as meter:
-                yield
-            progress.measured(meter)
-            progress.save()
 
         def point(i: int, entry) -> None:
             if len(progress.points) <= i:
@@ -873,10 +874,9 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
             progress.save()
         build(project, device=device, reporter=reporter)  # every stack trained: fuse (kept if fine-tuned) and eval
     else:
-        with PeakMemory(dev) as meter:
-            res = build(project, device=device, reporter=reporter)
-        if "train-stack all" in res.ran:
-            progress.measured(meter)
+        # the peak of train-stack all alone: build's fuse and eval (a larger batch's logits) are not training
+        end_to_end(project, r.rack.stacks, device, reporter=reporter, around_train=measured)
+        res = build(project, device=device, reporter=reporter)  # trained: fuses and scores
         if not progress.points:
             loss = res.eval.loss if how is None else score_rack(project, val, how, bs, dev)
             progress.points.append({"after": "train-stack all", "flops": counted_flops(project), "loss": loss})
