@@ -229,3 +229,14 @@ def test_diffusion_arms_run_and_are_scored_as_the_elbo(tmp_path, monkeypatch):
         assert a["flops"] == pytest.approx(a["flops_planned"], rel=1e-9)
         assert 0 < a["val_loss"] < 2 * np.log(512) and a["planned_peak_bytes"] > 0
         assert a["points"][-1]["loss"] == pytest.approx(a["val_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["small", "curricula", "outside", "masked-mlm", "masked-diffusion"])
+def test_every_example_spec_validates_from_the_repository_root(name, monkeypatch):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)  # as docs/science.md runs them
+    c = cmp.load_comparison(Path("examples/compare") / f"{name}.yaml")
+    objectives = {a.recipe.objective for a in c.arms}
+    assert len(objectives) == 1 and len(c.arms) >= 3
