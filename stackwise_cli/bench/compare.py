@@ -810,23 +810,21 @@ def score_rack(project: Project, val, how, batch_size: int, dev) -> float:
     return masked_loss(lambda x: rack(x, False, None), val, how, batch_size, dev)
 
 
-def score_arm(project: Project, val, how, batch_size: int, dev) -> float:
+def score_arm(project: Project, val, how, batch_size: int, dev, rack=None) -> float:
     """The one evaluator on a stack-wise arm's model, in transformers: fused/ (``AutoModelForCausalLM`` for clm,
     ``AutoModelForMaskedLM`` for a masked bert), or a masked llama rack's weights in ``LlamaForCausalLM`` attending
-    both ways (``bench/peer.bidirectional_llama``)."""
-    from stackwise_cli.bench.peer import bidirectional_llama, hf_logits, load_masked_lm, masked_loss, score_folder
+    both ways (``bench/peer.bidirectional_llama``; ``rack``: the current rack, if already read)."""
+    from stackwise_cli.bench.peer import bidirectional_llama, hf_logits, masked_loss, score_folder
 
-    if how is None:
-        return score_folder(project.fused_dir, val, batch_size, dev)
     m = project.load()
-    if hf_scored_bidirectionally(m.recipe):
+    if how is None or not hf_scored_bidirectionally(m.recipe):
+        return score_folder(project.fused_dir, val, batch_size, dev, how)
+    if rack is None:
         from stackwise_cli.model.io import load_current_rack
 
         _, rack = load_current_rack(project, manifest=m)
-        model = bidirectional_llama(rack, m.tokenizer.eos_id, m.tokenizer.pad_id).to(dev)
-        return masked_loss(hf_logits(model, bidirectional_mask=True), val, how, batch_size, dev)
-    model = load_masked_lm(project.fused_dir).to(dev)
-    return masked_loss(hf_logits(model), val, how, batch_size, dev)
+    model = bidirectional_llama(rack, m.tokenizer.eos_id, m.tokenizer.pad_id).to(dev)
+    return masked_loss(hf_logits(model, bidirectional_mask=True), val, how, batch_size, dev)
 
 
 def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tuple[float, str, float, dict]:
@@ -842,10 +840,11 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
     bs = c.spec.eval.batch_size
 
     def val_loss(fused: bool = False) -> float:
-        """stackwise's eval (clm), or the evaluator's masks on the rack so far (masked objectives)."""
+        """A curve point: stackwise's eval (clm); for masked objectives the evaluator's masks on the rack so far,
+        or on fused/ after a fine-tune."""
         if how is None:
             return evaluate(project, max_sequences=c.spec.eval.max_sequences, device=device, fused=fused).loss
-        return score_rack(project, val, how, bs, dev)
+        return score_arm(project, val, how, bs, dev) if fused else score_rack(project, val, how, bs, dev)
 
     @contextlib.contextmanager
     def measured():
@@ -869,7 +868,7 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
         if ap.finetune_steps and not is_fused(project, FinetuneSpec(mode="full", steps=ap.finetune_steps)):
             with measured():
                 fuse(project, FinetuneSpec(mode="full", steps=ap.finetune_steps), device, reporter=reporter)
-            loss = val_loss(fused=True) if how is None else score_arm(project, val, how, bs, dev)
+            loss = val_loss(fused=True)
             progress.points.append({"after": "fine-tune", "flops": counted_flops(project), "loss": loss})
             progress.save()
         build(project, device=device, reporter=reporter)  # every stack trained: fuse (kept if fine-tuned) and eval
@@ -885,22 +884,14 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
 
     _, rack = load_current_rack(project)  # the model as built (the planner's parameter count is llama's shapes)
     params = sum(p.numel() for p in rack.parameters())
-    return counted_flops(project), meter_how, score_arm(project, val, how, bs, dev), {"params": params}
+    return counted_flops(project), meter_how, score_arm(project, val, how, bs, dev, rack), {"params": params}
 
 
 def _run_peer(c, ap, dp: Project, val, dev, progress: _Progress, reporter) -> tuple[float, str, float, dict]:
     """The peer from scratch (a peer killed mid-run starts over: it keeps no checkpoints)."""
     import numpy as np
 
-    from stackwise_cli.bench.peer import (
-        hf_logits,
-        load_masked_lm,
-        masked_loss,
-        next_token_loss,
-        peer_model,
-        score_folder,
-        train_peer,
-    )
+    from stackwise_cli.bench.peer import hf_logits, masked_loss, next_token_loss, peer_model, score_folder, train_peer
     from stackwise_cli.store.files import atomic_replace_dir
     from stackwise_cli.train.data import token_data
 
@@ -930,10 +921,7 @@ def _run_peer(c, ap, dp: Project, val, dev, progress: _Progress, reporter) -> tu
     shutil.rmtree(tmp, ignore_errors=True)
     model.cpu().save_pretrained(tmp)
     atomic_replace_dir(tmp, folder)
-    if how is None:
-        val_loss = score_folder(folder, val, bs, dev)
-    else:
-        val_loss = masked_loss(hf_logits(load_masked_lm(folder).to(dev)), val, how, bs, dev)
+    val_loss = score_folder(folder, val, bs, dev, how)
     params = sum(p.numel() for p in model.parameters())
     return run.steps * fps, meter.how, val_loss, {"params": params, "train_loss_last": run.losses[-1]}
 

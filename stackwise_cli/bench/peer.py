@@ -37,18 +37,32 @@ from stackwise_cli.model.hf import hf_config
 from stackwise_cli.recipe import Recipe, TrainRecipe
 
 
+def _from_config(auto, model_cfg, n_layers: int, eos_id: int, pad_id: int | None) -> torch.nn.Module:
+    """A ``transformers`` model (``auto``: an ``AutoModelFor...`` class) of the export's config, fp32."""
+    from transformers import AutoConfig
+
+    cfg = hf_config(model_cfg, n_layers, eos_id, pad_id)
+    cfg.pop("architectures")
+    return auto.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).float()
+
+
+def _from_pretrained(auto, folder: Path) -> torch.nn.Module:
+    """A Hugging Face folder loaded with ``auto``, fp32, in eval mode."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr is the command's progress; the load bar is noise there
+    return auto.from_pretrained(folder).float().eval()
+
+
 def peer_model(recipe: Recipe, eos_id: int, pad_id: int | None, seed: int) -> torch.nn.Module:
     """A freshly initialised ``transformers`` model of the recipe's whole planned shape (every stack's blocks): a
     causal LM for clm, a masked LM for mlm."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     n_layers = recipe.rack.stacks * recipe.rack.blocks_per_stack
-    cfg = hf_config(recipe.model, n_layers, eos_id, pad_id)
-    cfg.pop("architectures")
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(seed)  # HF initialises from the global generator: normal(0, initializer_range)
     auto = AutoModelForCausalLM if recipe.objective == "clm" else AutoModelForMaskedLM
-    return auto.from_config(config).float()
+    return _from_config(auto, recipe.model, n_layers, eos_id, pad_id)
 
 
 def warm_up(device: torch.device) -> None:
@@ -164,13 +178,11 @@ def hf_logits(model: torch.nn.Module, bidirectional_mask: bool = False) -> Logit
 def bidirectional_llama(rack, eos_id: int, pad_id: int | None) -> torch.nn.Module:
     """A llama rack trained bidirectionally (diffusion) in transformers' ``LlamaForCausalLM``, for ``hf_logits``
     with its full mask: the weights as the export names them (``model/hf.hf_state_dict``), fp32 on the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from stackwise_cli.model.hf import hf_state_dict, total_blocks
 
-    cfg = hf_config(rack.cfg, total_blocks(rack), eos_id, pad_id)
-    cfg.pop("architectures")
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).float()
+    model = _from_config(AutoModelForCausalLM, rack.cfg, total_blocks(rack), eos_id, pad_id)
     # the HF class is causal: it holds the weights, the 4-D mask makes it attend as the rack was trained
     state = {k: v.detach().float().cpu() for k, v in hf_state_dict(rack, bidirectional=False).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -199,19 +211,20 @@ def bert_masking(x: torch.Tensor, ratio: float, mask_id: int, vocab: int, gen: t
 def load_masked_lm(folder: Path) -> torch.nn.Module:
     """``AutoModelForMaskedLM`` from a Hugging Face folder (bert's fused/, the masked peer), fp32, eval mode."""
     from transformers import AutoModelForMaskedLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    return AutoModelForMaskedLM.from_pretrained(folder).float().eval()
+    return _from_pretrained(AutoModelForMaskedLM, folder)
 
 
-def score_folder(folder: Path, tokens: np.ndarray, batch_size: int, device: torch.device) -> float:
-    """The evaluator on a Hugging Face folder (``fused/``, the peer's ``model/``), loaded in fp32."""
+def score_folder(
+    folder: Path, tokens: np.ndarray, batch_size: int, device: torch.device, how: MaskedScoring | None = None
+) -> float:
+    """The evaluator on a Hugging Face folder (``fused/``, the peer's ``model/``), loaded in fp32: the next-token
+    loss in ``AutoModelForCausalLM``, or with ``how`` the masked loss in ``AutoModelForMaskedLM``."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # stderr is the command's progress; the load bar is noise there
-    model = AutoModelForCausalLM.from_pretrained(folder).float().to(device)
+    if how is not None:
+        return masked_loss(hf_logits(load_masked_lm(folder).to(device)), tokens, how, batch_size, device)
+    model = _from_pretrained(AutoModelForCausalLM, folder).to(device)
     return next_token_loss(model, tokens, batch_size, device)
 
 
