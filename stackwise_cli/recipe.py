@@ -180,6 +180,10 @@ class TrainRecipe:
     suffix_checkpointing: bool = True  # right-to-left: recompute the suffix in backward instead of keeping it
     activation_checkpointing: bool = False  # recompute each trained block in backward (keeps only block inputs)
     finetune_checkpointing: bool = True  # the same for every block of a fuse fine-tune (full, lora, qlora)
+    # A fuse fine-tune's own schedule: its peak learning rate and warmup (null: train.lr, train.warmup_steps), then
+    # the same cosine to lr * min_lr_ratio over its --finetune-steps.
+    finetune_lr: float | None = None
+    finetune_warmup_steps: int | None = None
     compile: bool = False  # torch.compile the trained stacks (traced at the first step: minutes on a large model)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes 8-bit states (paged on CUDA)
     checkpoint_every: int = 100  # steps between checkpoints; 0 = off
@@ -199,6 +203,11 @@ class TrainRecipe:
                 out.append((name, f"must be >= 1, got {getattr(self, name)}"))
         if self.lr <= 0:
             out.append(("lr", f"must be > 0, got {self.lr}"))
+        if self.finetune_lr is not None and self.finetune_lr <= 0:
+            out.append(("finetune_lr", f"must be > 0 (null: train.lr), got {self.finetune_lr}"))
+        if self.finetune_warmup_steps is not None and self.finetune_warmup_steps < 0:
+            got = self.finetune_warmup_steps
+            out.append(("finetune_warmup_steps", f"must be >= 0 (null: train.warmup_steps), got {got}"))
         if not 0 <= self.min_lr_ratio <= 1:
             out.append(("min_lr_ratio", f"must be between 0 and 1, got {self.min_lr_ratio}"))
         if self.warmup_steps < 0 or self.warmup_steps >= max(self.steps, 1):

@@ -28,10 +28,12 @@ EVAL_SIZES = ("eval.max_sequences", "eval.batch_size")
 # The schedule: it shapes the weights a run computes, so it may change only before that run has begun (no stack
 # it applies to trained or checkpointed). It is the recipe's: every later run reads the new value too.
 SCHEDULE = ("train.lr", "train.steps", "train.warmup_steps", "train.min_lr_ratio")
+# A fuse fine-tune's own schedule (null: train.lr, train.warmup_steps): fixed once a fine-tune checkpoint exists.
+FINETUNE_SCHEDULE = ("train.finetune_lr", "train.finetune_warmup_steps")
 
 COMMAND_KEYS = {
     "train-stack": (*CADENCE, *EVAL_SIZES, *SCHEDULE),
-    "fuse": (*CADENCE, *EVAL_SIZES, "train.lr", "train.warmup_steps", "train.min_lr_ratio"),
+    "fuse": (*CADENCE, *EVAL_SIZES, "train.lr", "train.warmup_steps", "train.min_lr_ratio", *FINETUNE_SCHEDULE),
     "eval": EVAL_SIZES,
 }
 
@@ -78,7 +80,7 @@ def with_settings(recipe: Recipe, overrides: list[str], command: str, schedule_o
                 f"was already computed); {command} can set: {', '.join(allowed)}",
                 hint="make a new project for other values (`stackwise build --recipe ... --set ...` into a new folder)",
             )
-        if key in SCHEDULE and not schedule_open:
+        if key in (*SCHEDULE, *FINETUNE_SCHEDULE) and not schedule_open:
             raise RecipeError(
                 f"--set {key}: the run it would shape has begun or is done (trained, or a checkpoint to resume); "
                 "its schedule is fixed",

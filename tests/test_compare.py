@@ -175,6 +175,16 @@ def test_a_finetune_share_its_warmup_fills_is_refused_before_any_arm_runs(tmp_pa
     c = cmp.load_comparison(spec)
     assert not (c.arm_dir("l2r") / "project").exists() and not (c.arm_dir("short") / "project").exists()
 
+    # the fine-tune's own warmup (train.finetune_warmup_steps) is the one it must exceed
+    arms[1]["set"]["train.finetune_warmup_steps"] = 1
+    c = cmp.load_comparison(write_spec(tmp_path, arms))
+    short = {p.arm.name: p for p in cmp.plan_arms(c, train_tokens=150_000)}["short"]
+    assert 1 < short.finetune_steps <= 8
+    arms[1]["set"]["train.finetune_warmup_steps"] = short.finetune_steps
+    text = error_text(cli("bench", "compare", write_spec(tmp_path, arms)))
+    assert "arms[1] 'short': finetune.share: 0.02" in text
+    assert f"train.finetune_warmup_steps ({short.finetune_steps})" in text
+
 
 # --- a run -----------------------------------------------------------------------------------------------------
 
@@ -239,6 +249,13 @@ def test_three_arms_run_report_and_resume_without_retraining(tmp_path, monkeypat
     assert [a["name"] for a in json.loads(result.stdout)["arms"]] == ["l2r", "e2e", "peer"]
     table = cli("bench", "compare", spec, "--report")
     assert table.exit_code == 0 and "peer" in table.stdout and "val loss" in table.stdout
+
+    # an arm finished by an earlier version, whose recipe lacks a key added since (at its default), is still done
+    path = out / "arms" / "e2e" / "result.json"
+    res = json.loads(path.read_text())
+    del res["fingerprint"]["recipe"]["train"]["finetune_lr"]
+    path.write_text(json.dumps(res))
+    assert cli("bench", "compare", spec, "--report").exit_code == 0
 
     # a spec changed under a finished arm is refused, naming the arm and what changed; nothing is removed
     arms[1]["set"]["train.lr"] = 0.02

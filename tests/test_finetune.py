@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -224,6 +225,42 @@ def test_too_few_steps_for_the_warmup_are_refused(trained):
         m.recipe = _with_warmup(m.recipe, 5)
     with pytest.raises(StackwiseError, match="--finetune-steps 5 leaves no room"):
         fuse(trained, finetune_spec(5, "lora"), device="cpu")
+
+
+def _logged_lrs(project: Project, mode: str) -> dict[int, float]:
+    (log,) = project.path("logs").glob(f"fuse-finetune-{mode}-*.jsonl")
+    return {r["step"]: r["lr"] for r in map(json.loads, log.read_text().splitlines())}
+
+
+def test_the_finetune_runs_its_own_schedule_where_the_recipe_gives_one(trained):
+    """fuse --set train.finetune_lr / train.finetune_warmup_steps: the fine-tune warms up to its own peak over its own
+    warmup, then the recipe's cosine to lr * min_lr_ratio; the stacks' train.lr and warmup stay what they were."""
+    from typer.testing import CliRunner
+
+    from stackwise_cli.app import app
+    from stackwise_cli.train.optim import lr_at
+
+    tr = trained.load().recipe.train  # TINY: lr 0.01, warmup 1, log_every 5
+    args = ["fuse", "-p", str(trained.root), "--finetune-steps", "10", "--finetune", "lora", "--device", "cpu"]
+    args += ["--set", "train.finetune_lr=0.002", "--set", "train.finetune_warmup_steps=6"]
+    r = CliRunner().invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert r.exit_code == 0, r.output
+    own = dataclasses.replace(tr, lr=0.002, warmup_steps=6)
+    # the step logged is the step taken: its lr is the schedule's at the step before
+    assert _logged_lrs(trained, "lora") == {s: pytest.approx(lr_at(s - 1, own, 10)) for s in (5, 10)}
+    assert lr_at(4, own, 10) < 0.002  # still warming up at step 5: the warmup is the fine-tune's, not train's 1
+    after = trained.load().recipe.train
+    assert (after.lr, after.warmup_steps, after.finetune_lr, after.finetune_warmup_steps) == (0.01, 1, 0.002, 6)
+
+
+def test_a_finetune_its_own_warmup_fills_is_refused_naming_the_key(trained):
+    from stackwise_cli.fuse import fuse
+
+    with trained.update() as m:
+        m.recipe = dataclasses.replace(m.recipe, train=dataclasses.replace(m.recipe.train, finetune_warmup_steps=5))
+    with pytest.raises(StackwiseError, match="--finetune-steps 5 leaves no room.*train.finetune_warmup_steps is 5"):
+        fuse(trained, finetune_spec(5, "lora"), device="cpu")
+    assert not trained.path("fused").exists()
 
 
 def _with_warmup(recipe, warmup: int):

@@ -241,6 +241,21 @@ def test_with_settings_validates_the_value():
 
     with pytest.raises(RecipeError, match="train.log_every: must be >= 1"):
         with_settings(Recipe(name="x"), ["train.log_every=0"], "train-stack", True)
+    with pytest.raises(RecipeError, match="train.finetune_lr: must be > 0"):
+        with_settings(Recipe(name="x"), ["train.finetune_lr=0"], "fuse", True)
+
+
+def test_the_finetune_schedule_is_fuse_s_and_fixed_once_a_finetune_has_begun():
+    from stackwise_cli.recipe import Recipe
+    from stackwise_cli.settings import with_settings
+
+    new, changes = with_settings(Recipe(name="x"), ["train.finetune_lr=0.001"], "fuse", True)
+    assert new.train.finetune_lr == 0.001 and new.train.lr == Recipe(name="x").train.lr
+    assert [c.key for c in changes] == ["train.finetune_lr"]
+    with pytest.raises(RecipeError, match="train.finetune_warmup_steps: the run it would shape has begun"):
+        with_settings(Recipe(name="x"), ["train.finetune_warmup_steps=3"], "fuse", False)
+    with pytest.raises(RecipeError, match="not a setting of `train-stack`.*pass it to `stackwise fuse`"):
+        with_settings(Recipe(name="x"), ["train.finetune_lr=0.001"], "train-stack", True)
 
 
 # --- peft ----------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from stackwise_cli.errors import RecipeError, StackwiseError
 from stackwise_cli.flops import FlopShapes, cache_flops_per_token, whole_model_flops_per_token
 from stackwise_cli.objectives import objective_kind
 from stackwise_cli.progress import QUIET, Reporter
-from stackwise_cli.recipe import DataRecipe, Recipe, load_recipe
+from stackwise_cli.recipe import DataRecipe, Recipe, load_recipe, recipe_from_data
 from stackwise_cli.schema import SchemaError, check, from_data, to_data
 from stackwise_cli.store.files import atomic_write_text, exclusive_lock
 from stackwise_cli.store.project import Project
@@ -499,11 +499,17 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
         if a.kind == "stackwise":
             recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=n))
         stage = curriculum_of(recipe).plan_stage if a.kind == "stackwise" else "end-to-end"  # a peer: the whole model
-        if a.finetune is not None and ft_steps <= recipe.train.warmup_steps:
+        ft_warmup = recipe.train.finetune_warmup_steps
+        warmup_key, ft_warmup = (
+            ("train.warmup_steps", recipe.train.warmup_steps)
+            if ft_warmup is None
+            else ("train.finetune_warmup_steps", ft_warmup)
+        )
+        if a.finetune is not None and ft_steps <= ft_warmup:
             # fuse --finetune-steps refuses a fine-tune its warmup fills: say so now, before the arm's stacks train
             problems.append(
                 f"{where}: finetune.share: {a.finetune.share} of {budget_key} is {ft_steps} fine-tune step(s), not "
-                f"more than train.warmup_steps ({recipe.train.warmup_steps}); raise the share or lower the warmup"
+                f"more than {warmup_key} ({ft_warmup}); raise the share or lower the warmup"
             )
             continue
         peak = plan_for(recipe, device).stage(stage).total_bytes if recipe.model.family == "llama" else None
@@ -682,13 +688,24 @@ def load_result(c: Comparison, ap: ArmPlan) -> dict | None:
         return None
     res = json.loads(path.read_text())
     want = ap.fingerprint(c.spec.eval)
-    if res.get("fingerprint") != want:
+    if _recipe_read_now(res.get("fingerprint")) != want:
         raise CompareError(
             f"arm {ap.arm.name!r} finished under another spec than {c.spec_path} gives now: "
             f"{_diff(res.get('fingerprint'), want)}",
             hint=f"remove {c.arm_dir(ap.arm.name)} to run it again, or use another -o folder",
         )
     return res
+
+
+def _recipe_read_now(fingerprint: Any) -> Any:
+    """A finished arm's fingerprint with its recipe read as this version reads it: a recipe key added since, at
+    its default, does not make the arm another run."""
+    if not (isinstance(fingerprint, dict) and isinstance(fingerprint.get("recipe"), dict)):
+        return fingerprint
+    try:
+        return {**fingerprint, "recipe": to_data(recipe_from_data(fingerprint["recipe"], "a finished arm's recipe"))}
+    except StackwiseError:  # a key this version does not know: another run (the diff names it)
+        return fingerprint
 
 
 @dataclass

@@ -17,6 +17,7 @@ files, not from the bf16 or NF4 copy the adapters trained against.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from stackwise_cli.model.hf import check_exportable
 from stackwise_cli.model.io import load_current_rack, load_ends, load_stack
 from stackwise_cli.model.model import Rack, Stack
 from stackwise_cli.progress import QUIET, Reporter
+from stackwise_cli.recipe import TrainRecipe
 from stackwise_cli.store.manifest import Manifest, stack_objective
 from stackwise_cli.store.project import Project, digest
 from stackwise_cli.train import checkpoint as ckpt
@@ -117,6 +119,20 @@ class Finetuned:
     flops: float = 0.0  # training FLOPs of the run: its tokens x the planner's FLOPs per token (``flops_per_token``)
 
 
+def schedule(tr: TrainRecipe, steps: int) -> TrainRecipe:
+    """The train settings a fine-tune of ``steps`` runs under: the recipe's, with its own peak learning rate and
+    warmup where ``train.finetune_lr`` and ``train.finetune_warmup_steps`` give them."""
+    key = "train.warmup_steps" if tr.finetune_warmup_steps is None else "train.finetune_warmup_steps"
+    warmup = tr.warmup_steps if tr.finetune_warmup_steps is None else tr.finetune_warmup_steps
+    if steps <= warmup:
+        raise StackwiseError(
+            f"--finetune-steps {steps} leaves no room for the schedule: {key} is {warmup}",
+            hint=f"pass --finetune-steps greater than {warmup}, or lower {key} in the recipe",
+        )
+    lr = tr.lr if tr.finetune_lr is None else tr.finetune_lr
+    return dataclasses.replace(tr, steps=steps, lr=lr, warmup_steps=warmup)
+
+
 def _fingerprint(project: Project, m: Manifest, spec: FinetuneSpec, objective_key: str) -> str:
     """The inputs of this fine-tune: a checkpoint made from another rack, data or setting is not this run."""
     parts = ["finetune", spec.mode, str(spec.rank), str(spec.alpha), project.split_digest(m, "train"), objective_key]
@@ -159,13 +175,8 @@ def finetune(
     if resume not in RESUME:
         raise StackwiseError(f"--resume must be one of {', '.join(RESUME)}, got {resume!r}")
     m, rack = load_current_rack(project)  # fp32, checked against the manifest's checksums
-    tr = m.recipe.train
     check_exportable(rack, m.recipe.bidirectional)  # refuse before training what fused/ cannot hold
-    if spec.steps <= tr.warmup_steps:
-        raise StackwiseError(
-            f"--finetune-steps {spec.steps} leaves no room for the schedule: train.warmup_steps is {tr.warmup_steps}",
-            hint=f"pass --finetune-steps greater than {tr.warmup_steps}, or lower train.warmup_steps in the recipe",
-        )
+    tr = schedule(m.recipe.train, spec.steps)
     dev = distributed.local_device(pick_device(device))
     precision = resolve_precision(precision, dev)
     autocast(precision, dev)  # a precision the device cannot do fails here, before any work
