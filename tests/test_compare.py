@@ -153,6 +153,34 @@ def test_step_scale_and_a_finetune_share_spend_the_budget_as_planned(tmp_path):
     assert [p["after"] for p in res["points"]][-1] == "fine-tune"
 
 
+def test_plan_shows_what_each_arm_will_run_and_runs_nothing(tmp_path):
+    arms = [
+        {"name": "l2r", "set": {"train.steps": 40}},
+        {"name": "front", "set": {"train.step_scale": [1.5, 0.5]}, "finetune": {"share": 0.2}},
+        {"name": "e2e", "set": {"curriculum": "end-to-end"}},
+    ]
+    spec = write_spec(tmp_path, arms)
+    r = cli("bench", "compare", spec, "--plan", "--json")
+    assert r.exit_code == 0, r.output
+    got = {a["name"]: a for a in json.loads(r.stdout)["arms"]}
+    c = cmp.load_comparison(spec)
+    plans = {p.arm.name: p for p in cmp.plan_arms(c, cmp.train_tokens(c.data_project))}
+    n = plans["front"].steps
+    assert [s["steps"] for s in got["front"]["stages"]] == [round(1.5 * n), round(0.5 * n)]
+    assert got["front"]["finetune_steps"] == plans["front"].finetune_steps > 0
+    assert [s["steps"] for s in got["l2r"]["stages"]] == [40, 40] and got["l2r"]["at_recipe_steps"]
+    assert got["e2e"]["stages"] == [{"stage": "all", "steps": 2 * plans["e2e"].steps, "cache_flops": 0.0}]
+    assert got["l2r"]["cache_flops"] > 0 and got["l2r"]["flops"] == pytest.approx(plans["l2r"].flops)
+    # the fine-tune trains the whole fused rack, so the arm's planned peak is the end-to-end arm's
+    assert got["front"]["planned_peak_bytes"] == got["e2e"]["planned_peak_bytes"] > got["l2r"]["planned_peak_bytes"]
+    assert not any(a["finished"] for a in got.values())
+    assert not any((c.arm_dir(name) / "project").exists() for name in got)  # the data prepared, no arm run
+    table = cli("bench", "compare", spec, "--plan")
+    assert table.exit_code == 0 and "steps a stage" in table.stdout and "+ " in table.stdout
+    text = error_text(cli("bench", "compare", spec, "--plan", "--report"))
+    assert "--report and --plan: --arm runs one arm, --report and --plan run none" in text
+
+
 def test_step_scale_is_checked_against_the_rack_and_the_curriculum(tmp_path):
     arms = [{"name": "a", "set": {"train.step_scale": [1.0, 1.0, 1.0]}}]
     text = error_text(cli("bench", "compare", write_spec(tmp_path, arms)))

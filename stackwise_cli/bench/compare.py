@@ -512,7 +512,10 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
                 f"more than {warmup_key} ({ft_warmup}); raise the share or lower the warmup"
             )
             continue
-        peak = plan_for(recipe, device).stage(stage).total_bytes if recipe.model.family == "llama" else None
+        peak = None
+        if recipe.model.family == "llama":  # the fine-tune trains the whole fused rack: its peak too
+            mem = plan_for(recipe, device)
+            peak = max(mem.stage(s).total_bytes for s in [stage] + ["fuse-full"] * (a.finetune is not None))
         plans.append(ArmPlan(a, recipe, n, st, total_flops(st, n) + ft_flops, peak, fixed, ft_steps))
     if problems:
         raise CompareError("\n".join(problems), hint="rerun after fixing: arms already finished are kept")
@@ -1081,8 +1084,7 @@ def gather(c: Comparison, plans: list[ArmPlan]) -> Report:
     for ap in plans:
         res = load_result(c, ap)
         (results.append(res) if res is not None else missing.append(ap.arm.name))
-    budget = plans[[p.arm.name for p in plans].index(c.spec.budget.like)].flops if c.spec.budget.like else None
-    report = Report(str(c.spec_path), str(c.out), budget or float(c.spec.budget.flops), results, missing)
+    report = Report(str(c.spec_path), str(c.out), _budget(c, plans), results, missing)
     report.scored_as = scored_as(c)
     c.out.mkdir(parents=True, exist_ok=True)
     files = {"json": c.out / "results.json", "markdown": c.out / "results.md", "plot": c.out / "loss_vs_flops.png"}
@@ -1092,6 +1094,99 @@ def gather(c: Comparison, plans: list[ArmPlan]) -> Report:
     if results:
         _plot(report, files["plot"])
     return report
+
+
+def _budget(c: Comparison, plans: list[ArmPlan]) -> float:
+    if c.spec.budget.like is None:
+        return float(c.spec.budget.flops)
+    return plans[[p.arm.name for p in plans].index(c.spec.budget.like)].flops
+
+
+def planned(c: Comparison, plans: list[ArmPlan]) -> dict:
+    """What each arm will run, before it runs (``--plan``): its steps a stage, FLOPs and planned peak."""
+    budget = _budget(c, plans)
+    arms = []
+    for ap in plans:
+        kind = ap.arm.kind
+        stages = [
+            {"stage": s.label, "steps": round(ap.steps * s.scale) * s.steps_per_unit, "cache_flops": s.fixed}
+            for s in ap.stages
+        ]
+        arms.append(
+            {
+                "name": ap.arm.name,
+                "kind": kind,
+                "curriculum": "end-to-end" if kind == "peer" else ap.recipe.curriculum,
+                "blocks": ap.recipe.rack.stacks * ap.recipe.rack.blocks_per_stack,
+                "d_model": ap.recipe.model.d_model,
+                "steps": ap.steps,
+                "at_recipe_steps": ap.fixed_steps,
+                "stages": stages,
+                "finetune_steps": ap.finetune_steps,
+                "flops": ap.flops,
+                "cache_flops": sum(s.fixed for s in ap.stages),
+                "planned_peak_bytes": ap.planned_peak_bytes,
+                "finished": result_path(c, ap.arm.name).exists(),
+            }
+        )
+    return {"spec": str(c.spec_path), "out": str(c.out), "budget_flops": budget, "arms": arms}
+
+
+def plan_rows(plan: dict) -> list[list[Any]]:
+    rows = []
+    for a in plan["arms"]:
+        steps = ", ".join(f"{s['steps']:,}" for s in a["stages"])
+        if a["finetune_steps"]:
+            steps += f" + {a['finetune_steps']:,} fine-tune"
+        rows.append(
+            [
+                a["name"],
+                a["kind"],
+                a["curriculum"],
+                f"{a['blocks']} x {a['d_model']}",
+                f"{a['steps']:,}{'*' if a['at_recipe_steps'] else ''}",
+                steps,
+                f"{a['flops'] / 1e9:,.1f}",
+                f"{a['flops'] / plan['budget_flops']:.3f}",
+                f"{a['cache_flops'] / a['flops']:.2f}",
+                None if a["planned_peak_bytes"] is None else f"{a['planned_peak_bytes'] / 2**20:,.1f}",
+                "finished" if a["finished"] else "to run",
+            ]
+        )
+    return rows
+
+
+PLAN_COLUMNS = [
+    "arm",
+    "kind",
+    "curriculum",
+    "blocks x d",
+    "n",
+    "steps a stage",
+    "GFLOPs",
+    "of budget",
+    "cache share",
+    "plan MiB",
+    "state",
+]
+
+
+def _solved(c: Comparison, spec_path: Path, report_only: bool, device: str, reporter: Reporter) -> list[ArmPlan]:
+    c.out.mkdir(parents=True, exist_ok=True)
+    if report_only and not c.data_project.exists():
+        raise CompareError(
+            f"nothing has run in {c.out} yet", hint=f"run `stackwise bench compare {spec_path} -o {c.out}`"
+        )
+    dp = c.data_project if report_only else prepare_data(c, reporter)
+    dev_type = "cuda" if device.startswith("cuda") or (device == "auto" and _has_cuda()) else "cpu"
+    return plan_arms(c, train_tokens(dp), dev_type)
+
+
+def plan_comparison(spec_path: Path, out: Path | None = None, device: str = "auto", reporter: Reporter = QUIET) -> dict:
+    """Validate the spec, prepare the data once (the budget's steps depend on the split's size) and solve every
+    arm's steps, running none (``--plan``)."""
+    c = load_comparison(spec_path, out)
+    return planned(c, _solved(c, spec_path, False, device, reporter))
 
 
 def compare(
@@ -1107,14 +1202,7 @@ def compare(
     c = load_comparison(spec_path, out)
     if arm is not None:
         c.arm(arm)  # an unknown name fails before anything runs
-    c.out.mkdir(parents=True, exist_ok=True)
-    if report_only and not c.data_project.exists():
-        raise CompareError(
-            f"nothing has run in {c.out} yet", hint=f"run `stackwise bench compare {spec_path} -o {c.out}`"
-        )
-    dp = c.data_project if report_only else prepare_data(c, reporter)
-    dev_type = "cuda" if device.startswith("cuda") or (device == "auto" and _has_cuda()) else "cpu"
-    plans = plan_arms(c, train_tokens(dp), dev_type)
+    plans = _solved(c, spec_path, report_only, device, reporter)
     if not report_only:
         for ap in plans:
             if arm is None or ap.arm.name == arm:

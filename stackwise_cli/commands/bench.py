@@ -333,18 +333,34 @@ def compare(
         str | None, typer.Option("--arm", help="Run this arm only (one Slurm array task), then report.")
     ] = None,
     report: Annotated[bool, typer.Option("--report", help="Run nothing: gather the finished arms' table.")] = False,
+    plan_: Annotated[
+        bool,
+        typer.Option("--plan", help="Run nothing: prepare the data and show each arm's solved steps and FLOPs."),
+    ] = False,
     device: Annotated[str, typer.Option("--device", help="auto (GPU if present), cpu, cuda or cuda:N.")] = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Train every arm of SPEC at one FLOP budget on the same data, score all on the same val split, report a table
     and a plot of val loss against FLOPs (docs/science.md). Rerun to resume: finished arms are skipped."""
-    from stackwise_cli.bench.compare import COLUMNS, table_rows
+    from stackwise_cli.bench.compare import COLUMNS, PLAN_COLUMNS, plan_comparison, plan_rows, table_rows
     from stackwise_cli.bench.compare import compare as run
     from stackwise_cli.console import CliReporter
     from stackwise_cli.errors import StackwiseError
 
-    if arm is not None and report:
-        raise StackwiseError("--arm runs one arm and --report runs none: pass one of them")
+    chosen = [o for o, on in (("--arm", arm is not None), ("--report", report), ("--plan", plan_)) if on]
+    if len(chosen) > 1:
+        raise StackwiseError(f"{' and '.join(chosen)}: --arm runs one arm, --report and --plan run none; pass one")
+    if plan_:
+        p = plan_comparison(spec, out_dir, device, CliReporter(quiet=json_))
+        if json_:
+            print_json(p)
+            return
+        print_table(f"{p['spec']}: budget {p['budget_flops']:.4g} FLOPs per arm, planned", PLAN_COLUMNS, plan_rows(p))
+        out.print(
+            "n: train.steps (* the budget's reference arm at its recipe's steps; the peer: its total steps); "
+            "cache share: the FLOPs of cache passes; plan MiB: bench plan's largest training stage"
+        )
+        return
     r = run(spec, out_dir, arm, report, device, CliReporter(quiet=json_))
     if json_:
         print_json(r.to_data())
