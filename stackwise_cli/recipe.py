@@ -113,9 +113,10 @@ class DiffusionRecipe:
     ``time: depth``: stack i of the planned rack owns the mask ratio ``t_i`` of ``schedule`` (``linear`` or ``cosine``
     from ``t_max`` at the left to ``t_min`` at the right, or an explicit list, one ratio per planned stack).
     ``time: input``: t is drawn per sequence, uniform in [t_min, t_max], and fed to every stack through its time
-    embedding (``model.time_embedding: true``)."""
+    embedding (``model.time_embedding: true``). ``time: drawn``: t drawn per sequence the same way for every stack,
+    and not fed in (the network reads the noise level off the masks, as MDLM and LLaDA do; end to end trains so)."""
 
-    time: Literal["depth", "input"] = "depth"
+    time: Literal["depth", "input", "drawn"] = "depth"
     schedule: Schedule | list[float] = "linear"
     t_max: float = 0.9
     t_min: float = 0.15

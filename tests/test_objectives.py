@@ -162,6 +162,48 @@ def test_time_input_draws_t_per_sequence_in_range():
     assert float(torch.corrcoef(torch.stack([share, c.t]))[0, 1]) > 0.9
 
 
+def test_time_drawn_masks_every_stack_at_t_drawn_per_sequence_and_feeds_no_t(project, monkeypatch):
+    """diffusion.time: drawn: no stack owns a ratio, each row of every stack's batches (the cached stack's too) is
+    masked at its own t in [t_min, t_max], and the model reads no t (the rack has no time embedding)."""
+    from stackwise_cli.evaluate.eval import evaluate
+    from stackwise_cli.evaluate.generate import resolve_mode
+    from stackwise_cli.model.io import load_current_rack
+
+    _set(project, objective="diffusion", diffusion=DiffusionRecipe(time="drawn", t_min=0.2, t_max=0.8))
+    seen = []
+    real = Objective.corrupt
+
+    def spy(self, tokens, seq_ids, epochs):
+        c = real(self, tokens, seq_ids, epochs)
+        seen.append(c)
+        return c
+
+    monkeypatch.setattr(Objective, "corrupt", spy)
+    grow(project)
+    train_stack(project, 0, steps=3)
+    grow(project)
+    build_cache(project, 1, "train")
+    train_stack(project, 1, steps=3)
+    m = project.load()
+    assert [s.mask_ratio for s in m.rack] == [None, None]
+    assert stack_objective(m, 1).ratio is None and stack_objective(m, 1).t_range == (0.2, 0.8)
+    _, rack = load_current_rack(project)
+    assert all(s.time is None for s in rack.stacks)
+    rows = torch.cat([c.weight.float().mean(1) for c in seen])  # each row's masked share: its t
+    # t uniform in [0.2, 0.8]: mean 0.5, spread ~0.19; one ratio of 0.5 would spread ~0.09 over 32 positions
+    assert abs(float(rows.mean()) - 0.5) < 0.05 and float(rows.std()) > 0.14
+    assert all(c.t is None for c in seen)
+    assert resolve_mode("diffusion", "drawn", False, None) == "iterative"
+    assert evaluate(project, max_sequences=16).per_t  # the ELBO over t, as for every diffusion rack
+    from stackwise_cli.errors import RecipeError
+    from stackwise_cli.recipe import recipe_from_data
+
+    embedded = {"name": "x", "objective": "diffusion", "diffusion": {"time": "drawn"}}
+    embedded["model"] = {"time_embedding": True}
+    with pytest.raises(RecipeError, match="model.time_embedding"):  # t is not fed in: no time embedding to train
+        recipe_from_data(embedded, "r.yaml")
+
+
 def test_schedules_go_from_high_on_the_left_to_low_on_the_right():
     lin = DiffusionRecipe(schedule="linear", t_max=0.9, t_min=0.15).ratios(4)
     cos = DiffusionRecipe(schedule="cosine", t_max=0.9, t_min=0.15).ratios(4)

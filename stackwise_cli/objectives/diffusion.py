@@ -1,6 +1,7 @@
 """``diffusion`` (masked diffusion, MDLM / LLaDA): bidirectional; each position reads ``[MASK]`` with probability
 t and the loss is the cross-entropy on the masked positions. t is the stack's ratio (time-as-depth) or drawn per
-sequence in [t_min, t_max] (time-as-input, and the end-to-end baseline of time-as-depth)."""
+sequence in [t_min, t_max] (time-as-input, fed to the model; time drawn, not fed; and the end-to-end baseline of
+time-as-depth)."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ class Diffusion(ObjectiveKind):
         return recipe.diffusion.time == "depth"
 
     def planned_ratio(self, recipe: Recipe, index: int) -> float | None:
-        """Time-as-depth: the schedule's t of the stack's place; time-as-input: None (t drawn per sequence)."""
-        if recipe.diffusion.time == "input":
+        """Time-as-depth: the schedule's t of the stack's place; input or drawn: None (t drawn per sequence)."""
+        if recipe.diffusion.time != "depth":
             return None
         ratios = recipe.diffusion.ratios(recipe.rack.stacks)
         if not 0 <= index < len(ratios):
