@@ -114,7 +114,8 @@ class DiffusionRecipe:
     from ``t_max`` at the left to ``t_min`` at the right, or an explicit list, one ratio per planned stack).
     ``time: input``: t is drawn per sequence, uniform in [t_min, t_max], and fed to every stack through its time
     embedding (``model.time_embedding: true``). ``time: drawn``: t drawn per sequence the same way for every stack,
-    and not fed in (the network reads the noise level off the masks, as MDLM and LLaDA do; end to end trains so)."""
+    and not fed in (the network reads the noise level off the masks, as MDLM and LLaDA do, and as end to end trains
+    a time-as-depth recipe)."""
 
     time: Literal["depth", "input", "drawn"] = "depth"
     schedule: Schedule | list[float] = "linear"
@@ -182,7 +183,7 @@ class TrainRecipe:
     activation_checkpointing: bool = False  # recompute each trained block in backward (keeps only block inputs)
     finetune_checkpointing: bool = True  # the same for every block of a fuse fine-tune (full, lora, qlora)
     # A fuse fine-tune's own schedule: its peak learning rate and warmup (null: train.lr, train.warmup_steps), then
-    # the same cosine to lr * min_lr_ratio over its --finetune-steps.
+    # a cosine to that peak x min_lr_ratio over its --finetune-steps.
     finetune_lr: float | None = None
     finetune_warmup_steps: int | None = None
     compile: bool = False  # torch.compile the trained stacks (traced at the first step: minutes on a large model)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from stackwise_cli.app import app
 from stackwise_cli.bench import compare as cmp
 from stackwise_cli.bench.peer import next_token_loss, peer_model, score_folder, train_peer
-from stackwise_cli.bench.plan import plan
+from stackwise_cli.bench.plan import PlanOptions, plan
 from stackwise_cli.build import build
 from stackwise_cli.evaluate.eval import evaluate, val_tokens
 from stackwise_cli.recipe import recipe_from_data
@@ -154,10 +154,11 @@ def test_step_scale_and_a_finetune_share_spend_the_budget_as_planned(tmp_path):
 
 
 def test_plan_shows_what_each_arm_will_run_and_runs_nothing(tmp_path):
+    wide = {"model.d_model": 128, "model.d_ff": 512}  # blocks, not the head, set the peaks (nothing trains)
     arms = [
-        {"name": "l2r", "set": {"train.steps": 40}},
-        {"name": "front", "set": {"train.step_scale": [1.5, 0.5]}, "finetune": {"share": 0.2}},
-        {"name": "e2e", "set": {"curriculum": "end-to-end"}},
+        {"name": "l2r", "set": {"train.steps": 40, **wide}},
+        {"name": "front", "set": {"train.step_scale": [1.5, 0.5], **wide}, "finetune": {"share": 0.2}},
+        {"name": "e2e", "set": {"curriculum": "end-to-end", **wide}},
     ]
     spec = write_spec(tmp_path, arms)
     r = cli("bench", "compare", spec, "--plan", "--json")
@@ -171,9 +172,12 @@ def test_plan_shows_what_each_arm_will_run_and_runs_nothing(tmp_path):
     assert [s["steps"] for s in got["l2r"]["stages"]] == [40, 40] and got["l2r"]["at_recipe_steps"]
     assert got["e2e"]["stages"] == [{"stage": "all", "steps": 2 * plans["e2e"].steps, "cache_flops": 0.0}]
     assert got["l2r"]["cache_flops"] > 0 and got["l2r"]["flops"] == pytest.approx(plans["l2r"].flops)
-    # the fine-tune trains the whole fused rack, so the arm's planned peak is the end-to-end arm's
-    assert got["front"]["planned_peak_bytes"] == got["e2e"]["planned_peak_bytes"] > got["l2r"]["planned_peak_bytes"]
-    assert not any(a["finished"] for a in got.values())
+    # the fine-tune trains the whole fused rack, checkpointed as train.finetune_checkpointing says (by default on)
+    fused = plan(plans["front"].recipe, 1 << 50, PlanOptions(precision="fp32", device="cpu")).stage("fuse-full")
+    assert got["front"]["planned_peak_bytes"] == max(fused.total_bytes, got["l2r"]["planned_peak_bytes"])
+    assert fused.total_bytes > got["l2r"]["planned_peak_bytes"]
+    assert got["e2e"]["planned_peak_bytes"] > fused.total_bytes  # end to end keeps every block's activations
+    assert all(a["state"] == "to run" for a in got.values())
     assert not any((c.arm_dir(name) / "project").exists() for name in got)  # the data prepared, no arm run
     table = cli("bench", "compare", spec, "--plan")
     assert table.exit_code == 0 and "steps a stage" in table.stdout and "+ " in table.stdout
@@ -188,6 +192,19 @@ def test_step_scale_is_checked_against_the_rack_and_the_curriculum(tmp_path):
     arms = [{"name": "a"}, {"name": "b", "set": {"curriculum": "end-to-end"}, "finetune": {"share": 0.2}}]
     text = error_text(cli("bench", "compare", write_spec(tmp_path, arms)))
     assert "arms[1] 'b': finetune: only a stack-wise arm" in text
+
+
+def test_an_end_to_end_arm_whose_train_steps_its_warmup_fills_is_refused_in_one_line(tmp_path):
+    """End to end runs rack.stacks x n steps, but the recipe's rule is on n (train.steps): a warmup between the two
+    is one error line naming the arm, not a traceback."""
+    arms = [{"name": "l2r"}, {"name": "e2e", "set": {"curriculum": "end-to-end", "train.steps": 1000}}]
+    c = cmp.load_comparison(write_spec(tmp_path, arms))
+    n = {p.arm.name: p for p in cmp.plan_arms(c, train_tokens=150_000)}["e2e"].steps
+    arms[1]["set"]["train.warmup_steps"] = n  # below rack.stacks x n, not below n
+    spec = write_spec(tmp_path, arms)
+    text = error_text(cli("bench", "compare", spec))
+    assert f"arms[1] 'e2e': train.warmup_steps: {n} is not below the {n} steps" in text
+    assert error_text(cli("bench", "compare", spec, "--plan"))
 
 
 def test_a_finetune_share_its_warmup_fills_is_refused_before_any_arm_runs(tmp_path):
@@ -291,6 +308,8 @@ def test_three_arms_run_report_and_resume_without_retraining(tmp_path, monkeypat
     text = error_text(cli("bench", "compare", spec, "--report"))
     assert "arm 'e2e' finished under another spec" in text and "train.lr was 0.01, now 0.02" in text
     assert (out / "arms" / "e2e" / "result.json").exists()
+    planned = json.loads(cli("bench", "compare", spec, "--plan", "--json").stdout)
+    assert [a["state"] for a in planned["arms"]] == ["finished", "finished under another spec", "finished"]
 
 
 # --- the evaluator and the peer --------------------------------------------------------------------------------

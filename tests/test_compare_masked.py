@@ -220,10 +220,13 @@ def test_diffusion_arms_run_and_are_scored_as_the_elbo(tmp_path, monkeypatch):
     monkeypatch.setattr(cmp.PeakMemory, "__exit__", leave)
     monkeypatch.setattr(build_mod, "train_stack", watched(stack_mod.train_stack, "train"))
     monkeypatch.setattr(build_mod, "evaluate", watched(build_mod.evaluate, "eval"))
+    # three stacks: time as depth, the cache before the third runs both stacks from the tokens (each stack's input
+    # is masked at its own ratio), which the planned FLOPs must count as the cache pass records them
     diff = {**copy.deepcopy(TINY), "objective": "diffusion"}
+    diff["rack"] = {**diff["rack"], "stacks": 3}
     arms = [{"name": "l2r"}, {"name": "e2e", "set": {"curriculum": "end-to-end"}}]
     r = cmp.compare(masked_spec(tmp_path, diff, arms, elbo_points=4), device="cpu")
-    assert seen["train"] == [1, 1, 1] and seen["eval"] == [0, 0]  # two stacks and the whole rack; build's evals
+    assert seen["train"] == [1, 1, 1, 1] and seen["eval"] == [0, 0]  # three stacks and the whole rack; build's evals
     assert "ELBO" in r.scored_as and [a["name"] for a in r.arms] == ["l2r", "e2e"]
     for a in r.arms:
         assert a["flops"] == pytest.approx(a["flops_planned"], rel=1e-9)

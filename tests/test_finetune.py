@@ -234,7 +234,7 @@ def _logged_lrs(project: Project, mode: str) -> dict[int, float]:
 
 def test_the_finetune_runs_its_own_schedule_where_the_recipe_gives_one(trained):
     """fuse --set train.finetune_lr / train.finetune_warmup_steps: the fine-tune warms up to its own peak over its own
-    warmup, then the recipe's cosine to lr * min_lr_ratio; the stacks' train.lr and warmup stay what they were."""
+    warmup, then a cosine to that peak x min_lr_ratio; the stacks' train.lr and warmup stay what they were."""
     from typer.testing import CliRunner
 
     from stackwise_cli.app import app
@@ -251,6 +251,16 @@ def test_the_finetune_runs_its_own_schedule_where_the_recipe_gives_one(trained):
     assert lr_at(4, own, 10) < 0.002  # still warming up at step 5: the warmup is the fine-tune's, not train's 1
     after = trained.load().recipe.train
     assert (after.lr, after.warmup_steps, after.finetune_lr, after.finetune_warmup_steps) == (0.01, 1, 0.002, 6)
+
+
+def test_the_stacks_step_shares_do_not_constrain_a_finetune(trained):
+    """train.step_scale shares train.steps between the stacks; a fine-tune is one run of its own N steps, which a
+    share of N no longer than the warmup must not refuse (0.5 x 8 = 4 steps against a warmup of 4)."""
+    with trained.update() as m:
+        tr = dataclasses.replace(m.recipe.train, steps=20, warmup_steps=4, step_scale=[1.5, 0.5])
+        m.recipe = dataclasses.replace(m.recipe, train=tr)
+    entry, done = _finetune(trained, "lora", steps=8)
+    assert entry.finetune_steps == 8 and done.result.tokens == 8 * tr.batch_size * trained.load().data.seq_len
 
 
 def test_a_finetune_its_own_warmup_fills_is_refused_naming_the_key(trained):

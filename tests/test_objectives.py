@@ -194,6 +194,8 @@ def test_time_drawn_masks_every_stack_at_t_drawn_per_sequence_and_feeds_no_t(pro
     assert abs(float(rows.mean()) - 0.5) < 0.05 and float(rows.std()) > 0.14
     assert all(c.t is None for c in seen)
     assert resolve_mode("diffusion", "drawn", False, None) == "iterative"
+    grow(project, after=0)  # no place sets a stack's t, so a stack may be inserted (time as depth refuses it)
+    assert [s.mask_ratio for s in project.load().rack] == [None, None, None]
     assert evaluate(project, max_sequences=16).per_t  # the ELBO over t, as for every diffusion rack
     from stackwise_cli.errors import RecipeError
     from stackwise_cli.recipe import recipe_from_data

@@ -279,10 +279,7 @@ def hf_scored_bidirectionally(recipe: Recipe) -> bool:
 def _scoring_problem(recipe: Recipe, kind: ArmKind) -> str | None:
     """Why the one evaluator (a transformers forward) cannot score this arm, or None."""
     if kind == "peer" and recipe.objective == "diffusion":
-        return (
-            "kind: peer: a diffusion rack's depth is its time, which no transformers model trains; "
-            "compare it with stack-wise arms"
-        )
+        return "kind: peer: transformers has no masked-diffusion model to train; compare it with stack-wise arms"
     if kind == "peer" and hf_scored_bidirectionally(recipe):
         return (
             f"kind: peer: transformers has no bidirectional llama to train for {recipe.objective}; "
@@ -353,15 +350,15 @@ def _diff(old: Any, new: Any, limit: int = 3) -> str:
 # --- FLOPs -----------------------------------------------------------------------------------------------------
 
 
-def plan_for(recipe: Recipe, device: str = "cpu", stacks: int | None = None):
+def plan_for(recipe: Recipe, device: str = "cpu", stacks: int | None = None, finetune: bool = False):
     """The planner's view of what ``build`` runs: fp32 (train-stack's default precision), the recipe's
-    activation checkpointing, for ``device``; ``stacks`` plans a shorter rack (right to left: stack j's suffix)."""
+    activation checkpointing, for ``device``; ``stacks`` plans a shorter rack (right to left: stack j's suffix);
+    ``finetune``: what a fuse fine-tune runs (its own ``train.finetune_checkpointing``)."""
     if stacks is not None:
         recipe = dataclasses.replace(recipe, rack=dataclasses.replace(recipe.rack, stacks=stacks))
-    options = PlanOptions(
-        precision="fp32", device=device, activation_checkpointing=recipe.train.activation_checkpointing
-    )
-    return plan(recipe, _BIG_DEVICE, options)
+    tr = recipe.train
+    ckpt = tr.finetune_checkpointing if finetune else tr.activation_checkpointing
+    return plan(recipe, _BIG_DEVICE, PlanOptions(precision="fp32", device=device, activation_checkpointing=ckpt))
 
 
 @dataclass
@@ -386,7 +383,9 @@ def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopSt
     ``train/stage.grown`` (``stage.flops_per_token`` times the tokens of a step), any family. Cache passes (left to
     right from a cache, before each stack after the first) are one forward of a stack over the train split
     (``train_tokens``): build caches the train split only, so each cache after the first is incremental from its
-    left neighbour's, and the first runs the ends and stack 0. Evaluation is not training and is not counted."""
+    left neighbour's, and the first runs the ends and stack 0; where train/cache.py never runs incrementally
+    (time-as-depth diffusion, an fp8 cache), the cache before stack i runs i stacks from the tokens. Evaluation is
+    not training and is not counted."""
     from stackwise_cli.train import stage as stages
 
     fs, tr = FlopShapes.of(recipe), recipe.train
@@ -400,13 +399,18 @@ def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopSt
         (whole,) = grown
         return [FlopStage("all", stages.flops_per_token(whole, fs) * per_step, steps_per_unit=recipe.rack.stacks)]
     scale = tr.step_scale or [1.0] * len(grown)  # in growth order, as train-stack reads it
-    cache = cache_flops_per_token(fs, [recipe.rack.blocks_per_stack])
+    # train/cache.py's paths: incremental from the left neighbour's cache (one stack), or from the tokens through
+    # every stack to the left where each stack's input is masked at its own ratio or the cache is fp8
+    from_tokens = objective_kind(recipe.objective).ratio_per_stack(recipe) or recipe.cache.dtype == "fp8"
+    bps = recipe.rack.blocks_per_stack
     return [
         FlopStage(
             f"stack {i}",
             stages.flops_per_token(st, fs) * per_step,
             scale=scale[i],
-            cache_per_token=cache if st.source == "cache" else 0.0,
+            cache_per_token=cache_flops_per_token(fs, [bps] * (i if from_tokens else 1))
+            if st.source == "cache"
+            else 0.0,
             cache_tokens=train_tokens if st.source == "cache" else 0,
         )
         for i, st in enumerate(grown)
@@ -488,7 +492,8 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
                 f"({'whole-model step' if a.kind == 'peer' else 'train.steps = 1'})"
             )
             continue
-        fewest = min(round(n * s.scale) * s.steps_per_unit for s in st) if a.kind == "stackwise" else n
+        # the recipe's rule: every stack's share of train.steps (end to end: train.steps itself) exceeds the warmup
+        fewest = min(round(n * s.scale) for s in st) if a.kind == "stackwise" else n
         if fewest <= a.recipe.train.warmup_steps:
             problems.append(
                 f"{where}: train.warmup_steps: {a.recipe.train.warmup_steps} is not below the {fewest} steps "
@@ -512,10 +517,9 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
                 f"more than {warmup_key} ({ft_warmup}); raise the share or lower the warmup"
             )
             continue
-        peak = None
-        if recipe.model.family == "llama":  # the fine-tune trains the whole fused rack: its peak too
-            mem = plan_for(recipe, device)
-            peak = max(mem.stage(s).total_bytes for s in [stage] + ["fuse-full"] * (a.finetune is not None))
+        peak = plan_for(recipe, device).stage(stage).total_bytes if recipe.model.family == "llama" else None
+        if peak is not None and a.finetune is not None:  # the fine-tune trains the whole fused rack
+            peak = max(peak, plan_for(recipe, device, finetune=True).stage("fuse-full").total_bytes)
         plans.append(ArmPlan(a, recipe, n, st, total_flops(st, n) + ft_flops, peak, fixed, ft_steps))
     if problems:
         raise CompareError("\n".join(problems), hint="rerun after fixing: arms already finished are kept")
@@ -1126,10 +1130,18 @@ def planned(c: Comparison, plans: list[ArmPlan]) -> dict:
                 "flops": ap.flops,
                 "cache_flops": sum(s.fixed for s in ap.stages),
                 "planned_peak_bytes": ap.planned_peak_bytes,
-                "finished": result_path(c, ap.arm.name).exists(),
+                "state": _state(c, ap),
             }
         )
     return {"spec": str(c.spec_path), "out": str(c.out), "budget_flops": budget, "arms": arms}
+
+
+def _state(c: Comparison, ap: ArmPlan) -> str:
+    """finished, to run, or finished under another spec (which a run refuses, naming what changed)."""
+    try:
+        return "to run" if load_result(c, ap) is None else "finished"
+    except CompareError:
+        return "finished under another spec"
 
 
 def plan_rows(plan: dict) -> list[list[Any]]:
@@ -1150,7 +1162,7 @@ def plan_rows(plan: dict) -> list[list[Any]]:
                 f"{a['flops'] / plan['budget_flops']:.3f}",
                 f"{a['cache_flops'] / a['flops']:.2f}",
                 None if a["planned_peak_bytes"] is None else f"{a['planned_peak_bytes'] / 2**20:,.1f}",
-                "finished" if a["finished"] else "to run",
+                a["state"],
             ]
         )
     return rows

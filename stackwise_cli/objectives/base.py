@@ -133,8 +133,6 @@ class ObjectiveKind:
     headline: ClassVar[str] = "loss"  # the name of eval's headline number
     harness_scoring: ClassVar[str] = "score"  # how the harness scores a continuation: exact | score | bound
     document_likelihood: ClassVar[bool] = True  # defines a likelihood of a document (the harness's perplexities)
-    place_sets_ratio: ClassVar[bool] = False  # a stack's mask ratio is its place in the planned rack (grow refuses
-    # a side or an insert that has none)
     scores_elbo: ClassVar[bool] = False  # eval's headline is an ELBO over a grid of noise levels t
 
     def problems(self, recipe: Recipe) -> list[tuple[str, str]]:
@@ -146,8 +144,9 @@ class ObjectiveKind:
         return False
 
     def ratio_per_stack(self, recipe: Recipe) -> bool:
-        """Whether each planned stack has its own mask ratio, so a cache entering a stack holds the tokens, not the
-        hidden states the stack before it read, and the planned rack's size is fixed once grown."""
+        """Whether each planned stack has its own mask ratio, from its place in the planned rack: a cache entering
+        a stack holds the tokens, not the hidden states the stack before it read; the planned rack's size is fixed
+        once grown; and grow refuses a side or an insert whose stack would have no place."""
         return False
 
     def planned_ratio(self, recipe: Recipe, index: int) -> float | None:

@@ -21,7 +21,6 @@ class Diffusion(ObjectiveKind):
     scored = "masked loss at the stack's t"
     headline = "ELBO bound"
     harness_scoring = "bound"
-    place_sets_ratio = True  # depth is reverse time
     scores_elbo = True
 
     def problems(self, recipe: Recipe) -> list[tuple[str, str]]:

@@ -130,7 +130,8 @@ def schedule(tr: TrainRecipe, steps: int) -> TrainRecipe:
             hint=f"pass --finetune-steps greater than {warmup}, or lower {key} in the recipe",
         )
     lr = tr.lr if tr.finetune_lr is None else tr.finetune_lr
-    return dataclasses.replace(tr, steps=steps, lr=lr, warmup_steps=warmup)
+    # one run of ``steps``: the stacks' step shares are not the fine-tune's
+    return dataclasses.replace(tr, steps=steps, lr=lr, warmup_steps=warmup, step_scale=None)
 
 
 def _fingerprint(project: Project, m: Manifest, spec: FinetuneSpec, objective_key: str) -> str:

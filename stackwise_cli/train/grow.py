@@ -58,7 +58,7 @@ def grow(
             not curriculum.from_output
             and side == "left"
             and m.rack
-            and objective_kind(recipe.objective).place_sets_ratio
+            and objective_kind(recipe.objective).ratio_per_stack(recipe)
         ):
             raise ProjectError(
                 f"the recipe's curriculum is {recipe.curriculum}: a {recipe.objective} stack's mask ratio comes from "
@@ -124,10 +124,11 @@ def grow(
 
 def _insert_position(m, after: int, recipe) -> int:
     """The rack position a stack inserted after stack ``after`` takes. Left to right (or end to end) only: right to
-    left only the leftmost stack trains, and a diffusion stack's mask ratio is its place in the planned rack."""
+    left only the leftmost stack trains, and a time-as-depth diffusion stack's mask ratio is its place in the planned
+    rack."""
     pos = m.position(after)  # an unknown id names the ids there are
     curriculum_of(recipe).check_insert(m)
-    if objective_kind(recipe.objective).place_sets_ratio:
+    if objective_kind(recipe.objective).ratio_per_stack(recipe):
         raise ProjectError(
             f"--after: a {recipe.objective} stack's mask ratio comes from its place in the planned rack, which an "
             "inserted stack has none of",
