@@ -34,6 +34,9 @@ class RackRecipe:
     stacks: int = 4
     blocks_per_stack: int = 1
     init: Init = "random"
+    # The depth a random init scales output projections for (N(0, init_std / sqrt(2 x depth)), GPT-2's residual
+    # scaling); null: the planned rack's blocks. Set it to give two racks of different depths the same init.
+    init_depth: int | None = None
 
     def __post_init__(self) -> None:
         check(self)
@@ -42,6 +45,8 @@ class RackRecipe:
         out = []
         if self.stacks < 1:
             out.append(("stacks", f"must be >= 1, got {self.stacks}"))
+        if self.init_depth is not None and self.init_depth < 1:
+            out.append(("init_depth", f"must be >= 1 (null: the planned rack's blocks), got {self.init_depth}"))
         if self.blocks_per_stack < 1:
             out.append(("blocks_per_stack", f"must be >= 1, got {self.blocks_per_stack}"))
         return out

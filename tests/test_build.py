@@ -200,6 +200,32 @@ def test_the_first_stack_of_a_recipe_init_is_random(project, init):
     assert grow(project).init == init
 
 
+def test_rack_init_depth_gives_a_shallower_rack_the_first_stack_of_a_deeper_one(project, tmp_path):
+    """The first stack of a 2-stack plan and the only stack of a 1-stack plan start from the same weights exactly
+    when the 1-stack plan sets rack.init_depth to the 2-stack plan's blocks (GPT-2's output-projection scaling)."""
+    import dataclasses
+
+    from stackwise_cli.model.io import load_stack
+    from stackwise_cli.train.grow import grow
+
+    def first_stack(stacks: int, init_depth: int | None) -> dict[str, torch.Tensor]:
+        root = tmp_path / f"p{stacks}-{init_depth}"
+        shutil.copytree(project.root, root)
+        p = Project(root)
+        with p.update() as m:
+            rack = dataclasses.replace(m.recipe.rack, stacks=stacks, init_depth=init_depth)
+            m.recipe = dataclasses.replace(m.recipe, rack=rack)
+        grow(p)
+        return load_stack(p, p.load(), 0).state_dict()
+
+    deep = first_stack(2, None)  # TINY: 1 block a stack, so 2 planned blocks
+    same, own = first_stack(1, 2), first_stack(1, None)
+    assert all(torch.equal(deep[k], same[k]) for k in deep)
+    out = [k for k in deep if not torch.equal(deep[k], own[k])]
+    assert out and all(k.endswith(("attn.o.weight", "mlp.down.weight")) for k in out)  # the output projections
+    assert float(own[out[0]].std() / deep[out[0]].std()) == pytest.approx(2**0.5, rel=0.1)
+
+
 def test_an_init_error_names_where_the_init_came_from(project):
     """A recipe's rack.init is named by its key; grow's --init by the flag."""
     import dataclasses

@@ -96,7 +96,8 @@ def grow(
                 raise ProjectError(f"--blocks must be >= 1, got {blocks}")
             stack = Stack(cfg, blocks, recipe.attention)
             planned = max(recipe.rack.stacks * recipe.rack.blocks_per_stack, sum(s.blocks for s in m.rack) + blocks)
-            stack.init_weights(init, total_blocks=planned, generator=_generator(recipe.train.seed, stack_id))
+            depth = recipe.rack.init_depth or planned
+            stack.init_weights(init, total_blocks=depth, generator=_generator(recipe.train.seed, stack_id))
 
         # Its place in the planned rack: left to right (and end to end) the rack fills from the left, right to left
         # from the right, whichever side the first stack was grown on. That place fixes its mask ratio (diffusion:
