@@ -278,6 +278,9 @@ def test_three_arms_run_report_and_resume_without_retraining(tmp_path, monkeypat
     xs = [p["flops"] for p in by["l2r"]["points"]]
     assert len(xs) == 2 and xs[0] < xs[1] == pytest.approx(by["l2r"]["flops"])
     assert len(by["e2e"]["points"]) == 1 and len(by["peer"]["points"]) == 3
+    # every arm's last point is its score: the spec's val sequences (32), not the recipe's eval.max_sequences (64)
+    for name in ("l2r", "e2e", "peer"):
+        assert by[name]["points"][-1]["loss"] == pytest.approx(by[name]["val_loss"], abs=1e-4), name
     assert by["peer"]["points"][-1]["flops"] == pytest.approx(by["peer"]["flops"])
     md = (out / "results.md").read_text()
     assert all(f"| {name} |" in md for name in by)

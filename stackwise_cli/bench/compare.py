@@ -899,10 +899,9 @@ def _run_stackwise(c, ap, val, device, dev, progress: _Progress, reporter) -> tu
     else:
         # the peak of train-stack all alone: build's fuse and eval (a larger batch's logits) are not training
         end_to_end(project, r.rack.stacks, device, reporter=reporter, around_train=measured)
-        res = build(project, device=device, reporter=reporter)  # trained: fuses and scores
-        if not progress.points:
-            loss = res.eval.loss if how is None else score_rack(project, val, how, bs, dev)
-            progress.points.append({"after": "train-stack all", "flops": counted_flops(project), "loss": loss})
+        build(project, device=device, reporter=reporter)  # trained: fuses and scores (the recipe's eval sequences)
+        if not progress.points:  # the curve's point on the spec's sequences, as every other arm's
+            progress.points.append({"after": "train-stack all", "flops": counted_flops(project), "loss": val_loss()})
         progress.save()
     from stackwise_cli.model.io import load_current_rack
 
