@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,12 +235,17 @@ def test_diffusion_arms_run_and_are_scored_as_the_elbo(tmp_path, monkeypatch):
         assert a["points"][-1]["loss"] == pytest.approx(a["val_loss"], abs=1e-4)
 
 
-@pytest.mark.parametrize("name", ["small", "curricula", "outside", "masked-mlm", "masked-diffusion"])
-def test_every_example_spec_validates_from_the_repository_root(name, monkeypatch):
-    from pathlib import Path
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "compare"
+SPECS = sorted(p.stem for p in EXAMPLES.glob("*.yaml") if "arms" in yaml.safe_load(p.read_text()))
 
-    root = Path(__file__).resolve().parent.parent
-    monkeypatch.chdir(root)  # as docs/science.md runs them
+
+def test_the_example_specs_are_found():
+    assert {"small", "curricula", "outside", "outside-4x", "masked-mlm", "masked-diffusion"} <= set(SPECS)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_example_spec_validates_from_the_repository_root(name, monkeypatch):
+    monkeypatch.chdir(EXAMPLES.parent.parent)  # as docs/science.md runs them
     c = cmp.load_comparison(Path("examples/compare") / f"{name}.yaml")
     objectives = {a.recipe.objective for a in c.arms}
     assert len(objectives) == 1 and len(c.arms) >= 3
