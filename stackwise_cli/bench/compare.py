@@ -377,6 +377,10 @@ class FlopStage:
     def fixed(self) -> float:
         return self.cache_per_token * self.cache_tokens
 
+    def steps_at(self, n: int) -> int:
+        """The optimizer steps this stage runs when the arm's train.steps is ``n``."""
+        return round(n * self.scale) * self.steps_per_unit
+
 
 def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopStage]:
     """The training stages an arm runs, in order, with the FLOPs its runs record: each stage of
@@ -418,7 +422,7 @@ def flop_stages(kind: ArmKind, recipe: Recipe, train_tokens: int) -> list[FlopSt
 
 
 def total_flops(stages: list[FlopStage], n: int) -> float:
-    return sum(s.fixed + round(n * s.scale) * s.steps_per_unit * s.flops_per_step for s in stages)
+    return sum(s.fixed + s.steps_at(n) * s.flops_per_step for s in stages)
 
 
 def recipe_steps(kind: ArmKind, recipe: Recipe) -> int:
@@ -467,6 +471,8 @@ def finetune_flops_per_step(recipe: Recipe) -> float:
 
 def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[ArmPlan]:
     """Solve every arm's steps for the budget; one error listing every arm the budget cannot run."""
+    from stackwise_cli.train.finetune import finetune_warmup
+
     stages = {a.name: flop_stages(a.kind, a.recipe, train_tokens) for a in c.arms}
     b = c.spec.budget
     if b.like is not None:
@@ -504,12 +510,7 @@ def plan_arms(c: Comparison, train_tokens: int, device: str = "cpu") -> list[Arm
         if a.kind == "stackwise":
             recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=n))
         stage = curriculum_of(recipe).plan_stage if a.kind == "stackwise" else "end-to-end"  # a peer: the whole model
-        ft_warmup = recipe.train.finetune_warmup_steps
-        warmup_key, ft_warmup = (
-            ("train.warmup_steps", recipe.train.warmup_steps)
-            if ft_warmup is None
-            else ("train.finetune_warmup_steps", ft_warmup)
-        )
+        warmup_key, ft_warmup = finetune_warmup(recipe.train)
         if a.finetune is not None and ft_steps <= ft_warmup:
             # fuse --finetune-steps refuses a fine-tune its warmup fills: say so now, before the arm's stacks train
             problems.append(
@@ -1111,10 +1112,7 @@ def planned(c: Comparison, plans: list[ArmPlan]) -> dict:
     arms = []
     for ap in plans:
         kind = ap.arm.kind
-        stages = [
-            {"stage": s.label, "steps": round(ap.steps * s.scale) * s.steps_per_unit, "cache_flops": s.fixed}
-            for s in ap.stages
-        ]
+        stages = [{"stage": s.label, "steps": s.steps_at(ap.steps), "cache_flops": s.fixed} for s in ap.stages]
         arms.append(
             {
                 "name": ap.arm.name,

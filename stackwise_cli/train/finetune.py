@@ -119,11 +119,17 @@ class Finetuned:
     flops: float = 0.0  # training FLOPs of the run: its tokens x the planner's FLOPs per token (``flops_per_token``)
 
 
+def finetune_warmup(tr: TrainRecipe) -> tuple[str, int]:
+    """A fine-tune's warmup steps and the key that sets them: ``train.finetune_warmup_steps``, else the stacks'."""
+    if tr.finetune_warmup_steps is None:
+        return "train.warmup_steps", tr.warmup_steps
+    return "train.finetune_warmup_steps", tr.finetune_warmup_steps
+
+
 def schedule(tr: TrainRecipe, steps: int) -> TrainRecipe:
     """The train settings a fine-tune of ``steps`` runs under: the recipe's, with its own peak learning rate and
     warmup where ``train.finetune_lr`` and ``train.finetune_warmup_steps`` give them."""
-    key = "train.warmup_steps" if tr.finetune_warmup_steps is None else "train.finetune_warmup_steps"
-    warmup = tr.warmup_steps if tr.finetune_warmup_steps is None else tr.finetune_warmup_steps
+    key, warmup = finetune_warmup(tr)
     if steps <= warmup:
         raise StackwiseError(
             f"--finetune-steps {steps} leaves no room for the schedule: {key} is {warmup}",
